@@ -1,0 +1,8 @@
+"""Installs the ``fastlm`` package; ``kernels/`` ships as ``fastlm.kernels`` (never a top-level
+``kernels`` package: Hugging Face publishes one of that name)."""
+from setuptools import find_packages, setup
+
+packages = find_packages(include=["fastlm", "fastlm.*"])
+package_dir = {}
+
+setup(packages=packages, package_dir=package_dir, include_package_data=True)
