@@ -1,0 +1,44 @@
+"""In-place, per-instance module swapping.
+
+fastlm turns an HF module into its fused twin by giving the *instance* a new class: a subclass of
+both the fused mixin and the module's own HF class, built once per HF class. Why a class swap and
+not a new module in the tree:
+
+* ``isinstance(m, ArceeDecoderLayer)`` keeps holding, so ``transformers``' output-capture hooks
+  (``output_hidden_states``, ``output_attentions``) still find the layers;
+* the submodules and Parameters stay where they are, so ``state_dict`` keys do not move;
+* the HF ``transformers`` classes themselves are never modified: other models in the process are
+  untouched, and ``unpatch`` just restores ``__class__``.
+"""
+from __future__ import annotations
+
+import torch.nn as nn
+
+_FUSED_CLASSES: dict[tuple[type, type], type] = {}
+ORIG_CLASS_ATTR = "_fastlm_orig_class"
+
+
+def swap_class(module: nn.Module, mixin: type) -> None:
+    """Give ``module`` the class ``(mixin, type(module))``; remembers the original for :func:`restore_class`."""
+    base = type(module)
+    key = (mixin, base)
+    cls = _FUSED_CLASSES.get(key)
+    if cls is None:
+        cls = type(f"Fastlm{base.__name__}", (mixin, base), {"__module__": mixin.__module__})
+        _FUSED_CLASSES[key] = cls
+    module.__dict__[ORIG_CLASS_ATTR] = base
+    module.__class__ = cls
+
+
+def restore_class(module: nn.Module) -> bool:
+    base = module.__dict__.pop(ORIG_CLASS_ATTR, None)
+    if base is None:
+        return False
+    module.__class__ = base
+    for name in [k for k in module.__dict__ if k.startswith("_fastlm_")]:
+        del module.__dict__[name]
+    return True
+
+
+def is_swapped(module: nn.Module) -> bool:
+    return ORIG_CLASS_ATTR in module.__dict__

@@ -1,0 +1,142 @@
+"""Fused attention: one QKV GEMM, the fused epilogue (split, qk-norm, partial RoPE), HF's attention.
+
+Keeps HF's call signature and cache protocol: k/v go through ``past_key_values.update`` (Dynamic or
+Static cache alike) and the core attention is whatever ``config._attn_implementation`` names (SDPA,
+eager, flash), with the mask HF built. So ``generate()``, left padding and ``output_attentions`` keep
+working; the fused path replaces the 3 GEMMs (1 for Persimmon) + ~10 elementwise ops before them.
+
+Per-instance state (set by the family adapter, never in ``state_dict``):
+``_fastlm_qkv_weight`` [(H + 2*Hkv) * D, hidden] and ``_fastlm_qkv_bias``: the fused storage the HF
+q/k/v Parameters are views of (Persimmon's ``query_key_value`` is used as is); ``_fastlm_spec``: the
+epilogue's static arguments.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fastlm import ops
+from fastlm.modules._fused_storage import fuse_parameters, unfuse_parameters
+
+
+@dataclass
+class AttentionSpec:
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rotary_dim: int
+    interleaved: bool
+    per_head_layout: bool
+    qk_norm_eps: float = 1e-5
+    qkv_names: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")  # one name: already fused (Persimmon)
+    out_name: str = "o_proj"
+    # "none", "shared" (one nn.LayerNorm for all heads) or "per_head" (StableLmLayerNormPerHead)
+    qk_norm: str = "none"
+    eager_fn: object = field(default=None, repr=False)  # the family's eager_attention_forward
+
+
+class FusedAttention:
+    """Mixin over an HF attention instance (see fastlm.modules._swap)."""
+
+    _fastlm_spec: AttentionSpec
+    _fastlm_backend: str
+
+    # ---- weights -------------------------------------------------------------------------
+    def _fastlm_qkv_linears(self) -> list[nn.Linear]:
+        return [getattr(self, n) for n in self._fastlm_spec.qkv_names]
+
+    def _fastlm_fuse(self) -> None:
+        spec = self._fastlm_spec
+        linears = self._fastlm_qkv_linears()
+        if len(linears) == 1:
+            weight, bias = linears[0].weight, linears[0].bias
+        else:
+            weight = fuse_parameters([m.weight for m in linears])
+            bias = fuse_parameters([m.bias for m in linears]) if linears[0].bias is not None else None
+        # Through __dict__: nn.Module.__setattr__ would register a Parameter here as a new state_dict key.
+        self.__dict__["_fastlm_qkv_weight"], self.__dict__["_fastlm_qkv_bias"] = weight, bias
+        qn = kn = (None, None)
+        if spec.qk_norm == "shared":
+            qn = (self.q_layernorm.weight, self.q_layernorm.bias)
+            kn = (self.k_layernorm.weight, self.k_layernorm.bias)
+        elif spec.qk_norm == "per_head":  # [heads, D] views over the per-head LayerNorm weights
+            qw = [n.weight for n in self.q_layernorm.norms]
+            kw = [n.weight for n in self.k_layernorm.norms]
+            qn = (fuse_parameters(qw).view(len(qw), -1), None)
+            kn = (fuse_parameters(kw).view(len(kw), -1), None)
+        self.__dict__["_fastlm_q_norm"], self.__dict__["_fastlm_k_norm"] = qn, kn
+
+    def _fastlm_unfuse(self) -> None:
+        linears = self._fastlm_qkv_linears()
+        if len(linears) > 1:
+            unfuse_parameters([m.weight for m in linears])
+            if linears[0].bias is not None:
+                unfuse_parameters([m.bias for m in linears])
+        if self._fastlm_spec.qk_norm == "per_head":
+            unfuse_parameters([n.weight for n in self.q_layernorm.norms])
+            unfuse_parameters([n.weight for n in self.k_layernorm.norms])
+
+    def _apply(self, fn, recurse=True):
+        result = super()._apply(fn, recurse)
+        self._fastlm_fuse()  # .to()/.half() gave every Parameter new data: share one storage again
+        return result
+
+    # ---- forward -------------------------------------------------------------------------
+    def project_qkv(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The fused QKV GEMM: [B, S, hidden] -> [B, S, (H + 2*Hkv) * D]."""
+        return F.linear(hidden_states, self._fastlm_qkv_weight, self._fastlm_qkv_bias)
+
+    def epilogue_args(self) -> dict:
+        s = self._fastlm_spec
+        return dict(num_heads=s.num_heads, num_kv_heads=s.num_kv_heads, head_dim=s.head_dim,
+                    rotary_dim=s.rotary_dim, interleaved=s.interleaved, per_head_layout=s.per_head_layout,
+                    q_norm_weight=self._fastlm_q_norm[0], q_norm_bias=self._fastlm_q_norm[1],
+                    k_norm_weight=self._fastlm_k_norm[0], k_norm_bias=self._fastlm_k_norm[1],
+                    qk_norm_eps=s.qk_norm_eps, backend=self._fastlm_backend)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if torch.is_grad_enabled():
+            return super().forward(hidden_states, *args, **kwargs)
+        if args:  # HF layers call with keywords; bind positionals by the HF signature to be safe
+            bound = inspect.signature(super().forward).bind(hidden_states, *args, **kwargs)
+            kwargs = {**bound.arguments, **bound.arguments.pop("kwargs", {})}
+            kwargs.pop("hidden_states")
+        position_embeddings = kwargs.pop("position_embeddings", None)
+        attention_mask = kwargs.pop("attention_mask", None)
+        past_key_values = kwargs.pop("past_key_values", None)
+        for unused in ("use_cache", "output_attentions"):
+            kwargs.pop(unused, None)
+        if position_embeddings is None:
+            raise ValueError(f"{type(self).__name__} needs position_embeddings (cos, sin) from the model's rotary_emb")
+        spec = self._fastlm_spec
+        B, S, _ = hidden_states.shape
+        cos, sin = position_embeddings
+        q, k, v = ops.qkv_rope(self.project_qkv(hidden_states), cos, sin, **self.epilogue_args())
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, self.layer_idx)
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, spec.eager_fn)
+        out, weights = attention(self, q, k, v, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs)
+        out = out.reshape(B, S, -1)
+        return getattr(self, spec.out_name)(out), weights
+
+
+def patch_attention(module, spec: AttentionSpec, backend: str) -> None:
+    from fastlm.modules._swap import swap_class
+
+    swap_class(module, FusedAttention)
+    module._fastlm_spec = spec
+    module._fastlm_backend = backend
+    module._fastlm_fuse()
+
+
+def unpatch_attention(module) -> None:
+    from fastlm.modules._swap import restore_class
+
+    module._fastlm_unfuse()
+    restore_class(module)

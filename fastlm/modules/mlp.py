@@ -1,0 +1,96 @@
+"""Fused MLP: SwiGLU over one fused gate/up GEMM, or up -> relu^2 -> down; the residual add folded
+into the down projection's GEMM (``addmm``) when the layer passes one.
+
+``_fastlm_gate_up_weight`` [2I, hidden] (and bias) is the fused storage the HF gate/up Parameters
+are views of. Activations other than silu (SwiGLU) and relu2 run through HF's ``act_fn`` unfused.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from fastlm import ops
+from fastlm.modules._fused_storage import fuse_parameters, unfuse_parameters
+
+
+@dataclass
+class MLPSpec:
+    gated: bool            # SwiGLU-style gate/up/down, else up/down
+    up_name: str           # "up_proj" / "dense_h_to_4h"
+    down_name: str         # "down_proj" / "dense_4h_to_h"
+    activation: str        # "silu", "relu2" or "other" (HF act_fn, unfused)
+    gate_name: str = "gate_proj"
+
+
+def linear_add(x: torch.Tensor, linear, residual: torch.Tensor | None) -> torch.Tensor:
+    """``residual + linear(x)`` with the add inside the GEMM (one op) when there is no bias."""
+    if residual is None:
+        return linear(x)
+    if linear.bias is None:
+        out = torch.addmm(residual.reshape(-1, residual.shape[-1]), x.reshape(-1, x.shape[-1]), linear.weight.t())
+        return out.view(residual.shape)
+    return residual + linear(x)
+
+
+class FusedMLP:
+    """Mixin over an HF MLP instance (see fastlm.modules._swap)."""
+
+    _fastlm_spec: MLPSpec
+    _fastlm_backend: str
+
+    def _fastlm_gate_up(self):
+        return [getattr(self, self._fastlm_spec.gate_name), getattr(self, self._fastlm_spec.up_name)]
+
+    def _fastlm_fuse(self) -> None:
+        if self._fastlm_spec.gated:
+            gate, up = self._fastlm_gate_up()
+            self._fastlm_gate_up_weight = fuse_parameters([gate.weight, up.weight])
+            self._fastlm_gate_up_bias = fuse_parameters([gate.bias, up.bias]) if gate.bias is not None else None
+
+    def _fastlm_unfuse(self) -> None:
+        if self._fastlm_spec.gated:
+            gate, up = self._fastlm_gate_up()
+            unfuse_parameters([gate.weight, up.weight])
+            if gate.bias is not None:
+                unfuse_parameters([gate.bias, up.bias])
+
+    def _apply(self, fn, recurse=True):
+        result = super()._apply(fn, recurse)
+        self._fastlm_fuse()
+        return result
+
+    def activate(self, x: torch.Tensor) -> torch.Tensor:
+        """Up projection(s) and activation: [..., hidden] -> [..., I]."""
+        spec = self._fastlm_spec
+        if spec.gated:
+            gate_up = F.linear(x, self._fastlm_gate_up_weight, self._fastlm_gate_up_bias)
+            if spec.activation == "silu":
+                return ops.swiglu(gate_up, backend=self._fastlm_backend)
+            gate, up = gate_up.chunk(2, dim=-1)
+            return self.act_fn(gate) * up
+        h = getattr(self, spec.up_name)(x)
+        return ops.relu2(h, backend=self._fastlm_backend) if spec.activation == "relu2" else self.act_fn(h)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            out = super().forward(x)
+            return out if residual is None else out + residual
+        return linear_add(self.activate(x), getattr(self, self._fastlm_spec.down_name), residual)
+
+
+def patch_mlp(module, spec: MLPSpec, backend: str) -> None:
+    from fastlm.modules._swap import swap_class
+
+    swap_class(module, FusedMLP)
+    module._fastlm_spec = spec
+    module._fastlm_backend = backend
+    module._fastlm_fuse()
+
+
+def unpatch_mlp(module) -> None:
+    from fastlm.modules._swap import restore_class
+
+    module._fastlm_unfuse()
+    restore_class(module)

@@ -1,0 +1,39 @@
+"""Fused norm: RMSNorm (Arcee and Helium cast orders) or LayerNorm, with the residual add fused in.
+
+``add_forward(x, residual)`` returns ``(norm(x + residual), x + residual)`` in one kernel; the
+decoder layer uses it to fold the attention residual add into the post-attention norm.
+``forward(x)`` keeps the HF call signature for the final norm and for external callers.
+"""
+from __future__ import annotations
+
+import torch
+
+from fastlm import ops
+
+
+class FusedNorm:
+    """Mixin over an HF RMSNorm / nn.LayerNorm instance (see fastlm.modules._swap)."""
+
+    _fastlm_kind: str  # "rms" or "layer"
+    _fastlm_weight_in_fp32: bool
+    _fastlm_backend: str
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor | None):
+        if self._fastlm_kind == "rms":
+            return ops.add_rms_norm(x, residual, self.weight, self.variance_epsilon, self._fastlm_weight_in_fp32,
+                                    backend=self._fastlm_backend)
+        return ops.add_layer_norm(x, residual, self.weight, self.bias, self.eps, backend=self._fastlm_backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            return super().forward(x)
+        return self.add_forward(x, None)[0]
+
+
+def patch_norm(module, kind: str, backend: str, weight_in_fp32: bool = False) -> None:
+    from fastlm.modules._swap import swap_class
+
+    swap_class(module, FusedNorm)
+    module._fastlm_kind = kind
+    module._fastlm_weight_in_fp32 = weight_in_fp32
+    module._fastlm_backend = backend

@@ -1,0 +1,75 @@
+"""``fastlm.patch(model)``: swap a loaded ``transformers`` model's modules for fastlm's fused twins.
+
+In place and per instance (the ``transformers`` classes are never touched), idempotent and
+reversible with :func:`unpatch`. The fused path runs when autograd is off (``torch.no_grad`` /
+``inference_mode``, as ``generate()`` does); with autograd on, each patched module runs HF's own
+forward, so training and gradients are exactly HF's.
+"""
+from __future__ import annotations
+
+import torch.nn as nn
+
+from fastlm.errors import UnsupportedModelError
+from fastlm.families import FAMILY_ADAPTERS
+from fastlm.modules._swap import is_swapped, restore_class
+from fastlm.ops._backend import BACKEND_CHOICES, resolve
+
+SUPPORTED_MODEL_TYPES = tuple(FAMILY_ADAPTERS)
+_BACKEND_ATTR = "_fastlm_backend"
+
+
+def _base_model(model: nn.Module):
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in FAMILY_ADAPTERS:
+        got = f"model_type {model_type!r}" if config is not None else f"a {type(model).__name__} with no HF config"
+        raise UnsupportedModelError(
+            f"fastlm.patch does not support {got} ({type(model).__name__}); supported model types: "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)} (Arcee, StableLM, Persimmon, Helium)")
+    base = getattr(model, "base_model", model)
+    if not hasattr(base, "layers") or not hasattr(base, "rotary_emb"):
+        raise UnsupportedModelError(f"{type(model).__name__} has no decoder stack fastlm recognises "
+                                    f"(expected .layers and .rotary_emb on its base model)")
+    return base, model_type
+
+
+def is_patched(model: nn.Module) -> bool:
+    base = getattr(model, "base_model", model)
+    return _BACKEND_ATTR in base.__dict__
+
+
+def patch(model: nn.Module, backend: str = "auto") -> nn.Module:
+    """Swap in fused modules for ``backend`` (auto, torch, triton, cpp). Returns ``model``.
+
+    Raises :class:`fastlm.UnsupportedModelError` for a model outside the four families and
+    :class:`fastlm.BackendUnavailableError` when an explicitly named backend cannot run here."""
+    if backend not in BACKEND_CHOICES:
+        raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
+    base, model_type = _base_model(model)
+    param = next(model.parameters(), None)
+    resolve(backend, param.device.type if param is not None else "cpu")  # fail now, not mid-forward
+    if is_patched(model):
+        if base.__dict__[_BACKEND_ATTR] == backend:
+            return model
+        unpatch(model)
+    FAMILY_ADAPTERS[model_type](base, backend)
+    base.__dict__[_BACKEND_ATTR] = backend
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Restore the HF modules (bit-identical behaviour; Parameters get their own storage back)."""
+    base = getattr(model, "base_model", model)
+    for module in base.modules():
+        if is_swapped(module):
+            unfuse = getattr(module, "_fastlm_unfuse", None)
+            if unfuse is not None:
+                unfuse()
+            restore_class(module)
+    base.__dict__.pop(_BACKEND_ATTR, None)
+    return model
+
+
+def patched_backend(model: nn.Module) -> str | None:
+    """The backend ``model`` was patched with, or None."""
+    return getattr(model, "base_model", model).__dict__.get(_BACKEND_ATTR)

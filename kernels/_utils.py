@@ -1,0 +1,97 @@
+# Shared helpers for fastlm's Triton kernels: device checks, 2D row views without copies, launch
+# heuristics and the torch.library registration path.
+#
+# Registration: on a real GPU build every op is a `torch.library.triton_op` whose body launches the
+# kernels through `wrap_triton`, so torch.compile/inductor can see (and CUDA-graph) the kernels. Under
+# TRITON_INTERPRET=1 that path runs in eager mode, but tracing it (opcheck's aot_dispatch test,
+# torch.compile) makes the interpreter dereference FakeTensor storage and fails, so there each op is
+# a plain `torch.library.custom_op` around the same launcher (opaque to the compiler, but fully
+# traceable through its fake implementation). FASTLM_TRITON_FORCE_TRITON_OP=1 forces the triton_op
+# path even under the interpreter (used to smoke-test it eagerly on CPU).
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+from triton.runtime.interpreter import InterpretedFunction
+
+
+@triton.jit
+def _probe():
+    pass
+
+
+# Whether triton.jit produced interpreter functions: decided when triton read TRITON_INTERPRET,
+# i.e. when the kernels were decorated, not when they are called.
+INTERPRET = isinstance(_probe, InterpretedFunction)
+USE_TRITON_OP = (not INTERPRET) or os.environ.get("FASTLM_TRITON_FORCE_TRITON_OP") == "1"
+
+
+def check_device(*tensors: torch.Tensor | None) -> None:
+    """Raise a clear RuntimeError where Triton cannot run on these tensors (instead of crashing inside it)."""
+    for t in tensors:
+        if t is None:
+            continue
+        dev = t.device.type
+        if dev == "cuda":
+            continue
+        if dev == "cpu":
+            if INTERPRET:
+                continue
+            raise RuntimeError(
+                "fastlm.kernels: Triton kernels need CUDA tensors; CPU tensors run only under the Triton "
+                "interpreter (set TRITON_INTERPRET=1 before triton is imported). Use backend='torch' or "
+                "'cpp' for CPU tensors.")
+        raise RuntimeError(f"fastlm.kernels: Triton kernels do not support device type {dev!r}")
+
+
+def rows_view(t: torch.Tensor) -> torch.Tensor:
+    """``t`` [..., N] as a 2D [rows, N] view with unit last-dim stride and one row stride.
+
+    Row-strided inputs (slices along a leading dim, a narrowed last dim) come back as views, no copy;
+    only layouts that cannot be expressed with a single row stride are copied.
+    """
+    n = t.shape[-1]
+    if t.dim() == 1:
+        t = t.unsqueeze(0)
+    if t.stride(-1) != 1 and n > 1:
+        t = t.contiguous()
+    try:
+        return t.view(-1, n)
+    except RuntimeError:
+        return t.contiguous().view(-1, n)
+
+
+def num_warps_for(block: int) -> int:
+    """4 warps up to 2K elements a row tile, 8 up to 8K, 16 beyond (one row per program)."""
+    if block <= 2048:
+        return 4
+    if block <= 8192:
+        return 8
+    return 16
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (a cached host-side property, no sync); 132 elsewhere."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132
+
+
+def launch(kernel):
+    """``kernel`` as it must be launched from the registered op body (wrap_triton under triton_op)."""
+    if USE_TRITON_OP:
+        from torch.library import wrap_triton
+
+        return wrap_triton(kernel)
+    return kernel
+
+
+def register_op(name: str, mutates_args=()):
+    """Decorator: register a launcher as ``fastlm::<name>`` (triton_op or custom_op, see header)."""
+    if USE_TRITON_OP:
+        from torch.library import triton_op
+
+        return triton_op(f"fastlm::{name}", mutates_args=mutates_args)
+    return torch.library.custom_op(f"fastlm::{name}", mutates_args=mutates_args)
