@@ -67,6 +67,7 @@ def unpatch(model: nn.Module) -> nn.Module:
                 unfuse()
             restore_class(module)
     base.__dict__.pop(_BACKEND_ATTR, None)
+    base.__dict__.pop("_fastlm_final_norm", None)
     return model
 
 

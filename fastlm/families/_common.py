@@ -37,6 +37,7 @@ def patch_layers(base_model, backend: str, *, norm_kind: str, attention_spec, ml
         patch_mlp(layer.mlp, mlp_spec, backend)
         patch_decoder_layer(layer, parallel_residual)
     patch_norm(getattr(base_model, final_norm), norm_kind, backend, rms_weight_in_fp32)
+    base_model.__dict__["_fastlm_final_norm"] = final_norm  # read by the engine; dropped by unpatch
 
 
 __all__ = ["AttentionSpec", "MLPSpec", "rotary_dim_of", "eager_attention_of", "mlp_activation", "patch_layers"]
