@@ -46,11 +46,10 @@ def qk_norm_ref(x, weight, bias, eps):
         return x
     if weight.dim() == 1:
         return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
-    # Per-head weights: fp32 statistics and affine, one rounding, like nn.LayerNorm per head.
-    y = F.layer_norm(x.float(), (x.shape[-1],), None, None, eps) * weight.float()
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(x.dtype)
+    # Per-head weights: one LayerNorm per head, as HF's StableLmLayerNormPerHead does (exact in every dtype).
+    D = x.shape[-1]
+    return torch.stack([F.layer_norm(x[..., h, :], (D,), weight[h], None if bias is None else bias[h], eps)
+                        for h in range(weight.shape[0])], dim=-2)
 
 
 def rope_ref(x, cos, sin, rotary_dim, interleaved):
