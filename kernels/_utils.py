@@ -14,6 +14,7 @@ import os
 
 import torch
 import triton
+import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 
@@ -95,3 +96,19 @@ def register_op(name: str, mutates_args=()):
 
         return triton_op(f"fastlm::{name}", mutates_args=mutates_args)
     return torch.library.custom_op(f"fastlm::{name}", mutates_args=mutates_args)
+
+
+# The interpreter converts fp32 -> bf16 by truncation (round toward zero); GPUs round to nearest even.
+# Under the interpreter, kernels round bf16 outputs explicitly (RTNE on the fp32 bits, then an exact
+# cast), so the numerics tested on CPU are the GPU's. Compiled kernels skip this (constexpr False).
+FIX_BF16 = tl.constexpr(INTERPRET)
+
+
+@triton.jit
+def cast_out(x, dtype: tl.constexpr):
+    """``x`` (fp32) rounded to ``dtype`` with round-to-nearest-even, also under the interpreter."""
+    if FIX_BF16 and dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
