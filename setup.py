@@ -1,13 +1,100 @@
-"""Installs the ``fastlm`` package; ``kernels/`` ships as ``fastlm.kernels`` (never a top-level
-``kernels`` package: Hugging Face publishes one of that name)."""
+"""Installs the ``fastlm`` package and builds the optional C++ extension ``fastlm._C``.
+
+``kernels/`` ships as ``fastlm.kernels`` (never a top-level ``kernels`` package: Hugging Face
+publishes one of that name).
+
+Build knobs (environment):
+  FASTLM_SKIP_EXT=1          build no extension (pure-Python install: the reference backend only)
+  FASTLM_SKIP_CUDA_BUILD=1   build the CPU extension only, even with a CUDA torch and nvcc
+  FASTLM_CUDA_ARCHS="80;90"  SM architectures for the CUDA kernels
+  FASTLM_CPU_ISA=avx2|default  SIMD level of the CPU kernels (x86-64 default: avx2, i.e. -mavx2 -mfma
+                             -mf16c with at::vec's CPU_CAPABILITY_AVX2 path; `default` gives torch's
+                             portable baseline path). fastlm.ops._cpp refuses to load an avx2 build on
+                             a CPU without AVX2.
+  MAX_JOBS                   parallel compile jobs (ninja)
+Install: pip install --no-build-isolation ".[test]"   (or -e . for an in-place build)
+"""
+import glob
 import os
+import platform
+import shutil
 
 from setuptools import find_packages, setup
 
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
 packages = find_packages(include=["fastlm", "fastlm.*"])
 package_dir = {}
-if os.path.isdir("kernels"):
+if os.path.isdir(os.path.join(ROOT, "kernels")):
     packages.append("fastlm.kernels")
     package_dir["fastlm.kernels"] = "kernels"
 
-setup(packages=packages, package_dir=package_dir, include_package_data=True)
+
+def _rel(paths):
+    return sorted(os.path.relpath(p, ROOT) for p in paths)
+
+
+def _extensions():
+    if os.environ.get("FASTLM_SKIP_EXT") == "1":
+        return [], {}
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:  # no torch at build time: pure-Python install
+        return [], {}
+
+    is_x86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
+    isa = os.environ.get("FASTLM_CPU_ISA", "avx2" if is_x86 else "default").lower()
+    cxx = ["-O3", "-fno-math-errno", "-fno-trapping-math"]
+    if isa == "avx2":
+        if not is_x86:
+            raise RuntimeError("FASTLM_CPU_ISA=avx2 needs an x86-64 target")
+        cxx += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+    elif isa == "default":
+        cxx += ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"]
+    else:
+        raise RuntimeError(f"FASTLM_CPU_ISA must be avx2 or default, got {isa!r}")
+
+    sources = _rel([os.path.join(ROOT, "csrc", "ops.cpp")] + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
+    include_dirs = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")]
+
+    with_cuda = (
+        torch.version.cuda is not None
+        and os.environ.get("FASTLM_SKIP_CUDA_BUILD") != "1"
+        and cpp_extension.CUDA_HOME is not None
+        and (shutil.which("nvcc") or os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")))
+    )
+    if with_cuda:
+        archs = [a.strip() for a in os.environ.get("FASTLM_CUDA_ARCHS", "80;90").replace(",", ";").split(";")
+                 if a.strip()]
+        nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-Xptxas", "-v",
+                "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+                "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-U__CUDA_NO_HALF2_OPERATORS__"]
+        for a in archs:
+            nvcc += [f"-gencode=arch=compute_{a},code=sm_{a}"]
+        sources += _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+        sources += _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda_kernels", "*.cu")))
+        ext = cpp_extension.CUDAExtension(
+            "fastlm._C", sources, include_dirs=include_dirs,
+            define_macros=[("FASTLM_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc})
+    else:
+        ext = cpp_extension.CppExtension("fastlm._C", sources, include_dirs=include_dirs,
+                                         extra_compile_args={"cxx": cxx})
+    build_ext = cpp_extension.BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None
+                                                          or _has_ninja_module())
+    return [ext], {"build_ext": build_ext}
+
+
+def _has_ninja_module():
+    try:
+        import ninja  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(packages=packages, package_dir=package_dir, include_package_data=True, ext_modules=ext_modules,
+      cmdclass=cmdclass)

@@ -10,9 +10,10 @@ import fastlm
 from fastlm.ops import _backend
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def fresh_auto(monkeypatch):
     monkeypatch.setattr(_backend, "_AUTO_CACHE", {})
+    monkeypatch.setattr(_backend, "_DISPATCH_CACHE", {})
 
 
 def test_explicit_unavailable_backend_names_what_is_missing(monkeypatch):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from os import environ as _environ
 import warnings
 from typing import Callable
 
@@ -27,6 +28,9 @@ _IMPLS: dict[str, dict[str, Callable]] = {}
 _LOAD_ERRORS: dict[str, str] = {}
 _LOADED: set[str] = set()
 _AUTO_CACHE: dict[str, str] = {}
+# (requested backend, device type) -> implementation table of the concrete backend; the hot path of
+# every op call (decode on CPU pays for each microsecond), filled on first use.
+_DISPATCH_CACHE: dict[tuple[str, str, str], Callable] = {}
 _BACKEND_MODULES = {"triton": "fastlm.kernels", "cpp": "fastlm.ops._cpp"}
 
 
@@ -123,4 +127,9 @@ def impl(op: str, backend: str) -> Callable:
 
 
 def dispatch(op: str, backend: str, device: torch.device) -> Callable:
-    return impl(op, resolve(backend, device.type))
+    # auto depends on FASTLM_BACKEND, so its value is part of the key
+    key = (op, backend, device.type, _environ.get("FASTLM_BACKEND") if backend == "auto" else None)
+    fn = _DISPATCH_CACHE.get(key)
+    if fn is None:
+        fn = _DISPATCH_CACHE[key] = impl(op, resolve(backend, device.type))
+    return fn

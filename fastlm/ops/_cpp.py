@@ -1,12 +1,201 @@
-"""The C++ backend (``fastlm._C``): registers Python entry points that call ``torch.ops.fastlm.*``.
+"""The C++ backend (``fastlm._C``): fake (meta) implementations of the ``fastlm::`` C++ ops and the
+thin Python entry points that fastlm's dispatch table calls.
 
-Arrives with the C++ extension issue; until ``fastlm._C`` is built, importing this module raises
-ImportError and the backend reports itself unavailable.
+Importing this module imports ``fastlm._C``, which registers the ``TORCH_LIBRARY(fastlm)`` schemas
+and their CPU kernels (plus CUDA kernels when the build has them). If the extension is not built (or
+cannot load), the import raises ImportError and the backend reports itself unavailable.
+
+The entry points keep the ``*_ref`` signatures and call the ``OpOverload`` objects directly
+(``torch.ops.fastlm.<op>.default``): the packet lookup costs another ~1 us per call, which matters
+for CPU decode. ``add_*_norm`` ops return an empty ``h`` when ``residual`` is None (a functional op
+may not return an alias of its input); the wrappers return ``x`` there, as the references do.
 """
 from __future__ import annotations
 
-import fastlm._C  # noqa: F401  (raises ImportError when the extension is not built)
+import platform
+
+import torch
+
+from fastlm.ops._backend import register
+
+
+def _check_cpu_isa() -> None:
+    # An avx2 build (the x86-64 default, see setup.py) must not even be loaded on a CPU without AVX2:
+    # its static initialisers may already use AVX instructions.
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return
+    supported = getattr(torch.cpu, "_is_avx2_supported", None)
+    if supported is not None and not supported():
+        import os
+
+        if os.environ.get("FASTLM_CPP_ALLOW_NO_AVX2") != "1":
+            raise ImportError("this CPU lacks AVX2; the fastlm._C x86-64 build targets AVX2 (rebuild with "
+                              "FASTLM_CPU_ISA=default and set FASTLM_CPP_ALLOW_NO_AVX2=1)")
+
+
+_check_cpu_isa()
+
+import fastlm._C as _C  # noqa: E402  (raises ImportError when the extension is not built)
+
+_HAS_CUDA = bool(_C.has_cuda_kernels())
+CPU_ISA = _C.cpu_isa()
+_ops = torch.ops.fastlm
 
 
 def status(device_type: str) -> tuple[bool, str]:
-    return False, "not implemented"
+    if device_type == "cpu":
+        return True, f"C++ CPU kernels (fastlm._C, {CPU_ISA})"
+    if device_type == "cuda":
+        if _HAS_CUDA:
+            return True, "CUDA C++ kernels (fastlm._C)"
+        return False, ("fastlm._C was built without CUDA kernels (CPU-only torch, no nvcc, or "
+                       "FASTLM_SKIP_CUDA_BUILD=1)")
+    return False, f"fastlm._C has no kernels for device type {device_type!r}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fake implementations: shapes/dtypes only (torch.compile, FakeTensor, meta).
+
+
+def _norm_fake(x, residual):
+    h = torch.empty_like(x, memory_format=torch.contiguous_format) if residual is not None else x.new_empty((0,))
+    return h
+
+
+@torch.library.register_fake("fastlm::add_rms_norm")
+def _(x, residual, weight, eps, weight_in_fp32=False):
+    dtype = x.dtype if weight_in_fp32 else torch.promote_types(x.dtype, weight.dtype)
+    return torch.empty(x.shape, dtype=dtype, device=x.device), _norm_fake(x, residual)
+
+
+@torch.library.register_fake("fastlm::add_rms_norm_out")
+def _(x, residual, weight, eps, weight_in_fp32, *, out, residual_out):
+    return None
+
+
+@torch.library.register_fake("fastlm::add_layer_norm")
+def _(x, residual, weight, bias, eps):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), _norm_fake(x, residual)
+
+
+@torch.library.register_fake("fastlm::add_layer_norm_out")
+def _(x, residual, weight, bias, eps, *, out, residual_out):
+    return None
+
+
+@torch.library.register_fake("fastlm::qkv_rope")
+def _(qkv, cos, sin, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias, num_heads, num_kv_heads, head_dim,
+      rotary_dim, interleaved, per_head_layout, qk_norm_eps):
+    B, S = qkv.shape[0], qkv.shape[1]
+    return (qkv.new_empty((B, num_heads, S, head_dim)), qkv.new_empty((B, num_kv_heads, S, head_dim)),
+            qkv.new_empty((B, num_kv_heads, S, head_dim)))
+
+
+@torch.library.register_fake("fastlm::qkv_rope_out")
+def _(qkv, cos, sin, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias, num_heads, num_kv_heads, head_dim,
+      rotary_dim, interleaved, per_head_layout, qk_norm_eps, *, q_out, k_out, v_out):
+    return None
+
+
+@torch.library.register_fake("fastlm::qkv_rope_cache")
+def _(qkv, cos, sin, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias, k_cache, v_cache, cache_positions,
+      num_heads, num_kv_heads, head_dim, rotary_dim, interleaved, per_head_layout, qk_norm_eps):
+    return qkv.new_empty((qkv.shape[0], num_heads, qkv.shape[1], head_dim))
+
+
+@torch.library.register_fake("fastlm::qkv_rope_cache_out")
+def _(qkv, cos, sin, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias, k_cache, v_cache, cache_positions,
+      num_heads, num_kv_heads, head_dim, rotary_dim, interleaved, per_head_layout, qk_norm_eps, *, q_out):
+    return None
+
+
+@torch.library.register_fake("fastlm::swiglu")
+def _(gate_up):
+    return gate_up.new_empty((*gate_up.shape[:-1], gate_up.shape[-1] // 2))
+
+
+@torch.library.register_fake("fastlm::swiglu_out")
+def _(gate_up, *, out):
+    return None
+
+
+@torch.library.register_fake("fastlm::relu2")
+def _(x):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("fastlm::relu2_out")
+def _(x, *, out):
+    return None
+
+
+@torch.library.register_fake("fastlm::decode_attention")
+def _(q, k_cache, v_cache, lengths, scale):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("fastlm::decode_attention_out")
+def _(q, k_cache, v_cache, lengths, scale, *, out):
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Entry points for fastlm's dispatch table (signatures of the *_ref functions).
+
+_add_rms_norm = _ops.add_rms_norm.default
+_add_layer_norm = _ops.add_layer_norm.default
+_qkv_rope = _ops.qkv_rope.default
+_qkv_rope_cache = _ops.qkv_rope_cache.default
+_swiglu = _ops.swiglu.default
+_relu2 = _ops.relu2.default
+_decode_attention = _ops.decode_attention.default
+
+
+@register("add_rms_norm", "cpp")
+def add_rms_norm_cpp(x, residual, weight, eps: float, weight_in_fp32: bool = False):
+    y, h = _add_rms_norm(x, residual, weight, eps, weight_in_fp32)
+    return y, (x if residual is None else h)
+
+
+@register("add_layer_norm", "cpp")
+def add_layer_norm_cpp(x, residual, weight, bias, eps: float):
+    y, h = _add_layer_norm(x, residual, weight, bias, eps)
+    return y, (x if residual is None else h)
+
+
+@register("qkv_rope", "cpp")
+def qkv_rope_cpp(qkv, cos, sin, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias, num_heads: int,
+                 num_kv_heads: int, head_dim: int, rotary_dim: int, interleaved: bool, per_head_layout: bool,
+                 qk_norm_eps: float):
+    return _qkv_rope(qkv, cos, sin, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias, num_heads, num_kv_heads,
+                     head_dim, rotary_dim, interleaved, per_head_layout, qk_norm_eps)
+
+
+@register("qkv_rope_cache", "cpp")
+def qkv_rope_cache_cpp(qkv, cos, sin, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias, k_cache, v_cache,
+                       cache_positions, num_heads: int, num_kv_heads: int, head_dim: int, rotary_dim: int,
+                       interleaved: bool, per_head_layout: bool, qk_norm_eps: float):
+    return _qkv_rope_cache(qkv, cos, sin, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias, k_cache, v_cache,
+                           cache_positions, num_heads, num_kv_heads, head_dim, rotary_dim, interleaved,
+                           per_head_layout, qk_norm_eps)
+
+
+@register("swiglu", "cpp")
+def swiglu_cpp(gate_up):
+    return _swiglu(gate_up)
+
+
+@register("relu2", "cpp")
+def relu2_cpp(x):
+    return _relu2(x)
+
+
+@register("decode_attention", "cpp")
+def decode_attention_cpp(q, k_cache, v_cache, lengths, scale: float):
+    if q.device.type != "cpu":
+        # No CUDA C++ decode kernel yet: the CUDA build covers norms, the QKV epilogue and the MLP
+        # epilogues; decode attention on CUDA goes to the reference (Triton has its own kernel).
+        from fastlm.ops.attention import decode_attention_ref
+
+        return decode_attention_ref(q, k_cache, v_cache, lengths, scale)
+    return _decode_attention(q, k_cache, v_cache, lengths, scale)

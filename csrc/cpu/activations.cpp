@@ -1,0 +1,102 @@
+// MLP epilogues on CPU: swiglu ([..., 2I] -> silu(gate) * up) and relu2, fp32 math, one rounding.
+#include "../checks.h"
+#include "../ops.h"
+#include "vec_util.h"
+
+namespace fastlm::cpu {
+namespace {
+
+template <typename T>
+void swiglu_rows(const T* in, int64_t is, T* out, int64_t os, int64_t rows, int64_t inter) {
+  at::parallel_for(0, rows, grain_for(3 * inter), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const T* g = in + i * is;
+      const T* u = g + inter;
+      T* o = out + i * os;
+      for (int64_t j = 0; j < inter; j += kChunk) {
+        const int64_t m = std::min(kChunk, inter - j);
+        fVec ga, gb, ua, ub;
+        IO<T>::load(g + j, m, ga, gb);
+        IO<T>::load(u + j, m, ua, ub);
+        IO<T>::store(o + j, m, silu_mul(ga, ua), silu_mul(gb, ub));
+      }
+    }
+  });
+}
+
+template <typename T>
+void relu2_rows(const T* in, int64_t is, T* out, int64_t os, int64_t rows, int64_t n) {
+  at::parallel_for(0, rows, grain_for(2 * n), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const T* x = in + i * is;
+      T* o = out + i * os;
+      for (int64_t j = 0; j < n; j += kChunk) {
+        const int64_t m = std::min(kChunk, n - j);
+        fVec a, b;
+        IO<T>::load(x + j, m, a, b);
+        IO<T>::store(o + j, m, fastlm::relu2(a), fastlm::relu2(b));
+      }
+    }
+  });
+}
+
+void run_swiglu(const at::Tensor& gate_up, const at::Tensor& out) {
+  const at::Tensor in2 = rows_view(gate_up);
+  const int64_t rows = in2.size(0), inter = in2.size(1) / 2;
+  if (rows == 0 || inter == 0) return;
+  const at::Tensor o2 = out.view({rows, inter});
+  FASTLM_DISPATCH_FLOAT(gate_up.scalar_type(), "swiglu", [&] {
+    swiglu_rows<scalar_t>(reinterpret_cast<const scalar_t*>(in2.const_data_ptr()), row_stride(in2),
+                          reinterpret_cast<scalar_t*>(o2.data_ptr()), inter, rows, inter);
+  });
+}
+
+void run_relu2(const at::Tensor& x, const at::Tensor& out) {
+  if (x.numel() == 0) return;
+  const at::Tensor in2 = rows_view(x);
+  const int64_t rows = in2.size(0), n = in2.size(1);
+  const at::Tensor o2 = out.view({rows, n});
+  FASTLM_DISPATCH_FLOAT(x.scalar_type(), "relu2", [&] {
+    relu2_rows<scalar_t>(reinterpret_cast<const scalar_t*>(in2.const_data_ptr()), row_stride(in2),
+                         reinterpret_cast<scalar_t*>(o2.data_ptr()), n, rows, n);
+  });
+}
+
+std::vector<int64_t> swiglu_shape(const at::Tensor& gate_up) {
+  check_float("gate_up", gate_up);
+  TORCH_CHECK(gate_up.dim() >= 1 && gate_up.size(-1) % 2 == 0,
+              "fastlm: gate_up's last dim must be even ([gate | up]), got ", gate_up.sizes());
+  std::vector<int64_t> shape(gate_up.sizes().begin(), gate_up.sizes().end());
+  shape.back() /= 2;
+  return shape;
+}
+
+}  // namespace
+
+at::Tensor swiglu(const at::Tensor& gate_up) {
+  at::Tensor out = at::empty(swiglu_shape(gate_up), gate_up.options());
+  run_swiglu(gate_up, out);
+  return out;
+}
+
+void swiglu_out(const at::Tensor& gate_up, const at::Tensor& out) {
+  check_out("out", out, swiglu_shape(gate_up), gate_up.scalar_type(), gate_up);
+  run_swiglu(gate_up, out);
+}
+
+at::Tensor relu2(const at::Tensor& x) {
+  check_float("x", x);
+  TORCH_CHECK(x.dim() >= 1, "fastlm: relu2 needs at least one dim");
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  run_relu2(x, out);
+  return out;
+}
+
+void relu2_out(const at::Tensor& x, const at::Tensor& out) {
+  check_float("x", x);
+  TORCH_CHECK(x.dim() >= 1, "fastlm: relu2 needs at least one dim");
+  check_out("out", out, x.sizes(), x.scalar_type(), x);
+  run_relu2(x, out);
+}
+
+}  // namespace fastlm::cpu

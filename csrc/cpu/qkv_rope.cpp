@@ -1,0 +1,291 @@
+// QKV epilogue on CPU: split the fused QKV GEMM output (split [q|k|v] or Persimmon [H, 3, D]),
+// optional qk-LayerNorm (shared [D] or per-head [heads, D] weight, optional bias), partial RoPE
+// (half-split or interleaved) and either dense q/k/v outputs or a k/v cache write. Each head vector is
+// read once, processed in an fp32 stack buffer, and written once (v is a straight copy).
+#include "../checks.h"
+#include "../ops.h"
+#include "vec_util.h"
+
+namespace fastlm::cpu {
+namespace {
+
+constexpr int64_t kMaxHeadDim = 1024;
+
+struct NormW {
+  const void* w = nullptr;
+  const void* b = nullptr;
+  int64_t w_head_stride = 0;  // D for per-head [heads, D] weights, 0 for a shared [D] weight
+  int64_t b_head_stride = 0;
+};
+
+struct QkvArgs {
+  int64_t B, S, H, Hkv, D, R;
+  bool interleaved, per_head;
+  float eps;
+  const void* qkv;
+  int64_t qkv_sb, qkv_ss;
+  const void* cos;
+  const void* sin;
+  int64_t cos_sb, cos_ss, sin_sb, sin_ss;
+  NormW qn, kn;
+  // dense outputs (contiguous [B, heads, S, D]) ...
+  void* q_out;
+  void* k_out;
+  void* v_out;
+  // ... or cache outputs (k_out/v_out null): [B, Hkv, Tmax, D] with strides, positions [B, S]
+  void* k_cache = nullptr;
+  void* v_cache = nullptr;
+  int64_t kc_s[3] = {0, 0, 0}, vc_s[3] = {0, 0, 0};
+  const void* pos = nullptr;
+  bool pos64 = false;
+  int64_t pos_sb = 0, pos_ss = 0, tmax = 0;
+};
+
+template <typename T>
+inline void layer_norm_inplace(float* buf, int64_t D, const T* w, const T* b, float eps) {
+  fVec acc0(0.f), acc1(0.f);
+  for (int64_t j = 0; j < D; j += kChunk) {
+    const int64_t m = std::min(kChunk, D - j);
+    fVec a, c;
+    IO<float>::load(buf + j, m, a, c);
+    mask_tail(m, a, c);
+    acc0 = acc0 + a;
+    acc1 = acc1 + c;
+  }
+  const float mean = layer_norm_mean(hsum(acc0 + acc1), D);
+  const fVec vm(mean);
+  acc0 = fVec(0.f);
+  acc1 = fVec(0.f);
+  for (int64_t j = 0; j < D; j += kChunk) {
+    const int64_t m = std::min(kChunk, D - j);
+    fVec a, c;
+    IO<float>::load(buf + j, m, a, c);
+    a = a - vm;
+    c = c - vm;
+    mask_tail(m, a, c);
+    acc0 = at::vec::fmadd(a, a, acc0);
+    acc1 = at::vec::fmadd(c, c, acc1);
+  }
+  const fVec vr(layer_norm_rstd(hsum(acc0 + acc1), D, eps));
+  for (int64_t j = 0; j < D; j += kChunk) {
+    const int64_t m = std::min(kChunk, D - j);
+    fVec a, c, wa, wc;
+    IO<float>::load(buf + j, m, a, c);
+    IO<T>::load(w + j, m, wa, wc);
+    if (b) {
+      fVec ba, bc;
+      IO<T>::load(b + j, m, ba, bc);
+      a = layer_norm_apply(a, vm, vr, wa, ba);
+      c = layer_norm_apply(c, vm, vr, wc, bc);
+    } else {
+      a = layer_norm_apply(a, vm, vr, wa);
+      c = layer_norm_apply(c, vm, vr, wc);
+    }
+    IO<float>::store(buf + j, m, a, c);
+  }
+}
+
+// RoPE on buf[0:R] with fp32 tables cs/sn of R/2 entries.
+inline void rope_inplace(float* buf, int64_t R, const float* cs, const float* sn, bool interleaved) {
+  const int64_t half = R / 2;
+  if (!interleaved) {
+    for (int64_t i = 0; i < half; i += kF) {
+      const int64_t m = std::min(kF, half - i);
+      fVec x0 = fVec::loadu(buf + i, m), x1 = fVec::loadu(buf + half + i, m);
+      const fVec c = fVec::loadu(cs + i, m), s = fVec::loadu(sn + i, m);
+      rope_rotate(x0, x1, c, s);
+      x0.store(buf + i, m);
+      x1.store(buf + half + i, m);
+    }
+    return;
+  }
+  int64_t i = 0;
+  for (; i + kF <= half; i += kF) {  // pairs (2i, 2i+1): de-interleave, rotate, re-interleave
+    auto [x0, x1] = at::vec::deinterleave2(fVec::loadu(buf + 2 * i), fVec::loadu(buf + 2 * i + kF));
+    rope_rotate(x0, x1, fVec::loadu(cs + i), fVec::loadu(sn + i));
+    auto [o0, o1] = at::vec::interleave2(x0, x1);
+    o0.store(buf + 2 * i);
+    o1.store(buf + 2 * i + kF);
+  }
+  for (; i < half; ++i) rope_rotate(buf[2 * i], buf[2 * i + 1], cs[i], sn[i]);
+}
+
+template <typename T>
+void qkv_kernel(const QkvArgs& a) {
+  const int64_t B = a.B, S = a.S, H = a.H, Hkv = a.Hkv, D = a.D, R = a.R, half = a.R / 2;
+  const int64_t width = (H + 2 * Hkv) * D;
+  const T* qkv = static_cast<const T*>(a.qkv);
+  const T* cosp = static_cast<const T*>(a.cos);
+  const T* sinp = static_cast<const T*>(a.sin);
+  at::parallel_for(0, B * S, grain_for(width), [&](int64_t begin, int64_t end) {
+    alignas(64) float buf[kMaxHeadDim];
+    alignas(64) float cs[kMaxHeadDim / 2], sn[kMaxHeadDim / 2];
+    for (int64_t tok = begin; tok < end; ++tok) {
+      const int64_t b = tok / S, s = tok % S;
+      const T* row = qkv + b * a.qkv_sb + s * a.qkv_ss;
+      if (half > 0) {
+        load_row_f32(cosp + b * a.cos_sb + s * a.cos_ss, cs, half);
+        load_row_f32(sinp + b * a.sin_sb + s * a.sin_ss, sn, half);
+      }
+      int64_t pos = 0;
+      if (a.k_cache) {
+        pos = a.pos64 ? static_cast<const int64_t*>(a.pos)[b * a.pos_sb + s * a.pos_ss]
+                      : static_cast<const int32_t*>(a.pos)[b * a.pos_sb + s * a.pos_ss];
+        TORCH_CHECK(pos >= 0 && pos < a.tmax, "fastlm: cache_positions[", b, ", ", s, "] = ", pos,
+                    " is outside the cache [0, ", a.tmax, ")");
+      }
+      // kind 0: q heads, 1: k heads, 2: v heads
+      for (int kind = 0; kind < 3; ++kind) {
+        const int64_t heads = kind == 0 ? H : Hkv;
+        const NormW& nw = kind == 0 ? a.qn : a.kn;
+        for (int64_t h = 0; h < heads; ++h) {
+          const T* src = a.per_head ? row + (3 * h + kind) * D
+                                    : row + (kind == 0 ? h * D : (kind == 1 ? H * D + h * D : (H + Hkv) * D + h * D));
+          T* dst;
+          if (kind == 0) {
+            dst = static_cast<T*>(a.q_out) + ((b * H + h) * S + s) * D;
+          } else if (a.k_cache) {
+            const int64_t* st = kind == 1 ? a.kc_s : a.vc_s;
+            dst = static_cast<T*>(kind == 1 ? a.k_cache : a.v_cache) + b * st[0] + h * st[1] + pos * st[2];
+          } else {
+            dst = static_cast<T*>(kind == 1 ? a.k_out : a.v_out) + ((b * Hkv + h) * S + s) * D;
+          }
+          if (kind == 2) {
+            std::memcpy(dst, src, D * sizeof(T));
+            continue;
+          }
+          load_row_f32(src, buf, D);
+          if (nw.w) {
+            layer_norm_inplace<T>(buf, D, static_cast<const T*>(nw.w) + h * nw.w_head_stride,
+                                  nw.b ? static_cast<const T*>(nw.b) + h * nw.b_head_stride : nullptr, a.eps);
+          }
+          if (R > 0) rope_inplace(buf, R, cs, sn, a.interleaved);
+          store_row_f32(buf, dst, D);
+        }
+      }
+    }
+  });
+}
+
+QkvArgs make_args(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const OptT& qw,
+                  const OptT& qb, const OptT& kw, const OptT& kb, const QkvDims& d, bool interleaved,
+                  bool per_head_layout, double eps, at::Tensor& qkv_c, at::Tensor& cos_c, at::Tensor& sin_c,
+                  std::array<at::Tensor, 4>& norms_c) {
+  TORCH_CHECK(d.D <= kMaxHeadDim, "fastlm: head_dim must be <= ", kMaxHeadDim, " on CPU, got ", d.D);
+  qkv_c = qkv.stride(2) == 1 ? qkv : qkv.contiguous();
+  cos_c = cos.stride(2) == 1 ? cos : cos.contiguous();
+  sin_c = sin.stride(2) == 1 ? sin : sin.contiguous();
+  const OptT* ns[4] = {&qw, &qb, &kw, &kb};
+  for (int i = 0; i < 4; ++i) norms_c[i] = ns[i]->has_value() ? (*ns[i])->contiguous() : at::Tensor();
+  QkvArgs a{};
+  a.B = d.B; a.S = d.S; a.H = d.H; a.Hkv = d.Hkv; a.D = d.D; a.R = d.R;
+  a.interleaved = interleaved;
+  a.per_head = per_head_layout;
+  a.eps = static_cast<float>(eps);
+  a.qkv = qkv_c.const_data_ptr();
+  a.qkv_sb = qkv_c.stride(0);
+  a.qkv_ss = qkv_c.stride(1);
+  a.cos = cos_c.const_data_ptr();
+  a.sin = sin_c.const_data_ptr();
+  a.cos_sb = cos_c.size(0) == 1 ? 0 : cos_c.stride(0);
+  a.cos_ss = cos_c.stride(1);
+  a.sin_sb = sin_c.size(0) == 1 ? 0 : sin_c.stride(0);
+  a.sin_ss = sin_c.stride(1);
+  auto norm = [&](const at::Tensor& w, const at::Tensor& b) {
+    NormW n;
+    if (w.defined()) {
+      n.w = w.const_data_ptr();
+      n.w_head_stride = w.dim() == 2 ? d.D : 0;
+    }
+    if (b.defined()) {
+      n.b = b.const_data_ptr();
+      n.b_head_stride = b.dim() == 2 ? d.D : 0;
+    }
+    return n;
+  };
+  a.qn = norm(norms_c[0], norms_c[1]);
+  a.kn = norm(norms_c[2], norms_c[3]);
+  return a;
+}
+
+void run(const QkvArgs& a, at::ScalarType dtype) {
+  if (a.B * a.S == 0) return;
+  FASTLM_DISPATCH_FLOAT(dtype, "qkv_rope", [&] { qkv_kernel<scalar_t>(a); });
+}
+
+void fill_cache_args(QkvArgs& a, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& pos) {
+  a.k_cache = k_cache.data_ptr();
+  a.v_cache = v_cache.data_ptr();
+  for (int i = 0; i < 3; ++i) {
+    a.kc_s[i] = k_cache.stride(i);
+    a.vc_s[i] = v_cache.stride(i);
+  }
+  a.pos = pos.const_data_ptr();
+  a.pos64 = pos.scalar_type() == at::kLong;
+  a.pos_sb = pos.stride(0);
+  a.pos_ss = pos.stride(1);
+  a.tmax = k_cache.size(2);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> qkv_rope(const at::Tensor& qkv, const at::Tensor& cos,
+                                                        const at::Tensor& sin, const OptT& qw, const OptT& qb,
+                                                        const OptT& kw, const OptT& kb, int64_t H, int64_t Hkv,
+                                                        int64_t D, int64_t R, bool interleaved, bool per_head_layout,
+                                                        double eps) {
+  const QkvDims d = check_qkv_args(qkv, cos, sin, qw, qb, kw, kb, H, Hkv, D, R, per_head_layout);
+  at::Tensor q = at::empty({d.B, H, d.S, D}, qkv.options());
+  at::Tensor k = at::empty({d.B, Hkv, d.S, D}, qkv.options());
+  at::Tensor v = at::empty({d.B, Hkv, d.S, D}, qkv.options());
+  qkv_rope_out(qkv, cos, sin, qw, qb, kw, kb, H, Hkv, D, R, interleaved, per_head_layout, eps, q, k, v);
+  return {q, k, v};
+}
+
+void qkv_rope_out(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const OptT& qw, const OptT& qb,
+                  const OptT& kw, const OptT& kb, int64_t H, int64_t Hkv, int64_t D, int64_t R, bool interleaved,
+                  bool per_head_layout, double eps, const at::Tensor& q_out, const at::Tensor& k_out,
+                  const at::Tensor& v_out) {
+  const QkvDims d = check_qkv_args(qkv, cos, sin, qw, qb, kw, kb, H, Hkv, D, R, per_head_layout);
+  check_out("q_out", q_out, {d.B, H, d.S, D}, qkv.scalar_type(), qkv);
+  check_out("k_out", k_out, {d.B, Hkv, d.S, D}, qkv.scalar_type(), qkv);
+  check_out("v_out", v_out, {d.B, Hkv, d.S, D}, qkv.scalar_type(), qkv);
+  at::Tensor qkv_c, cos_c, sin_c;
+  std::array<at::Tensor, 4> norms_c;
+  QkvArgs a = make_args(qkv, cos, sin, qw, qb, kw, kb, d, interleaved, per_head_layout, eps, qkv_c, cos_c, sin_c,
+                        norms_c);
+  a.q_out = q_out.data_ptr();
+  a.k_out = k_out.data_ptr();
+  a.v_out = v_out.data_ptr();
+  run(a, qkv.scalar_type());
+}
+
+at::Tensor qkv_rope_cache(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const OptT& qw,
+                          const OptT& qb, const OptT& kw, const OptT& kb, const at::Tensor& k_cache,
+                          const at::Tensor& v_cache, const at::Tensor& cache_positions, int64_t H, int64_t Hkv,
+                          int64_t D, int64_t R, bool interleaved, bool per_head_layout, double eps) {
+  TORCH_CHECK(qkv.dim() == 3, "fastlm: qkv must be [B, S, W], got ", qkv.sizes());
+  at::Tensor q = at::empty({qkv.size(0), H, qkv.size(1), D}, qkv.options());
+  qkv_rope_cache_out(qkv, cos, sin, qw, qb, kw, kb, k_cache, v_cache, cache_positions, H, Hkv, D, R, interleaved,
+                     per_head_layout, eps, q);
+  return q;
+}
+
+void qkv_rope_cache_out(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const OptT& qw,
+                        const OptT& qb, const OptT& kw, const OptT& kb, const at::Tensor& k_cache,
+                        const at::Tensor& v_cache, const at::Tensor& cache_positions, int64_t H, int64_t Hkv,
+                        int64_t D, int64_t R, bool interleaved, bool per_head_layout, double eps,
+                        const at::Tensor& q_out) {
+  const QkvDims d = check_qkv_args(qkv, cos, sin, qw, qb, kw, kb, H, Hkv, D, R, per_head_layout);
+  check_caches(qkv, k_cache, v_cache, cache_positions, d);
+  check_out("q_out", q_out, {d.B, H, d.S, D}, qkv.scalar_type(), qkv);
+  at::Tensor qkv_c, cos_c, sin_c;
+  std::array<at::Tensor, 4> norms_c;
+  QkvArgs a = make_args(qkv, cos, sin, qw, qb, kw, kb, d, interleaved, per_head_layout, eps, qkv_c, cos_c, sin_c,
+                        norms_c);
+  a.q_out = q_out.data_ptr();
+  fill_cache_args(a, k_cache, v_cache, cache_positions);
+  run(a, qkv.scalar_type());
+}
+
+}  // namespace fastlm::cpu

@@ -1,0 +1,175 @@
+// SIMD helpers for the CPU kernels: fp32 compute on float / bf16 / fp16 storage with at::vec.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "fastlm/math.h"
+
+namespace fastlm {
+
+using fVec = at::vec::Vectorized<float>;
+
+// exp / max for the SIMD value type, so the shared templates in math.h run on fVec.
+template <>
+struct MathOps<fVec> {
+  static inline fVec exp(const fVec& x) { return x.exp(); }
+  static inline fVec max(const fVec& a, const fVec& b) { return at::vec::maximum(a, b); }
+};
+
+namespace cpu {
+
+constexpr int64_t kF = fVec::size();  // floats per SIMD register (8 with AVX2)
+constexpr int64_t kChunk = 2 * kF;    // elements per load/store chunk (one 16-bit register)
+
+// Load / store kChunk elements of T as two fp32 registers; the n < kChunk variants handle tails
+// (lanes past n are zero on load and untouched on store).
+template <typename T>
+struct IO {
+  using Vec = at::vec::Vectorized<T>;
+  static_assert(Vec::size() == kChunk, "16-bit vector must hold two float vectors");
+  static inline void load(const T* p, fVec& a, fVec& b) {
+    auto ab = at::vec::convert_to_float<T>(Vec::loadu(p));
+    a = std::get<0>(ab);
+    b = std::get<1>(ab);
+  }
+  static inline void load(const T* p, int64_t n, fVec& a, fVec& b) {
+    auto ab = at::vec::convert_to_float<T>(n == kChunk ? Vec::loadu(p) : Vec::loadu(p, n));
+    a = std::get<0>(ab);
+    b = std::get<1>(ab);
+  }
+  static inline void store(T* p, int64_t n, const fVec& a, const fVec& b) {
+    auto v = at::vec::convert_from_float<T>(a, b);
+    if (n == kChunk) v.store(p); else v.store(p, n);
+  }
+  // Store, and replace (a, b) with the values actually stored (rounded to T).
+  static inline void store_round(T* p, int64_t n, fVec& a, fVec& b) {
+    auto v = at::vec::convert_from_float<T>(a, b);
+    if (n == kChunk) v.store(p); else v.store(p, n);
+    auto ab = at::vec::convert_to_float<T>(v);
+    a = std::get<0>(ab);
+    b = std::get<1>(ab);
+  }
+  // Round to T and back, without storing.
+  static inline void round(fVec& a, fVec& b) {
+    auto ab = at::vec::convert_to_float<T>(at::vec::convert_from_float<T>(a, b));
+    a = std::get<0>(ab);
+    b = std::get<1>(ab);
+  }
+  static inline float to_float(T v) { return static_cast<float>(v); }
+};
+
+template <>
+struct IO<float> {
+  static inline void load(const float* p, fVec& a, fVec& b) {
+    a = fVec::loadu(p);
+    b = fVec::loadu(p + kF);
+  }
+  static inline void load(const float* p, int64_t n, fVec& a, fVec& b) {
+    if (n == kChunk) {
+      a = fVec::loadu(p);
+      b = fVec::loadu(p + kF);
+    } else if (n > kF) {
+      a = fVec::loadu(p);
+      b = fVec::loadu(p + kF, n - kF);
+    } else {
+      a = fVec::loadu(p, n);
+      b = fVec(0.f);
+    }
+  }
+  static inline void store(float* p, int64_t n, const fVec& a, const fVec& b) {
+    if (n == kChunk) {
+      a.store(p);
+      b.store(p + kF);
+    } else if (n > kF) {
+      a.store(p);
+      b.store(p + kF, n - kF);
+    } else {
+      a.store(p, n);
+    }
+  }
+  static inline void store_round(float* p, int64_t n, fVec& a, fVec& b) { store(p, n, a, b); }
+  static inline void round(fVec&, fVec&) {}
+  static inline float to_float(float v) { return v; }
+};
+
+// Zero the lanes at and past n (n < kChunk) so tails do not pollute reductions.
+inline void mask_tail(int64_t n, fVec& a, fVec& b) {
+  if (n == kChunk) return;
+  if (n > kF) {
+    b = fVec::set(fVec(0.f), b, n - kF);
+  } else {
+    a = fVec::set(fVec(0.f), a, n);
+    b = fVec(0.f);
+  }
+}
+
+inline float hsum(const fVec& v) {
+  return at::vec::vec_reduce_all<float>([](fVec& x, fVec& y) { return x + y; }, v);
+}
+inline float hmax(const fVec& v) {
+  return at::vec::vec_reduce_all<float>([](fVec& x, fVec& y) { return at::vec::maximum(x, y); }, v);
+}
+
+// Convert n elements of T to fp32.
+template <typename T>
+inline void load_row_f32(const T* src, float* dst, int64_t n) {
+  for (int64_t j = 0; j < n; j += kChunk) {
+    const int64_t m = std::min(kChunk, n - j);
+    fVec a, b;
+    IO<T>::load(src + j, m, a, b);
+    IO<float>::store(dst + j, m, a, b);
+  }
+}
+template <typename T>
+inline void store_row_f32(const float* src, T* dst, int64_t n) {
+  for (int64_t j = 0; j < n; j += kChunk) {
+    const int64_t m = std::min(kChunk, n - j);
+    fVec a, b;
+    IO<float>::load(src + j, m, a, b);
+    IO<T>::store(dst + j, m, a, b);
+  }
+}
+
+// 2-D view [rows, N] of a tensor whose last dim is N, without a copy when the leading dims collapse
+// into one row stride (any row stride is fine); copies only when the last dim is not contiguous or
+// the leading dims cannot be collapsed.
+inline at::Tensor rows_view(const at::Tensor& t) {
+  const int64_t n = t.size(-1);
+  at::Tensor c = (t.stride(-1) == 1 || n == 1) ? t : t.contiguous();
+  return c.reshape({-1, n});
+}
+inline int64_t row_stride(const at::Tensor& t2d) { return t2d.size(0) > 1 ? t2d.stride(0) : t2d.size(1); }
+
+// A grain (rows per task) that gives each task at least ~`work` elements.
+inline int64_t grain_for(int64_t elems_per_row, int64_t work = 32768) {
+  return std::max<int64_t>(1, work / std::max<int64_t>(1, elems_per_row));
+}
+
+}  // namespace cpu
+}  // namespace fastlm
+
+#define FASTLM_DISPATCH_FLOAT(TYPE, NAME, ...)                                      \
+  [&] {                                                                              \
+    switch (TYPE) {                                                                  \
+      case at::kFloat: {                                                             \
+        using scalar_t = float;                                                      \
+        return __VA_ARGS__();                                                        \
+      }                                                                              \
+      case at::kBFloat16: {                                                          \
+        using scalar_t = at::BFloat16;                                               \
+        return __VA_ARGS__();                                                        \
+      }                                                                              \
+      case at::kHalf: {                                                              \
+        using scalar_t = at::Half;                                                   \
+        return __VA_ARGS__();                                                        \
+      }                                                                              \
+      default:                                                                       \
+        TORCH_CHECK(false, NAME, ": expected float32, bfloat16 or float16, got ", TYPE); \
+    }                                                                                \
+  }()

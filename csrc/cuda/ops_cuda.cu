@@ -1,0 +1,272 @@
+// Thin torch binding of the CUDA kernels (templates in csrc/include/fastlm/*.cuh, instantiated in
+// csrc/cuda_kernels/instantiate.cu): argument checks (csrc/checks.h), the current stream, dtype
+// dispatch. Built only by the CUDA build of fastlm._C (setup.py, when torch has CUDA and nvcc exists).
+// decode_attention has no CUDA C++ kernel yet: the Python wrapper sends CUDA tensors to the reference.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "../checks.h"
+#include "fastlm/activations.cuh"
+#include "fastlm/norm.cuh"
+#include "fastlm/qkv_rope.cuh"
+
+namespace fastlm::cuda_binding {
+namespace {
+
+using OptT = std::optional<at::Tensor>;
+using fastlm::cuda::NormRows;
+using fastlm::cuda::QkvParams;
+
+template <typename S> struct CudaType { using type = S; };
+template <> struct CudaType<at::Half> { using type = __half; };
+template <> struct CudaType<at::BFloat16> { using type = __nv_bfloat16; };
+
+#define FASTLM_CUDA_DISPATCH(TYPE, NAME, ...)                                                         \
+  [&] {                                                                                                \
+    switch (TYPE) {                                                                                    \
+      case at::kFloat: { using T = float; return __VA_ARGS__(); }                                      \
+      case at::kHalf: { using T = __half; return __VA_ARGS__(); }                                      \
+      case at::kBFloat16: { using T = __nv_bfloat16; return __VA_ARGS__(); }                           \
+      default: TORCH_CHECK(false, NAME, ": expected float32, bfloat16 or float16, got ", TYPE);       \
+    }                                                                                                  \
+  }()
+
+template <typename T>
+const T* cptr(const at::Tensor& t) { return t.defined() ? reinterpret_cast<const T*>(t.const_data_ptr()) : nullptr; }
+template <typename T>
+T* mptr(const at::Tensor& t) { return t.defined() ? reinterpret_cast<T*>(t.data_ptr()) : nullptr; }
+
+void check_cuda(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "fastlm: ", what, " failed: ", cudaGetErrorString(err));
+}
+
+at::Tensor rows_view(const at::Tensor& t) {
+  const int64_t n = t.size(-1);
+  return ((t.stride(-1) == 1 || n == 1) ? t : t.contiguous()).reshape({-1, n});
+}
+int64_t row_stride(const at::Tensor& t2) { return t2.size(0) > 1 ? t2.stride(0) : t2.size(1); }
+
+void run_norm(bool rms, const at::Tensor& x, const OptT& residual, const at::Tensor& weight, const OptT& bias,
+              double eps, bool weight_in_fp32, const at::Tensor& y, const at::Tensor& h) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor x2 = rows_view(x);
+  const at::Tensor r2 = residual ? rows_view(*residual) : at::Tensor();
+  const at::Tensor w = weight.contiguous();
+  const at::Tensor b = bias ? bias->contiguous() : at::Tensor();
+  const int64_t n = x2.size(1);
+  const at::Tensor y2 = y.view({-1, n});
+  const at::Tensor h2 = residual ? h.view({-1, n}) : at::Tensor();
+  NormRows d{x2.size(0), n, row_stride(x2), residual ? row_stride(r2) : 0, row_stride(y2),
+             residual ? row_stride(h2) : 0};
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const bool w32 = w.scalar_type() == at::kFloat, y32 = y.scalar_type() == at::kFloat;
+  FASTLM_CUDA_DISPATCH(x.scalar_type(), rms ? "add_rms_norm" : "add_layer_norm", [&] {
+    cudaError_t err;
+    if (!rms) {
+      err = fastlm::cuda::add_layer_norm<T>(cptr<T>(x2), cptr<T>(r2), cptr<T>(w), cptr<T>(b), mptr<T>(y2),
+                                            mptr<T>(h2), d, static_cast<float>(eps), stream);
+    } else if (w32 && y32) {
+      err = fastlm::cuda::add_rms_norm<T, float, float>(cptr<T>(x2), cptr<T>(r2), cptr<float>(w), mptr<float>(y2),
+                                                        mptr<T>(h2), d, static_cast<float>(eps), weight_in_fp32,
+                                                        stream);
+    } else if (w32) {
+      err = fastlm::cuda::add_rms_norm<T, float, T>(cptr<T>(x2), cptr<T>(r2), cptr<float>(w), mptr<T>(y2),
+                                                    mptr<T>(h2), d, static_cast<float>(eps), weight_in_fp32, stream);
+    } else {
+      err = fastlm::cuda::add_rms_norm<T, T, T>(cptr<T>(x2), cptr<T>(r2), cptr<T>(w), mptr<T>(y2), mptr<T>(h2), d,
+                                                static_cast<float>(eps), weight_in_fp32, stream);
+    }
+    check_cuda(err, rms ? "add_rms_norm" : "add_layer_norm");
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const OptT& residual, const at::Tensor& weight,
+                                                double eps, bool weight_in_fp32) {
+  check_norm_args(x, residual, weight, std::nullopt, true);
+  at::Tensor y = at::empty(x.sizes(), x.options().dtype(rms_out_dtype(x, weight, weight_in_fp32)));
+  at::Tensor h = residual ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
+  if (x.numel() > 0) run_norm(true, x, residual, weight, std::nullopt, eps, weight_in_fp32, y, h);
+  return {y, h};
+}
+
+void add_rms_norm_out(const at::Tensor& x, const OptT& residual, const at::Tensor& weight, double eps,
+                      bool weight_in_fp32, const at::Tensor& out, const OptT& residual_out) {
+  check_norm_args(x, residual, weight, std::nullopt, true);
+  check_out("out", out, x.sizes(), rms_out_dtype(x, weight, weight_in_fp32), x);
+  TORCH_CHECK(residual.has_value() == residual_out.has_value(), "fastlm: residual_out needs residual");
+  if (residual_out) check_out("residual_out", *residual_out, x.sizes(), x.scalar_type(), x);
+  if (x.numel() > 0)
+    run_norm(true, x, residual, weight, std::nullopt, eps, weight_in_fp32, out,
+             residual_out ? *residual_out : at::Tensor());
+}
+
+std::tuple<at::Tensor, at::Tensor> add_layer_norm(const at::Tensor& x, const OptT& residual, const at::Tensor& weight,
+                                                  const OptT& bias, double eps) {
+  check_norm_args(x, residual, weight, bias, false);
+  at::Tensor y = at::empty(x.sizes(), x.options());
+  at::Tensor h = residual ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
+  if (x.numel() > 0) run_norm(false, x, residual, weight, bias, eps, false, y, h);
+  return {y, h};
+}
+
+void add_layer_norm_out(const at::Tensor& x, const OptT& residual, const at::Tensor& weight, const OptT& bias,
+                        double eps, const at::Tensor& out, const OptT& residual_out) {
+  check_norm_args(x, residual, weight, bias, false);
+  check_out("out", out, x.sizes(), x.scalar_type(), x);
+  TORCH_CHECK(residual.has_value() == residual_out.has_value(), "fastlm: residual_out needs residual");
+  if (residual_out) check_out("residual_out", *residual_out, x.sizes(), x.scalar_type(), x);
+  if (x.numel() > 0) run_norm(false, x, residual, weight, bias, eps, false, out, residual_out ? *residual_out : at::Tensor());
+}
+
+// q_out always; k_out/v_out (dense) or caches + positions.
+void run_qkv(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const OptT& qw, const OptT& qb,
+             const OptT& kw, const OptT& kb, const QkvDims& d, bool interleaved, bool per_head_layout, double eps,
+             const at::Tensor& q_out, const at::Tensor& k_out, const at::Tensor& v_out, const at::Tensor& k_cache,
+             const at::Tensor& v_cache, const at::Tensor& pos) {
+  if (d.B * d.S == 0) return;
+  TORCH_CHECK(d.D <= fastlm::cuda::kQkvMaxHeadDim, "fastlm: head_dim must be <= ", fastlm::cuda::kQkvMaxHeadDim,
+              " on CUDA, got ", d.D);
+  const c10::cuda::CUDAGuard guard(qkv.device());
+  const at::Tensor q3 = qkv.stride(2) == 1 ? qkv : qkv.contiguous();
+  const at::Tensor c3 = cos.stride(2) == 1 ? cos : cos.contiguous();
+  const at::Tensor s3 = sin.stride(2) == 1 ? sin : sin.contiguous();
+  const at::Tensor nw[4] = {qw ? qw->contiguous() : at::Tensor(), qb ? qb->contiguous() : at::Tensor(),
+                            kw ? kw->contiguous() : at::Tensor(), kb ? kb->contiguous() : at::Tensor()};
+  FASTLM_CUDA_DISPATCH(qkv.scalar_type(), "qkv_rope", [&] {
+    QkvParams<T> p{};
+    p.B = static_cast<int>(d.B); p.S = static_cast<int>(d.S); p.H = static_cast<int>(d.H);
+    p.Hkv = static_cast<int>(d.Hkv); p.D = static_cast<int>(d.D); p.R = static_cast<int>(d.R);
+    p.interleaved = interleaved; p.per_head_layout = per_head_layout; p.eps = static_cast<float>(eps);
+    p.qkv = cptr<T>(q3); p.qkv_sb = q3.stride(0); p.qkv_ss = q3.stride(1);
+    p.cos = cptr<T>(c3); p.sin = cptr<T>(s3);
+    p.cos_sb = c3.size(0) == 1 ? 0 : c3.stride(0); p.cos_ss = c3.stride(1);
+    p.sin_sb = s3.size(0) == 1 ? 0 : s3.stride(0); p.sin_ss = s3.stride(1);
+    p.q_w = cptr<T>(nw[0]); p.q_b = cptr<T>(nw[1]); p.k_w = cptr<T>(nw[2]); p.k_b = cptr<T>(nw[3]);
+    p.q_w_hs = nw[0].defined() && nw[0].dim() == 2 ? d.D : 0;
+    p.q_b_hs = nw[1].defined() && nw[1].dim() == 2 ? d.D : 0;
+    p.k_w_hs = nw[2].defined() && nw[2].dim() == 2 ? d.D : 0;
+    p.k_b_hs = nw[3].defined() && nw[3].dim() == 2 ? d.D : 0;
+    p.q_out = mptr<T>(q_out);
+    p.k_out = mptr<T>(k_out); p.v_out = mptr<T>(v_out);
+    if (k_cache.defined()) {
+      p.k_cache = mptr<T>(k_cache); p.v_cache = mptr<T>(v_cache);
+      p.kc_s0 = k_cache.stride(0); p.kc_s1 = k_cache.stride(1); p.kc_s2 = k_cache.stride(2);
+      p.vc_s0 = v_cache.stride(0); p.vc_s1 = v_cache.stride(1); p.vc_s2 = v_cache.stride(2);
+      p.positions = pos.const_data_ptr(); p.positions64 = pos.scalar_type() == at::kLong;
+      p.pos_sb = pos.stride(0); p.pos_ss = pos.stride(1);
+    }
+    check_cuda(fastlm::cuda::qkv_rope<T>(p, at::cuda::getCurrentCUDAStream()), "qkv_rope");
+  });
+}
+
+void qkv_rope_out(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const OptT& qw, const OptT& qb,
+                  const OptT& kw, const OptT& kb, int64_t H, int64_t Hkv, int64_t D, int64_t R, bool interleaved,
+                  bool per_head_layout, double eps, const at::Tensor& q_out, const at::Tensor& k_out,
+                  const at::Tensor& v_out) {
+  const QkvDims d = check_qkv_args(qkv, cos, sin, qw, qb, kw, kb, H, Hkv, D, R, per_head_layout);
+  check_out("q_out", q_out, {d.B, H, d.S, D}, qkv.scalar_type(), qkv);
+  check_out("k_out", k_out, {d.B, Hkv, d.S, D}, qkv.scalar_type(), qkv);
+  check_out("v_out", v_out, {d.B, Hkv, d.S, D}, qkv.scalar_type(), qkv);
+  run_qkv(qkv, cos, sin, qw, qb, kw, kb, d, interleaved, per_head_layout, eps, q_out, k_out, v_out, at::Tensor(),
+          at::Tensor(), at::Tensor());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> qkv_rope(const at::Tensor& qkv, const at::Tensor& cos,
+                                                        const at::Tensor& sin, const OptT& qw, const OptT& qb,
+                                                        const OptT& kw, const OptT& kb, int64_t H, int64_t Hkv,
+                                                        int64_t D, int64_t R, bool interleaved, bool per_head_layout,
+                                                        double eps) {
+  TORCH_CHECK(qkv.dim() == 3, "fastlm: qkv must be [B, S, W]");
+  at::Tensor q = at::empty({qkv.size(0), H, qkv.size(1), D}, qkv.options());
+  at::Tensor k = at::empty({qkv.size(0), Hkv, qkv.size(1), D}, qkv.options());
+  at::Tensor v = at::empty({qkv.size(0), Hkv, qkv.size(1), D}, qkv.options());
+  qkv_rope_out(qkv, cos, sin, qw, qb, kw, kb, H, Hkv, D, R, interleaved, per_head_layout, eps, q, k, v);
+  return {q, k, v};
+}
+
+void qkv_rope_cache_out(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const OptT& qw,
+                        const OptT& qb, const OptT& kw, const OptT& kb, const at::Tensor& k_cache,
+                        const at::Tensor& v_cache, const at::Tensor& pos, int64_t H, int64_t Hkv, int64_t D,
+                        int64_t R, bool interleaved, bool per_head_layout, double eps, const at::Tensor& q_out) {
+  const QkvDims d = check_qkv_args(qkv, cos, sin, qw, qb, kw, kb, H, Hkv, D, R, per_head_layout);
+  check_caches(qkv, k_cache, v_cache, pos, d);
+  check_out("q_out", q_out, {d.B, H, d.S, D}, qkv.scalar_type(), qkv);
+  // Positions are not bounds-checked on the device (a host sync); the engine bounds them.
+  run_qkv(qkv, cos, sin, qw, qb, kw, kb, d, interleaved, per_head_layout, eps, q_out, at::Tensor(), at::Tensor(),
+          k_cache, v_cache, pos);
+}
+
+at::Tensor qkv_rope_cache(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const OptT& qw,
+                          const OptT& qb, const OptT& kw, const OptT& kb, const at::Tensor& k_cache,
+                          const at::Tensor& v_cache, const at::Tensor& pos, int64_t H, int64_t Hkv, int64_t D,
+                          int64_t R, bool interleaved, bool per_head_layout, double eps) {
+  TORCH_CHECK(qkv.dim() == 3, "fastlm: qkv must be [B, S, W]");
+  at::Tensor q = at::empty({qkv.size(0), H, qkv.size(1), D}, qkv.options());
+  qkv_rope_cache_out(qkv, cos, sin, qw, qb, kw, kb, k_cache, v_cache, pos, H, Hkv, D, R, interleaved,
+                     per_head_layout, eps, q);
+  return q;
+}
+
+std::vector<int64_t> swiglu_shape(const at::Tensor& g) {
+  check_float("gate_up", g);
+  TORCH_CHECK(g.dim() >= 1 && g.size(-1) % 2 == 0, "fastlm: gate_up's last dim must be even");
+  std::vector<int64_t> s(g.sizes().begin(), g.sizes().end());
+  s.back() /= 2;
+  return s;
+}
+
+void swiglu_out(const at::Tensor& gate_up, const at::Tensor& out) {
+  check_out("out", out, swiglu_shape(gate_up), gate_up.scalar_type(), gate_up);
+  if (gate_up.numel() == 0) return;
+  const c10::cuda::CUDAGuard guard(gate_up.device());
+  const at::Tensor in2 = rows_view(gate_up);
+  FASTLM_CUDA_DISPATCH(gate_up.scalar_type(), "swiglu", [&] {
+    check_cuda(fastlm::cuda::swiglu<T>(cptr<T>(in2), row_stride(in2), mptr<T>(out), in2.size(0), in2.size(1) / 2,
+                                       at::cuda::getCurrentCUDAStream()), "swiglu");
+  });
+}
+
+at::Tensor swiglu(const at::Tensor& gate_up) {
+  at::Tensor out = at::empty(swiglu_shape(gate_up), gate_up.options());
+  swiglu_out(gate_up, out);
+  return out;
+}
+
+void relu2_out(const at::Tensor& x, const at::Tensor& out) {
+  check_float("x", x);
+  TORCH_CHECK(x.dim() >= 1, "fastlm: relu2 needs at least one dim");
+  check_out("out", out, x.sizes(), x.scalar_type(), x);
+  if (x.numel() == 0) return;
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor in2 = rows_view(x);
+  FASTLM_CUDA_DISPATCH(x.scalar_type(), "relu2", [&] {
+    check_cuda(fastlm::cuda::relu2<T>(cptr<T>(in2), row_stride(in2), mptr<T>(out), in2.size(0), in2.size(1),
+                                      at::cuda::getCurrentCUDAStream()), "relu2");
+  });
+}
+
+at::Tensor relu2(const at::Tensor& x) {
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  relu2_out(x, out);
+  return out;
+}
+
+}  // namespace
+}  // namespace fastlm::cuda_binding
+
+TORCH_LIBRARY_IMPL(fastlm, CUDA, m) {
+  using namespace fastlm::cuda_binding;
+  m.impl("add_rms_norm", &add_rms_norm);
+  m.impl("add_rms_norm_out", &add_rms_norm_out);
+  m.impl("add_layer_norm", &add_layer_norm);
+  m.impl("add_layer_norm_out", &add_layer_norm_out);
+  m.impl("qkv_rope", &qkv_rope);
+  m.impl("qkv_rope_out", &qkv_rope_out);
+  m.impl("qkv_rope_cache", &qkv_rope_cache);
+  m.impl("qkv_rope_cache_out", &qkv_rope_cache_out);
+  m.impl("swiglu", &swiglu);
+  m.impl("swiglu_out", &swiglu_out);
+  m.impl("relu2", &relu2);
+  m.impl("relu2_out", &relu2_out);
+}

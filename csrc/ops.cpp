@@ -1,0 +1,75 @@
+// fastlm._C: the TORCH_LIBRARY(fastlm) schemas (the op contract, see fastlm/ops/*.py) and the Python
+// module. Device kernels register under TORCH_LIBRARY_IMPL in csrc/cpu (always) and csrc/cuda (when
+// built with CUDA). Python-side ops (the Triton backend's fastlm::triton_*) join the same namespace
+// through FRAGMENT libraries, which is valid before or after this library loads.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "ops.h"
+
+TORCH_LIBRARY(fastlm, m) {
+  // add + norm. h is empty when residual is None (h would alias x; the Python wrapper returns x).
+  m.def("add_rms_norm(Tensor x, Tensor? residual, Tensor weight, float eps, bool weight_in_fp32=False) "
+        "-> (Tensor, Tensor)");
+  m.def("add_rms_norm_out(Tensor x, Tensor? residual, Tensor weight, float eps, bool weight_in_fp32, *, "
+        "Tensor(a!) out, Tensor(b!)? residual_out) -> ()");
+  m.def("add_layer_norm(Tensor x, Tensor? residual, Tensor weight, Tensor? bias, float eps) -> (Tensor, Tensor)");
+  m.def("add_layer_norm_out(Tensor x, Tensor? residual, Tensor weight, Tensor? bias, float eps, *, "
+        "Tensor(a!) out, Tensor(b!)? residual_out) -> ()");
+  // QKV epilogue
+  m.def("qkv_rope(Tensor qkv, Tensor cos, Tensor sin, Tensor? q_norm_weight, Tensor? q_norm_bias, "
+        "Tensor? k_norm_weight, Tensor? k_norm_bias, int num_heads, int num_kv_heads, int head_dim, "
+        "int rotary_dim, bool interleaved, bool per_head_layout, float qk_norm_eps) -> (Tensor, Tensor, Tensor)");
+  m.def("qkv_rope_out(Tensor qkv, Tensor cos, Tensor sin, Tensor? q_norm_weight, Tensor? q_norm_bias, "
+        "Tensor? k_norm_weight, Tensor? k_norm_bias, int num_heads, int num_kv_heads, int head_dim, "
+        "int rotary_dim, bool interleaved, bool per_head_layout, float qk_norm_eps, *, Tensor(a!) q_out, "
+        "Tensor(b!) k_out, Tensor(c!) v_out) -> ()");
+  m.def("qkv_rope_cache(Tensor qkv, Tensor cos, Tensor sin, Tensor? q_norm_weight, Tensor? q_norm_bias, "
+        "Tensor? k_norm_weight, Tensor? k_norm_bias, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+        "Tensor cache_positions, int num_heads, int num_kv_heads, int head_dim, int rotary_dim, "
+        "bool interleaved, bool per_head_layout, float qk_norm_eps) -> Tensor");
+  m.def("qkv_rope_cache_out(Tensor qkv, Tensor cos, Tensor sin, Tensor? q_norm_weight, Tensor? q_norm_bias, "
+        "Tensor? k_norm_weight, Tensor? k_norm_bias, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+        "Tensor cache_positions, int num_heads, int num_kv_heads, int head_dim, int rotary_dim, "
+        "bool interleaved, bool per_head_layout, float qk_norm_eps, *, Tensor(c!) q_out) -> ()");
+  // MLP epilogues
+  m.def("swiglu(Tensor gate_up) -> Tensor");
+  m.def("swiglu_out(Tensor gate_up, *, Tensor(a!) out) -> ()");
+  m.def("relu2(Tensor x) -> Tensor");
+  m.def("relu2_out(Tensor x, *, Tensor(a!) out) -> ()");
+  // decode attention over a static cache
+  m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor lengths, float scale) -> Tensor");
+  m.def("decode_attention_out(Tensor q, Tensor k_cache, Tensor v_cache, Tensor lengths, float scale, *, "
+        "Tensor(a!) out) -> ()");
+}
+
+namespace {
+
+bool has_cuda_kernels() {
+#ifdef FASTLM_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+std::string cpu_isa() {
+#if defined(CPU_CAPABILITY_AVX512)
+  return "avx512";
+#elif defined(CPU_CAPABILITY_AVX2)
+  return "avx2";
+#else
+  return "default";
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fastlm C++ ops (registered as torch.ops.fastlm.*)";
+  m.def("has_cuda_kernels", &has_cuda_kernels, "whether this build contains the CUDA kernels");
+  m.def("cpu_isa", &cpu_isa, "the SIMD level the CPU kernels were compiled for");
+  // Direct pybind entry points (no dispatcher): used only to measure the torch.ops dispatch overhead.
+  m.def("_direct_add_rms_norm", &fastlm::cpu::add_rms_norm);
+  m.def("_direct_relu2", &fastlm::cpu::relu2);
+}

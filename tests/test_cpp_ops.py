@@ -1,0 +1,443 @@
+"""The C++ CPU kernels (``fastlm._C``) against the plain-PyTorch references.
+
+Tolerance (flash-attention's rule, tests/_tolerance.py): the reference is computed upcast (fp32) from
+the same inputs and in the kernel's dtype; the kernel's error against the upcast reference must be at
+most twice PyTorch's own low-precision error plus a small atol. The CPU build also compiles the
+host/device math shared with the CUDA kernels (csrc/include/fastlm/math.h), so these tests cover it.
+"""
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+try:
+    from fastlm.ops import _cpp
+except ImportError as exc:  # extension not built
+    pytest.skip(f"fastlm._C is not built ({exc}); build it with `pip install --no-build-isolation -e .`",
+                allow_module_level=True)
+
+from fastlm.ops.activations import relu2_ref, swiglu_ref
+from fastlm.ops.attention import decode_attention_ref
+from fastlm.ops.layer_norm import add_layer_norm_ref
+from fastlm.ops.qkv_rope import qkv_rope_cache_ref, qkv_rope_ref
+from fastlm.ops.rms_norm import add_rms_norm_ref
+from _tolerance import assert_close_to_ref
+
+ops = torch.ops.fastlm
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+ATOL = {torch.float32: 3e-5, torch.bfloat16: 1e-3, torch.float16: 3e-4}
+
+
+def f32(t):
+    return None if t is None else t.float()
+
+
+def check(out, ref32, reflow, dtype, name, scale=1.0):
+    assert out.dtype == reflow.dtype, f"{name}: dtype {out.dtype} != {reflow.dtype}"
+    assert_close_to_ref(out, ref32, reflow, ATOL[dtype] * scale, name=name)
+
+
+def row_strided(t, extra=24):
+    """A copy of ``t`` whose rows are strided (a slice of a wider tensor: last dim contiguous)."""
+    wide = torch.empty(*t.shape[:-1], t.shape[-1] + extra, dtype=t.dtype)
+    wide[..., : t.shape[-1]] = t
+    out = wide[..., : t.shape[-1]]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- norms
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1, 3000), (3, 7, 3000), (2, 33, 80)])
+@pytest.mark.parametrize("with_residual", [True, False])
+@pytest.mark.parametrize("weight_in_fp32", [False, True])
+def test_add_rms_norm(dtype, shape, with_residual, weight_in_fp32):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g).to(dtype)
+    r = (3 * torch.randn(shape, generator=g)).to(dtype) if with_residual else None
+    w = (1 + 0.5 * torch.randn(shape[-1], generator=g)).to(dtype)
+    eps = 1e-5 if not weight_in_fp32 else 1e-8
+    y, h = _cpp.add_rms_norm_cpp(x, r, w, eps, weight_in_fp32)
+    y32, h32 = add_rms_norm_ref(f32(x), f32(r), f32(w), eps, weight_in_fp32)
+    ylo, hlo = add_rms_norm_ref(x, r, w, eps, weight_in_fp32)
+    check(y, y32, ylo, dtype, "y")
+    if with_residual:
+        assert torch.equal(h, hlo), "h must equal residual + x rounded to the dtype"
+    else:
+        assert h is x
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_add_rms_norm_fp32_weight(dtype):
+    # Arcee order with an fp32 weight promotes (as the reference); Helium order rounds to x's dtype.
+    x, r = torch.randn(3, 7, 3000).to(dtype), torch.randn(3, 7, 3000).to(dtype)
+    w = 1 + 0.5 * torch.randn(3000)
+    for wf in (False, True):
+        y, _ = _cpp.add_rms_norm_cpp(x, r, w, 1e-5, wf)
+        y32, _ = add_rms_norm_ref(f32(x), f32(r), w, 1e-5, wf)
+        ylo, _ = add_rms_norm_ref(x, r, w, 1e-5, wf)
+        check(y, y32, ylo, dtype, f"y (weight_in_fp32={wf})")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["row_strided", "transposed"])
+def test_norms_non_contiguous(dtype, layout):
+    x, r = torch.randn(3, 7, 3000).to(dtype), torch.randn(3, 7, 3000).to(dtype)
+    w, b = (1 + torch.randn(3000)).to(dtype), torch.randn(3000).to(dtype)
+    if layout == "row_strided":
+        xn, rn = row_strided(x), row_strided(r)
+    else:  # leading dims that do not collapse into one row stride
+        xn, rn = x.transpose(0, 1).contiguous().transpose(0, 1), r.transpose(0, 1).contiguous().transpose(0, 1)
+    assert not xn.is_contiguous()
+    for wf in (False, True):
+        y, h = _cpp.add_rms_norm_cpp(xn, rn, w, 1e-5, wf)
+        y_c, h_c = _cpp.add_rms_norm_cpp(x, r, w, 1e-5, wf)
+        assert torch.equal(y, y_c) and torch.equal(h, h_c)
+    y, h = _cpp.add_layer_norm_cpp(xn, rn, w, b, 1e-5)
+    y_c, h_c = _cpp.add_layer_norm_cpp(x, r, w, b, 1e-5)
+    assert torch.equal(y, y_c) and torch.equal(h, h_c)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1, 3000), (3, 7, 2560), (2, 33, 80)])
+@pytest.mark.parametrize("with_residual", [True, False])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_add_layer_norm(dtype, shape, with_residual, with_bias):
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(shape, generator=g) + 2).to(dtype)  # non-zero mean exercises the two-pass variance
+    r = (3 * torch.randn(shape, generator=g)).to(dtype) if with_residual else None
+    w = (1 + 0.5 * torch.randn(shape[-1], generator=g)).to(dtype)
+    b = torch.randn(shape[-1], generator=g).to(dtype) if with_bias else None
+    y, h = _cpp.add_layer_norm_cpp(x, r, w, b, 1e-5)
+    y32, _ = add_layer_norm_ref(f32(x), f32(r), f32(w), f32(b), 1e-5)
+    ylo, hlo = add_layer_norm_ref(x, r, w, b, 1e-5)
+    check(y, y32, ylo, dtype, "y")
+    if with_residual:
+        assert torch.equal(h, hlo)
+    else:
+        assert h is x
+
+
+def test_norm_out_variants_in_place():
+    # out= buffers, including the in-place residual update the engine uses (residual_out is residual).
+    x, r = torch.randn(2, 5, 3000, dtype=torch.bfloat16), torch.randn(2, 5, 3000, dtype=torch.bfloat16)
+    w, b = torch.randn(3000, dtype=torch.bfloat16), torch.randn(3000, dtype=torch.bfloat16)
+    y_ref, h_ref = add_rms_norm_ref(x, r, w, 1e-5, False)
+    r2, out = r.clone(), torch.empty_like(x)
+    ops.add_rms_norm_out(x, r2, w, 1e-5, False, out=out, residual_out=r2)
+    y_k, _ = _cpp.add_rms_norm_cpp(x, r, w, 1e-5, False)
+    assert torch.equal(out, y_k) and torch.equal(r2, h_ref)
+    r3, out = r.clone(), torch.empty_like(x)
+    ops.add_layer_norm_out(x, r3, w, b, 1e-5, out=out, residual_out=r3)
+    y_k, h_k = _cpp.add_layer_norm_cpp(x, r, w, b, 1e-5)
+    assert torch.equal(out, y_k) and torch.equal(r3, h_k)
+    out = torch.empty_like(x)
+    ops.add_rms_norm_out(x, None, w, 1e-5, True, out=out, residual_out=None)
+    assert torch.equal(out, _cpp.add_rms_norm_cpp(x, None, w, 1e-5, True)[0])
+
+
+# ------------------------------------------------------------------------------------------ qkv_rope
+
+
+def rope_tables(B, S, R, dtype, theta=10000.0, offset=0):
+    inv_freq = 1.0 / theta ** (torch.arange(0, R, 2, dtype=torch.float32) / max(R, 1))
+    pos = torch.arange(offset, offset + S, dtype=torch.float32).view(1, S).expand(B, S) + torch.arange(B).view(B, 1) * 3
+    freqs = pos[..., None] * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+# name: (H, Hkv, D, R, interleaved, per_head_layout, norm) with norm in
+# None | "shared" (weight [D]) | "shared_bias" | "per_head" ([heads, D]) | "per_head_bias"
+QKV_CONFIGS = {
+    "arcee_gqa": (4, 2, 80, 80, False, False, None),
+    "stablelm": (4, 4, 80, 20, False, False, "per_head"),
+    "persimmon": (3, 3, 64, 32, False, True, "shared_bias"),
+    "helium": (4, 1, 128, 128, True, False, None),
+    "odd_d40": (4, 2, 40, 20, True, False, "per_head_bias"),
+    "d64_rot32_interleaved_shared": (2, 2, 64, 32, True, True, "shared"),
+    "no_rope": (2, 1, 64, 0, False, False, "shared_bias"),
+}
+
+
+def make_qkv(cfg, B, S, dtype, seed=0, cos_batch=True):
+    H, Hkv, D, R, inter, per_head, norm = cfg
+    g = torch.Generator().manual_seed(seed)
+    qkv = (2 * torch.randn(B, S, (H + 2 * Hkv) * D, generator=g)).to(dtype)
+    cos, sin = rope_tables(B if cos_batch else 1, S, R, dtype)
+    nw = {"q_norm_weight": None, "q_norm_bias": None, "k_norm_weight": None, "k_norm_bias": None}
+    if norm is not None:
+        for p, heads in (("q", H), ("k", Hkv)):
+            shape = (D,) if norm.startswith("shared") else (heads, D)
+            nw[f"{p}_norm_weight"] = (1 + 0.3 * torch.randn(shape, generator=g)).to(dtype)
+            if norm.endswith("bias"):
+                nw[f"{p}_norm_bias"] = (0.2 * torch.randn(shape, generator=g)).to(dtype)
+    return qkv, cos, sin, nw
+
+
+def qkv_args(qkv, cos, sin, nw, cfg, eps=1e-5):
+    H, Hkv, D, R, inter, per_head, _ = cfg
+    return (qkv, cos, sin, nw["q_norm_weight"], nw["q_norm_bias"], nw["k_norm_weight"], nw["k_norm_bias"], H, Hkv, D,
+            R, inter, per_head, eps)
+
+
+def up(args):
+    return tuple(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("BS", [(1, 1), (3, 7), (1, 33)])
+@pytest.mark.parametrize("name", list(QKV_CONFIGS))
+def test_qkv_rope(name, BS, dtype):
+    cfg = QKV_CONFIGS[name]
+    qkv, cos, sin, nw = make_qkv(cfg, *BS, dtype, cos_batch=BS[0] > 1)
+    args = qkv_args(qkv, cos, sin, nw, cfg)
+    outs = _cpp.qkv_rope_cpp(*args)
+    refs32 = qkv_rope_ref(*up(args))
+    refslo = qkv_rope_ref(*args)
+    for label, o, r32, rlo in zip("qkv", outs, refs32, refslo):
+        assert o.is_contiguous()
+        check(o, r32, rlo, dtype, f"{name}:{label}", scale=4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", ["stablelm", "persimmon", "helium"])
+def test_qkv_rope_non_contiguous(name, dtype):
+    cfg = QKV_CONFIGS[name]
+    qkv, cos, sin, nw = make_qkv(cfg, 3, 7, dtype)
+    qkv_n = row_strided(qkv)
+    cos_n, sin_n = cos.expand(3, 7, cfg[3]), sin.expand(3, 7, cfg[3])  # already [B, S, R]; use broadcast too
+    outs_c = _cpp.qkv_rope_cpp(*qkv_args(qkv, cos, sin, nw, cfg))
+    outs_n = _cpp.qkv_rope_cpp(*qkv_args(qkv_n, cos_n, sin_n, nw, cfg))
+    for a, b in zip(outs_c, outs_n):
+        assert torch.equal(a, b)
+    # cos/sin broadcast over the batch ([1, S, R]), and a table wider than rotary_dim.
+    cos1, sin1 = rope_tables(1, 7, cfg[3], dtype)
+    outs_b = _cpp.qkv_rope_cpp(*qkv_args(qkv, cos1, sin1, nw, cfg))
+    refs_b = qkv_rope_ref(*up(qkv_args(qkv, cos1, sin1, nw, cfg)))
+    refs_lo = qkv_rope_ref(*qkv_args(qkv, cos1, sin1, nw, cfg))
+    for o, r32, rlo in zip(outs_b, refs_b, refs_lo):
+        check(o, r32, rlo, dtype, f"{name} broadcast tables", scale=4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("pos_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("name", ["arcee_gqa", "stablelm", "persimmon", "helium", "odd_d40"])
+@pytest.mark.parametrize("BS", [(1, 1), (3, 7)])
+def test_qkv_rope_cache(name, BS, pos_dtype, dtype):
+    cfg = QKV_CONFIGS[name]
+    H, Hkv, D = cfg[0], cfg[1], cfg[2]
+    B, S = BS
+    Tmax = 40
+    qkv, cos, sin, nw = make_qkv(cfg, B, S, dtype, seed=3)
+    g = torch.Generator().manual_seed(5)
+    pos = torch.stack([torch.randperm(Tmax, generator=g)[:S] for _ in range(B)]).to(pos_dtype)
+    kc, vc = torch.randn(B, Hkv, Tmax, D, generator=g).to(dtype), torch.randn(B, Hkv, Tmax, D, generator=g).to(dtype)
+    base = qkv_args(qkv, cos, sin, nw, cfg)
+
+    def with_cache(args, k, v):
+        return args[:7] + (k, v, pos) + args[7:]
+
+    k_k, v_k = kc.clone(), vc.clone()
+    q = _cpp.qkv_rope_cache_cpp(*with_cache(base, k_k, v_k))
+    k32, v32 = kc.float(), vc.float()
+    q32 = qkv_rope_cache_ref(*with_cache(up(base), k32, v32))
+    klo, vlo = kc.clone(), vc.clone()
+    qlo = qkv_rope_cache_ref(*with_cache(base, klo, vlo))
+    check(q, q32, qlo, dtype, f"{name}:q", scale=4)
+    check(k_k, k32, klo, dtype, f"{name}:k_cache", scale=4)
+    check(v_k, v32, vlo, dtype, f"{name}:v_cache")
+    untouched = torch.ones(B, Tmax, dtype=torch.bool)
+    untouched[torch.arange(B).view(B, 1), pos.long()] = False
+    assert torch.equal(k_k.transpose(1, 2)[untouched], kc.transpose(1, 2)[untouched])
+
+
+def test_qkv_rope_cache_bad_position():
+    cfg = QKV_CONFIGS["arcee_gqa"]
+    qkv, cos, sin, nw = make_qkv(cfg, 1, 1, torch.float32)
+    kc = torch.zeros(1, 2, 4, 80)
+    args = qkv_args(qkv, cos, sin, nw, cfg)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        _cpp.qkv_rope_cache_cpp(*args[:7], kc, kc.clone(), torch.tensor([[4]]), *args[7:])
+
+
+def test_qkv_out_variants():
+    cfg = QKV_CONFIGS["stablelm"]
+    H, Hkv, D = cfg[0], cfg[1], cfg[2]
+    qkv, cos, sin, nw = make_qkv(cfg, 2, 5, torch.bfloat16)
+    args = qkv_args(qkv, cos, sin, nw, cfg)
+    q, k, v = (torch.empty(2, n, 5, D, dtype=torch.bfloat16) for n in (H, Hkv, Hkv))
+    ops.qkv_rope_out(*args, q_out=q, k_out=k, v_out=v)
+    for a, b in zip((q, k, v), _cpp.qkv_rope_cpp(*args)):
+        assert torch.equal(a, b)
+    kc, vc = torch.zeros(2, Hkv, 9, D, dtype=torch.bfloat16), torch.zeros(2, Hkv, 9, D, dtype=torch.bfloat16)
+    pos = torch.arange(5).view(1, 5).expand(2, 5).contiguous()
+    q2 = torch.empty_like(q)
+    ops.qkv_rope_cache_out(*args[:7], kc, vc, pos, *args[7:], q_out=q2)
+    assert torch.equal(q2, q) and torch.equal(kc[:, :, :5], k) and torch.equal(vc[:, :, :5], v)
+
+
+# ---------------------------------------------------------------------------------------- activations
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1, 2 * 3000), (3, 7, 2 * 1000), (33, 2 * 40)])
+@pytest.mark.parametrize("strided", [False, True])
+def test_swiglu_relu2(dtype, shape, strided):
+    g = torch.Generator().manual_seed(2)
+    x = (3 * torch.randn(shape, generator=g)).to(dtype)
+    xin = row_strided(x) if strided else x
+    check(_cpp.swiglu_cpp(xin), swiglu_ref(x.float()), swiglu_ref(x), dtype, "swiglu", scale=10)
+    check(_cpp.relu2_cpp(xin), relu2_ref(x.float()), relu2_ref(x), dtype, "relu2", scale=10)
+    out = torch.empty(*shape[:-1], shape[-1] // 2, dtype=dtype)
+    ops.swiglu_out(xin, out=out)
+    assert torch.equal(out, _cpp.swiglu_cpp(x))
+    out = torch.empty(shape, dtype=dtype)
+    ops.relu2_out(xin, out=out)
+    assert torch.equal(out, _cpp.relu2_cpp(x))
+
+
+# ----------------------------------------------------------------------------------- decode attention
+
+
+def sdpa_decode(q, kc, vc, lengths, scale):
+    B, H, D = q.shape
+    T = kc.shape[2]
+    mask = (torch.arange(T).view(1, T) < lengths.view(B, 1)).view(B, 1, 1, T)
+    out = F.scaled_dot_product_attention(q.unsqueeze(2), kc, vc, attn_mask=mask, scale=scale,
+                                         enable_gqa=kc.shape[1] != H)
+    return out.squeeze(2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("ctx", [1, 17, 300])
+@pytest.mark.parametrize("heads", [(4, 4, 64), (8, 2, 80), (6, 3, 40)])
+@pytest.mark.parametrize("B", [1, 3])
+def test_decode_attention(B, heads, ctx, dtype):
+    H, Hkv, D = heads
+    Tmax = ctx + 5
+    g = torch.Generator().manual_seed(ctx + B)
+    q = torch.randn(B, H, D, generator=g).to(dtype)
+    kc = (2 * torch.randn(B, Hkv, Tmax, D, generator=g)).to(dtype)
+    vc = torch.randn(B, Hkv, Tmax, D, generator=g).to(dtype)
+    lengths = torch.tensor([ctx, max(1, ctx // 2), 1][:B], dtype=torch.int32 if B == 1 else torch.int64)
+    scale = 1 / math.sqrt(D)
+    # Poison every slot past each length: the kernel must never read them.
+    kp, vp = kc.clone(), vc.clone()
+    for b in range(B):
+        kp[b, :, lengths[b]:] = float("nan")
+        vp[b, :, lengths[b]:] = float("nan")
+    out = _cpp.decode_attention_cpp(q, kp, vp, lengths, scale)
+    ref32 = sdpa_decode(q.float(), kc.float(), vc.float(), lengths, scale)
+    reflo = sdpa_decode(q, kc, vc, lengths, scale)
+    torch.testing.assert_close(decode_attention_ref(q.float(), kc.float(), vc.float(), lengths, scale), ref32,
+                               atol=1e-5, rtol=1e-5)
+    check(out, ref32, reflo, dtype, "decode_attention")
+    o2 = torch.empty_like(q)
+    ops.decode_attention_out(q, kp, vp, lengths, scale, out=o2)
+    assert torch.equal(o2, out)
+
+
+def test_decode_attention_strided_q():
+    q = torch.randn(2, 8, 3, 64)[:, :, 1]  # [B, H, D] with non-contiguous head stride
+    kc, vc = torch.randn(2, 2, 20, 64), torch.randn(2, 2, 20, 64)
+    lengths = torch.tensor([20, 7])
+    out = _cpp.decode_attention_cpp(q, kc, vc, lengths, 0.125)
+    torch.testing.assert_close(out, decode_attention_ref(q, kc, vc, lengths, 0.125), atol=2e-5, rtol=1e-5)
+
+
+# -------------------------------------------------------------------------------- library plumbing
+
+
+def test_public_api_uses_cpp_backend():
+    import fastlm.ops as fops
+    from fastlm.ops._backend import backend_status
+
+    assert backend_status("cpp", "cpu")[0]
+    x, r, w = torch.randn(2, 3, 64), torch.randn(2, 3, 64), torch.randn(64)
+    y, h = fops.add_rms_norm(x, r, w, 1e-5, backend="cpp")
+    y_ref, h_ref = add_rms_norm_ref(x, r, w, 1e-5)
+    torch.testing.assert_close(y, y_ref)
+    ok, why = _cpp.status("cuda")
+    assert ok == bool(torch._C._dispatch_has_kernel_for_dispatch_key("fastlm::add_rms_norm", "CUDA")), why
+
+
+def _opcheck_cases():
+    bf = torch.bfloat16
+    x, r, w, b = torch.randn(3, 5, 64), torch.randn(3, 5, 64), torch.randn(64), torch.randn(64)
+    cfg = QKV_CONFIGS["persimmon"]
+    qkv, cos, sin, nw = make_qkv(cfg, 2, 3, torch.float32)
+    qa = qkv_args(qkv, cos, sin, nw, cfg)
+    cfg2 = QKV_CONFIGS["odd_d40"]
+    qkv2, cos2, sin2, nw2 = make_qkv(cfg2, 2, 3, bf)
+    qa2 = qkv_args(qkv2, cos2, sin2, nw2, cfg2)
+    kc, vc = torch.zeros(2, 2, 6, 40, dtype=bf), torch.zeros(2, 2, 6, 40, dtype=bf)
+    pos = torch.tensor([[0, 1, 2], [3, 4, 5]], dtype=torch.int32)
+    q, kca, vca = torch.randn(2, 4, 32), torch.randn(2, 2, 9, 32), torch.randn(2, 2, 9, 32)
+    lens = torch.tensor([9, 4])
+    return [
+        ("add_rms_norm", (x, r, w, 1e-5, False)),
+        ("add_rms_norm", (x.to(bf), None, w.to(bf), 1e-5, True)),
+        ("add_rms_norm_out", (x, r, w, 1e-5, False), {"out": torch.empty_like(x), "residual_out": torch.empty_like(x)}),
+        ("add_layer_norm", (x, r, w, b, 1e-5)),
+        ("add_layer_norm", (x, None, w, None, 1e-5)),
+        ("add_layer_norm_out", (x, r, w, b, 1e-5), {"out": torch.empty_like(x), "residual_out": torch.empty_like(x)}),
+        ("qkv_rope", qa),
+        ("qkv_rope_out", qa, {"q_out": torch.empty(2, 3, 3, 64), "k_out": torch.empty(2, 3, 3, 64),
+                              "v_out": torch.empty(2, 3, 3, 64)}),
+        ("qkv_rope_cache", qa2[:7] + (kc, vc, pos) + qa2[7:]),
+        ("qkv_rope_cache_out", qa2[:7] + (kc, vc, pos) + qa2[7:], {"q_out": torch.empty(2, 4, 3, 40, dtype=bf)}),
+        ("swiglu", (x,)),
+        ("swiglu_out", (x,), {"out": torch.empty(3, 5, 32)}),
+        ("relu2", (x.to(bf),)),
+        ("relu2_out", (x,), {"out": torch.empty_like(x)}),
+        ("decode_attention", (q, kca, vca, lens, 0.2)),
+        ("decode_attention_out", (q, kca, vca, lens, 0.2), {"out": torch.empty_like(q)}),
+    ]
+
+
+@pytest.mark.parametrize("case", _opcheck_cases(), ids=lambda c: c[0])
+def test_opcheck(case):
+    name, args = case[0], case[1]
+    kwargs = case[2] if len(case) > 2 else {}
+    torch.library.opcheck(getattr(ops, name).default, args, kwargs)
+
+
+ORDER_SCRIPT = """
+import torch
+def register_python_op():
+    @torch.library.custom_op("fastlm::_order_probe_{tag}", mutates_args=())
+    def probe(x: torch.Tensor) -> torch.Tensor:
+        return x + 1
+    probe.register_fake(lambda x: torch.empty_like(x))
+    lib = torch.library.Library("fastlm", "FRAGMENT")
+    lib.define("_order_frag_{tag}(Tensor x) -> Tensor")
+    lib.impl("_order_frag_{tag}", lambda x: x * 2, "CompositeExplicitAutograd")
+    return lib
+{first}
+{second}
+x = torch.ones(3)
+assert torch.equal(torch.ops.fastlm._order_probe_{tag}(x), x + 1)
+assert torch.equal(torch.ops.fastlm._order_frag_{tag}(x), x * 2)
+y, h = torch.ops.fastlm.add_rms_norm(x.view(1, 3), None, torch.ones(3), 1e-5, False)
+assert y.shape == (1, 3)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("cpp_first", [True, False])
+def test_import_order_with_python_fragments(cpp_first):
+    # Load the extension file directly (importing the fastlm package would pull in transformers: slow).
+    load_cpp = ("import importlib.util as u; s = u.spec_from_file_location('fastlm._C', %r); "
+                "m = u.module_from_spec(s); s.loader.exec_module(m)" % _cpp._C.__file__)
+    load_py = "_lib = register_python_op()"
+    first, second = (load_cpp, load_py) if cpp_first else (load_py, load_cpp)
+    script = ORDER_SCRIPT.format(tag="a" if cpp_first else "b", first=first, second=second)
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
