@@ -19,8 +19,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastlm import ops
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
 from fastlm.modules._fused_storage import fuse_parameters, unfuse_parameters
+from fastlm.ops._backend import dispatch
 
 
 @dataclass
@@ -69,6 +71,11 @@ class FusedAttention:
             qn = (fuse_parameters(qw).view(len(qw), -1), None)
             kn = (fuse_parameters(kw).view(len(kw), -1), None)
         self.__dict__["_fastlm_q_norm"], self.__dict__["_fastlm_k_norm"] = qn, kn
+        s = self._fastlm_spec
+        # The epilogue's trailing positional arguments, in the order of the op contract (qkv_rope_ref).
+        self.__dict__["_fastlm_epilogue_norms"] = (*qn, *kn)
+        self.__dict__["_fastlm_epilogue_static"] = (s.num_heads, s.num_kv_heads, s.head_dim, s.rotary_dim,
+                                                     s.interleaved, s.per_head_layout, float(s.qk_norm_eps))
 
     def _fastlm_unfuse(self) -> None:
         linears = self._fastlm_qkv_linears()
@@ -115,11 +122,11 @@ class FusedAttention:
         spec = self._fastlm_spec
         B, S, _ = hidden_states.shape
         cos, sin = position_embeddings
-        q, k, v = ops.qkv_rope(self.project_qkv(hidden_states), cos, sin, **self.epilogue_args())
+        qkv = self.project_qkv(hidden_states)
+        q, k, v = dispatch("qkv_rope", self._fastlm_backend, qkv.device)(
+            qkv, cos, sin, *self._fastlm_epilogue_norms, *self._fastlm_epilogue_static)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, spec.eager_fn)
         out, weights = attention(self, q, k, v, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs)
         out = out.reshape(B, S, -1)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fastlm import ops
+from fastlm.ops._backend import dispatch
 from fastlm.modules._fused_storage import fuse_parameters, unfuse_parameters
 
 
@@ -67,11 +67,13 @@ class FusedMLP:
         if spec.gated:
             gate_up = F.linear(x, self._fastlm_gate_up_weight, self._fastlm_gate_up_bias)
             if spec.activation == "silu":
-                return ops.swiglu(gate_up, backend=self._fastlm_backend)
+                return dispatch("swiglu", self._fastlm_backend, gate_up.device)(gate_up)
             gate, up = gate_up.chunk(2, dim=-1)
             return self.act_fn(gate) * up
         h = getattr(self, spec.up_name)(x)
-        return ops.relu2(h, backend=self._fastlm_backend) if spec.activation == "relu2" else self.act_fn(h)
+        if spec.activation == "relu2":
+            return dispatch("relu2", self._fastlm_backend, h.device)(h)
+        return self.act_fn(h)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if torch.is_grad_enabled():

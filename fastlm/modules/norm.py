@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from fastlm import ops
+from fastlm.ops._backend import dispatch
 
 
 class FusedNorm:
@@ -18,11 +18,13 @@ class FusedNorm:
     _fastlm_weight_in_fp32: bool
     _fastlm_backend: str
 
+    # The fused modules call the backend implementation directly: their inputs are the model's own
+    # tensors, so the public ops' argument checks (a few us per call, felt in CPU decode) are skipped.
     def add_forward(self, x: torch.Tensor, residual: torch.Tensor | None):
         if self._fastlm_kind == "rms":
-            return ops.add_rms_norm(x, residual, self.weight, self.variance_epsilon, self._fastlm_weight_in_fp32,
-                                    backend=self._fastlm_backend)
-        return ops.add_layer_norm(x, residual, self.weight, self.bias, self.eps, backend=self._fastlm_backend)
+            return dispatch("add_rms_norm", self._fastlm_backend, x.device)(
+                x, residual, self.weight, self.variance_epsilon, self._fastlm_weight_in_fp32)
+        return dispatch("add_layer_norm", self._fastlm_backend, x.device)(x, residual, self.weight, self.bias, self.eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled():

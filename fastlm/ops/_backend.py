@@ -116,6 +116,12 @@ def resolve(backend: str, device_type: str) -> str:
     return backend
 
 
+def has_impl(op: str, backend: str) -> bool:
+    """Whether ``backend`` has its own implementation of ``op`` (not the reference fallback)."""
+    _load(backend)
+    return backend in _IMPLS.get(op, {})
+
+
 def impl(op: str, backend: str) -> Callable:
     """The implementation of ``op`` for a concrete backend (the reference when the backend lacks it)."""
     _load(backend)

@@ -1,0 +1,42 @@
+"""Run-time discovery of fastlm backends: new backends registered in ``fastlm.ops`` appear here
+automatically. Each answer carries a reason, so a missing backend becomes a skipped row, not an error."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastlm.ops import _backend
+
+
+@dataclass
+class BackendInfo:
+    name: str
+    available: bool      # usable at all on this device type
+    timed: bool          # its timings mean something (not an interpreter)
+    reason: str
+
+
+def discover(device_type: str, *, include_torch: bool = True) -> list[BackendInfo]:
+    """Every backend in ``fastlm.ops.BACKENDS`` with its availability on ``device_type``."""
+    out = []
+    for name in _backend.BACKENDS:
+        if name == "torch" and not include_torch:
+            continue
+        try:
+            ok, why = _backend.backend_status(name, device_type)
+        except Exception as exc:  # a broken backend must not break the benchmark
+            ok, why = False, f"backend_status raised {type(exc).__name__}: {exc}"
+        timed = ok
+        if ok and name == "triton" and device_type == "cpu":
+            timed = False
+            why = ("Triton on CPU runs only under the interpreter (TRITON_INTERPRET=1), which is not a "
+                   "performance path: excluded from timing")
+        out.append(BackendInfo(name, ok, timed, why))
+    return out
+
+
+def has_impl(op: str, backend: str) -> bool:
+    """Whether ``backend`` registered its own implementation of ``op`` (else dispatch would silently
+    fall back to the torch reference, which must not be reported as that backend's timing)."""
+    if backend == "torch":
+        return True
+    return _backend.has_impl(op, backend)

@@ -1,0 +1,131 @@
+"""The benchmark driver: plan the tasks, run them with a progress bar, write results.csv,
+summary.md and plots into ``out_dir``."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import re
+import time
+import traceback
+import warnings
+
+import torch
+
+from fastlm.bench import SUITES
+from fastlm.bench import suites as S
+from fastlm.bench.backends import discover
+from fastlm.bench.machine import copy_bandwidth_gbs, describe
+from fastlm.bench.progress import Progress
+from fastlm.bench.report import make_plots, write_summary
+from fastlm.bench.results import Row, fill_speedups, write_csv
+from fastlm.bench.timing import FULL, QUICK, TINY
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def parse_dtypes(spec: str | None, device: torch.device) -> list[torch.dtype]:
+    if not spec:
+        return [torch.bfloat16 if device.type == "cuda" else torch.float32]
+    out = []
+    for name in spec.split(","):
+        name = name.strip().lower()
+        if name not in DTYPES:
+            raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(set(DTYPES))}")
+        if DTYPES[name] not in out:
+            out.append(DTYPES[name])
+    return out
+
+
+def make_filter(pattern: str | None):
+    """``--filter``: a regex searched in ``suite/case`` (a plain substring works as is; an invalid
+    regex falls back to a substring match)."""
+    if not pattern:
+        return lambda suite, case: True
+    try:
+        rx = re.compile(pattern)
+        return lambda suite, case: rx.search(f"{suite}/{case}") is not None
+    except re.error:
+        return lambda suite, case: pattern in f"{suite}/{case}"
+
+
+def run_benchmarks(out_dir: str = "bench-results", *, suites=None, quick: bool = False, tiny: bool = False,
+                   device: str | None = None, dtype: str | None = None, filter: str | None = None,
+                   compile: bool = True, compile_timeout_s: float | None = None, plots: bool = True,
+                   progress: bool = True, command: str = "") -> list[Row]:
+    """Run the suites and write ``results.csv``, ``summary.md`` and plots into ``out_dir``.
+
+    ``quick``: fewer shapes and repetitions (under 10 minutes on a 2-core CPU); ``tiny``: test-sized
+    shapes, single repetitions (for smoke tests; timings meaningless). Returns the rows."""
+    t_start = time.perf_counter()
+    suites = list(suites or SUITES)
+    unknown = [s for s in suites if s not in SUITES]
+    if unknown:
+        raise ValueError(f"unknown suite(s) {unknown}; expected some of {list(SUITES)}")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda requested but CUDA is not available")
+    dtypes = parse_dtypes(dtype, dev)
+    scale = "tiny" if tiny else "quick" if quick else "full"
+    policy = {"tiny": TINY, "quick": QUICK, "full": FULL}[scale]
+    if compile_timeout_s is None:
+        compile_timeout_s = 900.0 if dev.type == "cuda" else 420.0
+    os.makedirs(out_dir, exist_ok=True)
+    selected = make_filter(filter)
+
+    tasks = [t for t in S.plan(suites, scale, dtypes, dev) if any(selected(s, c) for s, c in t.keys)]
+    bar = Progress(len(tasks) + 1, enabled=progress)
+    bar.start("machine: copy bandwidth")
+    machine = describe(dev)
+    copy_mib = 16 if tiny else 256
+    copy_bw = copy_bandwidth_gbs(dev, copy_mib * 2**20, policy if tiny else None)
+    bar.advance()
+    ctx = S.Context(device=dev, scale=scale, policy=policy, copy_bw_gbs=copy_bw, compile=compile,
+                    compile_timeout_s=compile_timeout_s, progress=bar, selected=selected)
+
+    rows: list[Row] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # auto-fallback and deprecation warnings would break the bar
+        for task in tasks:
+            bar.start(task.label)
+            try:
+                got = task.run(ctx)
+            except Exception as exc:  # one broken case must not lose the rest
+                tb = traceback.format_exc(limit=3)
+                bar.log(f"task {task.label} crashed: {tb}")
+                got = [Row(task.suite, task.label, "?", "", str(dev), status="failed",
+                           note=f"task crashed: {type(exc).__name__}: {exc}"[:300])]
+            rows += [r for r in got if selected(r.suite, r.case)]
+            bar.advance()
+            fill_speedups(rows)
+            write_csv(rows, os.path.join(out_dir, "results.csv"))  # partial results survive an interrupted run
+    bar.close()
+
+    fill_speedups(rows)
+    write_csv(rows, os.path.join(out_dir, "results.csv"))
+    plot_paths, plot_note = make_plots(out_dir, rows) if plots else ([], "Plots disabled (--no-plots).")
+    backends = [dict(name=b.name, device=dev.type, available=b.available, timed=b.timed, reason=b.reason)
+                for b in discover(dev.type)]
+    notes = []
+    if scale == "quick":
+        notes.append("--quick: fewer shapes (prefill T=512 only, attention context up to 2k) and repetitions; "
+                     "`compile` is measured on the prefill shape only; hf-static-compile is skipped on CPU.")
+    if scale == "tiny":
+        notes.append("--tiny: test-sized shapes and single repetitions; the timings mean nothing.")
+    if compile and "kernels" in suites:
+        notes.append("`compile` = torch.compile (default settings, inductor) of the *_ref composition, one "
+                     "compiled wrapper per op, so later shapes may reuse an automatic-dynamic graph; its "
+                     "first-call time is in the note.")
+    meta = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), mode=scale, command=command,
+                wall_s=time.perf_counter() - t_start, copy_mib=copy_mib, notes=notes,
+                e2e_models=ctx.info.get("e2e_models", {}))
+    write_summary(os.path.join(out_dir, "summary.md"), rows, machine, copy_bw, meta, backends, plot_paths,
+                  plot_note)
+    with open(os.path.join(out_dir, "machine.json"), "w") as f:
+        json.dump(dict(machine=machine, copy_bandwidth_gbs=copy_bw, meta=meta, backends=backends), f, indent=2,
+                  default=str)
+    return rows
+
+
+__all__ = ["run_benchmarks", "parse_dtypes", "make_filter"]

@@ -1,0 +1,64 @@
+"""Machine description and measured memory-copy bandwidth for the summary."""
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+
+import torch
+
+from fastlm.bench.timing import TimingPolicy, measure
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name"):
+                return line.split(":", 1)[1].strip()
+    except Exception:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def describe(device: torch.device) -> dict:
+    import transformers
+
+    import fastlm
+
+    info = {
+        "cpu": cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "fastlm": fastlm.__version__,
+        "device": str(device),
+    }
+    try:
+        info["loadavg"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        pass
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info["gpu"] = f"{props.name} ({props.total_memory / 2**30:.0f} GiB, CUDA {torch.version.cuda})"
+    return info
+
+
+def copy_bandwidth_gbs(device: torch.device, nbytes: int = 256 * 2**20, policy: TimingPolicy | None = None) -> float:
+    """GB/s of ``dst.copy_(src)`` on a large buffer, counting read + write (2 * nbytes per copy),
+    the same accounting as the kernels' "bytes moved"."""
+    n = nbytes // 4
+    src = torch.rand(n, device=device)
+    dst = torch.empty_like(src)
+    stats = measure(lambda: dst.copy_(src), device,
+                    policy or TimingPolicy(warmup=2, min_reps=5, max_reps=20, budget_s=0.5, min_batch_s=0.0))
+    return 2 * n * 4 / (stats.median_us * 1e-6) / 1e9

@@ -1,0 +1,148 @@
+"""Ops dispatched per decoder layer per decode step.
+
+:func:`count_ops_per_layer` runs one decode-step forward (one new token per sequence after a short
+prefill into a ``DynamicCache``) under a ``TorchDispatchMode`` and counts the non-view ops that
+reach the dispatcher while a decoder layer is executing (forward pre/post hooks on
+``base_model.layers[i]``). Ops outside the layers (embedding, rotary tables, mask, final norm,
+lm_head) are excluded exactly, with no need to count 1- and 2-layer models and take a difference.
+A fused op registered through ``torch.library`` counts as one op; a plain-PyTorch composition
+counts each aten op it calls. On a GPU each counted op is (at least) one kernel launch.
+"""
+from __future__ import annotations
+
+import collections
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+
+# Ops with no alias annotation in their schema that still only re-describe an existing buffer.
+_METADATA_ONLY = {"aten._unsafe_view", "aten.lift_fresh", "aten.alias", "aten.detach", "aten._reshape_alias"}
+
+
+def is_view_op(func) -> bool:
+    """Whether an OpOverload only makes a view/alias (no kernel runs): transpose, view, slice, ..."""
+    try:
+        if str(func.overloadpacket) in _METADATA_ONLY:
+            return True
+        if func.is_view:
+            return True
+        returns = func._schema.returns
+        return bool(returns) and all(r.alias_info is not None and not r.alias_info.is_write for r in returns)
+    except Exception:
+        return False
+
+
+class _Counter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.depth = 0
+        self.inside = collections.Counter()
+        self.outside = collections.Counter()
+        self.views = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if is_view_op(func):
+            self.views += 1
+        else:
+            (self.inside if self.depth > 0 else self.outside)[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@dataclass
+class OpCount:
+    per_layer: float                 # non-view ops inside decoder layers / number of layers
+    num_layers: int
+    inside_layers: int               # total over all layers
+    outside_layers: int              # embedding, rotary, mask, final norm, lm_head, sampling-free
+    by_op: collections.Counter = field(default_factory=collections.Counter)  # inside layers, all layers
+
+    def top(self, n: int = 8) -> str:
+        L = max(self.num_layers, 1)
+        return ", ".join(f"{name.replace('aten.', '').replace('.default', '')}x{c / L:g}"
+                         for name, c in self.by_op.most_common(n))
+
+
+def _base(model):
+    return getattr(model, "base_model", model)
+
+
+@contextmanager
+def _patched_as(model, backend):
+    """Temporarily run ``model`` patched with ``backend`` (or unpatched for None); restores the
+    model's previous patch state afterwards."""
+    import fastlm
+    from fastlm.patch import patched_backend
+
+    before = patched_backend(model) if fastlm.is_patched(model) else None
+    try:
+        if backend is None:
+            if before is not None:
+                fastlm.unpatch(model)
+        else:
+            fastlm.patch(model, backend)
+        yield model
+    finally:
+        now = patched_backend(model) if fastlm.is_patched(model) else None
+        if now != before:
+            if before is None:
+                fastlm.unpatch(model)
+            else:
+                fastlm.patch(model, before)
+
+
+def count_decode_step_ops(model, backend: str | None = None, *, batch: int = 1, context: int = 8,
+                          input_ids: torch.Tensor | None = None, cache=None) -> OpCount:
+    """Count ops for one decode step of ``model`` (a ``*ForCausalLM`` or base model).
+
+    ``backend``: a fastlm backend (``"torch"``, ``"cpp"``, ``"triton"``, ``"auto"``) to patch with for
+    the count, or None for plain ``transformers`` (a patched model is unpatched for the count). The
+    model's patch state is restored afterwards. ``context`` prompt tokens (random ids, or
+    ``input_ids`` [B, S]) are prefilled into a fresh ``DynamicCache`` (or ``cache``) uncounted, then
+    one token per sequence is run under the counter."""
+    from transformers import DynamicCache
+
+    base = _base(model)
+    layers = list(base.layers)
+    param = next(model.parameters())
+    device = param.device
+    if input_ids is None:
+        vocab = int(getattr(model.config, "vocab_size", 256))
+        g = torch.Generator().manual_seed(0)
+        input_ids = torch.randint(3, vocab, (batch, context + 1), generator=g).to(device)
+    prompt, step = input_ids[:, :-1], input_ids[:, -1:]
+    counter = _Counter()
+
+    def pre(module, args, kwargs=None):
+        counter.depth += 1
+
+    def post(module, args, out):
+        counter.depth -= 1
+
+    with _patched_as(model, backend), torch.no_grad():
+        if cache is None:
+            cache = DynamicCache(config=model.config)
+        model(input_ids=prompt, past_key_values=cache, use_cache=True)
+        handles = [m.register_forward_pre_hook(pre) for m in layers]
+        handles += [m.register_forward_hook(post) for m in layers]
+        try:
+            with counter:
+                model(input_ids=step, past_key_values=cache, use_cache=True)
+        finally:
+            for h in handles:
+                h.remove()
+    inside = sum(counter.inside.values())
+    return OpCount(inside / max(len(layers), 1), len(layers), inside, sum(counter.outside.values()),
+                   counter.inside)
+
+
+def count_ops_per_layer(model, backend: str | None = None, *, batch: int = 1, context: int = 8,
+                        input_ids: torch.Tensor | None = None) -> float:
+    """Non-view aten (or fused ``fastlm::``) ops dispatched per decoder layer for one decode step.
+
+    ``backend=None`` counts plain ``transformers``; a backend name counts ``fastlm.patch(model,
+    backend)``. The model is returned to its previous patch state. See :func:`count_decode_step_ops`
+    for the per-op breakdown."""
+    return count_decode_step_ops(model, backend, batch=batch, context=context, input_ids=input_ids).per_layer

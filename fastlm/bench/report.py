@@ -1,0 +1,250 @@
+"""summary.md and PNG plots from the result rows."""
+from __future__ import annotations
+
+import math
+import os
+from collections import OrderedDict, defaultdict
+
+from fastlm.bench.results import BASELINES, Row
+
+SUITE_TITLES = {
+    "kernels": "Fused kernels (baseline: `eager`, the *_ref composition)",
+    "attention": "Decode attention (baseline: `sdpa-eager`, transformers' SDPA call)",
+    "prefill": "Prefill, end to end (baseline: `hf`, transformers generate)",
+    "decode": "Decode, end to end (baseline: `hf`, transformers generate)",
+    "opcount": "Ops per decoder layer per decode step (baseline: `hf`)",
+}
+
+
+def _f(v, fmt="{:.1f}", empty="–"):
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return empty
+    return fmt.format(v)
+
+
+def _speedup(r: Row) -> str:
+    if r.provider == r.baseline and r.ok:
+        return "1.00 (baseline)"
+    if math.isnan(r.speedup):
+        return "–"
+    s = f"{r.speedup:.2f}x"
+    return f"**LOSS {s}**" if r.speedup < 0.995 else s
+
+
+def _esc(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _table(rows: list[Row], suite: str) -> list[str]:
+    out = []
+    if suite in ("kernels", "attention"):
+        out.append("| case | dtype | provider | median µs | p20–p80 µs | GB/s | % of copy BW | speedup | note |")
+        out.append("|---|---|---|---:|---:|---:|---:|---:|---|")
+        for r in rows:
+            if not r.ok:
+                continue
+            out.append(f"| {r.case} | {r.dtype} | {r.provider} | {_f(r.median_us, '{:.1f}')} | "
+                       f"{_f(r.p20_us, '{:.1f}')}–{_f(r.p80_us, '{:.1f}')} | {_f(r.gb_per_s, '{:.1f}')} | "
+                       f"{_f(r.copy_bw_frac * 100 if not math.isnan(r.copy_bw_frac) else math.nan, '{:.0f}%')} | "
+                       f"{_speedup(r)} | {_esc(r.note)} |")
+    elif suite in ("prefill", "decode"):
+        unit = "ms per generate(1)" if suite == "prefill" else "ms per step"
+        out.append(f"| case | dtype | provider | tokens/s | {unit} (p20–p80) | speedup | note |")
+        out.append("|---|---|---|---:|---:|---:|---|")
+        for r in rows:
+            if not r.ok:
+                continue
+            out.append(f"| {r.case} | {r.dtype} | {r.provider} | {_f(r.tokens_per_s, '{:.1f}')} | "
+                       f"{_f(r.median_us / 1e3, '{:.2f}')} ({_f(r.p20_us / 1e3, '{:.2f}')}–"
+                       f"{_f(r.p80_us / 1e3, '{:.2f}')}) | {_speedup(r)} | {_esc(r.note)} |")
+    else:
+        out.append("| case | provider | ops / layer | fewer ops than hf | note |")
+        out.append("|---|---|---:|---:|---|")
+        for r in rows:
+            if not r.ok:
+                continue
+            out.append(f"| {r.case} | {r.provider} | {_f(r.ops_per_layer, '{:g}')} | {_speedup(r)} | "
+                       f"{_esc(r.note)} |")
+    return out
+
+
+def write_summary(path, rows: list[Row], machine: dict, copy_bw: float, meta: dict, backends: list,
+                  plots: list[str], plot_note: str) -> None:
+    L = ["# fastlm benchmark results", ""]
+    L.append(f"Run {meta.get('date', '')}; mode **{meta.get('mode')}**; command `{meta.get('command', '')}`; "
+             f"wall time {meta.get('wall_s', 0):.0f}s.")
+    L += ["", "## Machine", ""]
+    L.append(f"- CPU: {machine.get('cpu')} — {machine.get('cpu_cores')} cores visible, "
+             f"torch uses {machine.get('torch_threads')} threads")
+    if "gpu" in machine:
+        L.append(f"- GPU: {machine['gpu']}")
+    L.append(f"- device benchmarked: `{machine.get('device')}`")
+    L.append(f"- python {machine.get('python')}, torch {machine.get('torch')}, transformers "
+             f"{machine.get('transformers')}, fastlm {machine.get('fastlm')}")
+    if "loadavg" in machine:
+        L.append(f"- load average at start: {machine['loadavg']} (other work on the machine skews timings)")
+    L.append(f"- measured memory copy bandwidth: **{copy_bw:.1f} GB/s** (`dst.copy_(src)` on "
+             f"{meta.get('copy_mib', 256)} MiB fp32, read + write bytes counted, the same accounting as the kernels' "
+             "bytes moved); a kernel above 100% of it has its working set in cache")
+    L += ["", "## Backends", "", "| backend | device | available | timed | why |", "|---|---|---|---|---|"]
+    for b in backends:
+        L.append(f"| {b['name']} | {b['device']} | {'yes' if b['available'] else 'no'} | "
+                 f"{'yes' if b['timed'] else 'no'} | {_esc(b['reason'])} |")
+    if any(b["name"] == "triton" and b["device"] == "cpu" for b in backends):
+        L.append("")
+        L.append("Triton on CPU runs only under the interpreter (`TRITON_INTERPRET=1`), which is not a performance "
+                 "path: it is excluded from every timing on CPU (it is still counted in `opcount` when available).")
+    if meta.get("notes"):
+        L += [""] + [f"- {n}" for n in meta["notes"]]
+
+    suites = OrderedDict()
+    for r in rows:
+        suites.setdefault(r.suite, []).append(r)
+
+    losses = [r for r in rows if r.ok and not math.isnan(r.speedup) and r.speedup < 0.995
+              and r.provider != r.baseline]
+    L += ["", "## Losses", ""]
+    if losses:
+        L.append(f"{len(losses)} result(s) slower than (or, for opcount, more ops than) the baseline:")
+        L.append("")
+        for r in losses:
+            L.append(f"- **{r.suite} / {r.case} / {r.provider} ({r.dtype})**: {r.speedup:.2f}x of "
+                     f"`{r.baseline}`" + (f" — {r.note}" if r.note else ""))
+    else:
+        L.append("None: every measured provider is at least as fast as its baseline.")
+
+    for suite, srows in suites.items():
+        L += ["", f"## {SUITE_TITLES.get(suite, suite)}", ""]
+        if suite == "prefill" or suite == "decode":
+            models = meta.get("e2e_models") or {}
+            if models:
+                L.append("Random-weight models: " + "; ".join(f"{k}: {v}" for k, v in models.items()) + ".")
+                L.append("")
+            if suite == "decode":
+                L.append("Decode time per step = (t(generate N) − t(generate 1)) / (N − 1), paired per repetition.")
+                L.append("")
+        if suite == "opcount":
+            L.append("Non-view ops reaching the dispatcher while a decoder layer runs (forward hooks on the layers, "
+                     "so embedding, rotary tables, mask, final norm and lm_head are excluded), one decode step "
+                     "after an 8-token prefill into a DynamicCache, divided by the number of layers.")
+            L.append("")
+        L += _table(srows, suite)
+        bad = [r for r in srows if not r.ok]
+        if bad:
+            L += ["", "Skipped / failed:", ""]
+            seen = set()
+            for r in bad:
+                key = (r.provider, r.status, r.note)
+                if key in seen:
+                    continue
+                seen.add(key)
+                n = sum(1 for x in bad if (x.provider, x.status, x.note) == key)
+                L.append(f"- `{r.provider}` {r.status} ({n} case{'s' if n > 1 else ''}, e.g. {r.case}): {_esc(r.note)}")
+    L += ["", "## Plots", ""]
+    if plots:
+        L += [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots]
+    if plot_note:
+        L.append(plot_note)
+    with open(path, "w") as f:
+        f.write("\n".join(L) + "\n")
+
+
+def make_plots(out_dir, rows: list[Row]) -> tuple[list[str], str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception as exc:
+        return [], f"Plots skipped: matplotlib is not installed ({type(exc).__name__}). `pip install matplotlib`."
+    paths = []
+    try:
+        paths += _plot_speedups(plt, out_dir, rows, "kernels")
+        paths += _plot_speedups(plt, out_dir, rows, "attention")
+        for suite in ("prefill", "decode"):
+            paths += _plot_tokens(plt, out_dir, rows, suite)
+        paths += _plot_opcount(plt, out_dir, rows)
+    except Exception as exc:  # a plotting bug must not lose the CSV / summary
+        return paths, f"Some plots failed: {type(exc).__name__}: {exc}"
+    return paths, ""
+
+
+def _plot_speedups(plt, out_dir, rows, suite):
+    paths = []
+    rows = [r for r in rows if r.suite == suite and r.ok and not math.isnan(r.speedup)
+            and r.provider != BASELINES[suite]]
+    for dtype in sorted({r.dtype for r in rows}):
+        sel = [r for r in rows if r.dtype == dtype]
+        cases = list(OrderedDict.fromkeys(r.case for r in sel))
+        provs = list(OrderedDict.fromkeys(r.provider for r in sel))
+        if not cases:
+            continue
+        fig, ax = plt.subplots(figsize=(9, max(3, 0.28 * len(cases) * max(1, len(provs)) ** 0.5 + 1)))
+        h = 0.8 / max(len(provs), 1)
+        idx = {c: i for i, c in enumerate(cases)}
+        for j, p in enumerate(provs):
+            pr = [r for r in sel if r.provider == p]
+            ax.barh([idx[r.case] + j * h for r in pr], [r.speedup for r in pr], height=h, label=p)
+        ax.axvline(1.0, color="k", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_yticks([i + h * (len(provs) - 1) / 2 for i in range(len(cases))])
+        ax.set_yticklabels(cases, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel(f"speedup over {BASELINES[suite]} (log; >1 is faster)")
+        ax.set_title(f"{suite} speedup, {dtype}")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        p = os.path.join(out_dir, f"{suite}_speedup_{dtype}.png")
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        paths.append(p)
+    return paths
+
+
+def _plot_tokens(plt, out_dir, rows, suite):
+    rows = [r for r in rows if r.suite == suite and r.ok and not math.isnan(r.tokens_per_s)]
+    if not rows:
+        return []
+    keys = list(OrderedDict.fromkeys((r.case, r.dtype) for r in rows))
+    provs = list(OrderedDict.fromkeys(r.provider for r in rows))
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(keys)), 4))
+    w = 0.8 / max(len(provs), 1)
+    val = defaultdict(dict)
+    for r in rows:
+        val[r.provider][(r.case, r.dtype)] = r.tokens_per_s
+    for j, p in enumerate(provs):
+        xs = [i + j * w for i, k in enumerate(keys) if k in val[p]]
+        ys = [val[p][k] for k in keys if k in val[p]]
+        ax.bar(xs, ys, width=w, label=p)
+    ax.set_xticks([i + w * (len(provs) - 1) / 2 for i in range(len(keys))])
+    ax.set_xticklabels([f"{c}\n{d}" for c, d in keys], fontsize=7)
+    ax.set_ylabel("tokens/s")
+    ax.set_title(f"{suite} tokens/s per family")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    p = os.path.join(out_dir, f"{suite}_tokens_per_s.png")
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    return [p]
+
+
+def _plot_opcount(plt, out_dir, rows):
+    rows = [r for r in rows if r.suite == "opcount" and r.ok]
+    if not rows:
+        return []
+    fams = list(OrderedDict.fromkeys(r.group for r in rows))
+    provs = list(OrderedDict.fromkeys(r.provider for r in rows))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    w = 0.8 / max(len(provs), 1)
+    for j, p in enumerate(provs):
+        pr = {r.group: r.ops_per_layer for r in rows if r.provider == p}
+        ax.bar([i + j * w for i, f in enumerate(fams) if f in pr], [pr[f] for f in fams if f in pr], width=w, label=p)
+    ax.set_xticks([i + w * (len(provs) - 1) / 2 for i in range(len(fams))])
+    ax.set_xticklabels(fams)
+    ax.set_ylabel("non-view ops per layer per decode step")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    p = os.path.join(out_dir, "opcount.png")
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    return [p]

@@ -1,0 +1,223 @@
+"""The decode engine: static KV cache, prefill, a static-shape decode step run eagerly, through
+``torch.compile`` or as CUDA-graph replays, and the host loop around it.
+
+The host loop never syncs per token (except when streaming, where the caller reads every token):
+emitted tokens stay on the device (``state.out`` is cloned after each step) and the host checks the
+device's "all finished" flag once every ``check_every`` steps. Capacity needs no sync either: the host
+knows every prompt length, so it knows when no sequence can have room left, and the step itself stops a
+sequence that reaches the limit (``CACHE_FULL``) and clamps cache writes into the allocation.
+"""
+from __future__ import annotations
+
+import time
+import warnings
+import weakref
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from fastlm.engine.cuda_graphs import GraphRunner, batch_bucket
+from fastlm.engine.runner import CACHE_FULL, EOS, MAX_STOP_IDS, NO_TOKEN, ModelRunner
+from fastlm.engine.sampling import SamplingConfig, sample
+
+LEN_ROUND = 64  # cache lengths are allocated in multiples of this (reuse across calls)
+
+
+@dataclass
+class GenerationResult:
+    """What one ``generate`` call produced, per sequence, plus timings for the whole batch."""
+
+    tokens: list[list[int]]          # new tokens per sequence, up to and including a stop token
+    finish_reasons: list[str]        # "eos", "length" (max_new_tokens) or "cache_full"
+    prompt_lengths: list[int]
+    prefill_s: float = 0.0           # prefill + first token (synced)
+    decode_s: float = 0.0            # every later token (synced)
+    decode_steps: int = 0            # decode steps run (batch-wide)
+    mode: str = "eager"              # "eager", "compiled" or "cuda_graph"
+    backend: str = "torch"
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Per-sequence decode rate: decode steps per second (multiply by the batch for throughput)."""
+        return self.decode_steps / self.decode_s if self.decode_s > 0 else float("nan")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Engine:
+    """Decodes with one patched model. Reuses its cache and graphs across calls while they fit."""
+
+    def __init__(self, model, *, cuda_graph: bool = True, compile: bool | str = False, check_every: int = 8):
+        """``compile``: False (eager), True (``torch.compile`` with inductor) or a torch.compile backend name."""
+        self.model = model
+        self.cuda_graph = cuda_graph
+        self.compile = compile
+        self.check_every = max(1, int(check_every))
+        self.runner: ModelRunner | None = None
+        self.graphs: GraphRunner | None = None
+        self._compiled = None
+        self._warned_eager_rope = False
+
+    # ---- capacity --------------------------------------------------------------------------
+    def _ensure(self, rows: int, length: int) -> ModelRunner:
+        r = self.runner
+        if r is None or r.batch < rows or r.max_len < length:
+            if r is not None:  # free the old cache (and graphs bound to it) before allocating
+                self.runner = self.graphs = self._compiled = None
+                del r
+            with torch.inference_mode():
+                self.runner = ModelRunner(self.model, rows, length)
+        return self.runner
+
+    def _mode(self, runner: ModelRunner) -> str:
+        want_fast = (runner.device.type == "cuda" and self.cuda_graph) or self.compile
+        if want_fast and runner.rope.eager:
+            if not self._warned_eager_rope:
+                warnings.warn(f"fastlm: rope_type {runner.base.rotary_emb.rope_type!r} recomputes its tables "
+                              "from the sequence length every step; decoding eagerly (no CUDA graph / compile)",
+                              RuntimeWarning, stacklevel=4)
+                self._warned_eager_rope = True
+            return "eager"
+        if runner.device.type == "cuda" and self.cuda_graph:
+            if self.graphs is None:
+                self.graphs = GraphRunner(runner)
+            return "cuda_graph" if self.graphs.failed is None else "eager"
+        if self.compile:
+            return "compiled"
+        return "eager"
+
+    def _step_fn(self, runner: ModelRunner, mode: str):
+        if mode == "compiled":
+            if self._compiled is None:
+                backend = self.compile if isinstance(self.compile, str) else "inductor"
+                self._compiled = torch.compile(runner.decode_step, fullgraph=True, dynamic=False, backend=backend)
+            return self._compiled
+        return runner.decode_step
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def run(self, prompts: list[list[int]], *, config: SamplingConfig, max_new_tokens: int, stop_ids: list[int],
+            seed: int, limit: int, result: GenerationResult, check_every: int | None = None
+            ) -> Iterator[torch.Tensor]:
+        """Yield each step's emitted tokens: a device tensor [B] (NO_TOKEN = finished). Fills ``result``."""
+        B = len(prompts)
+        lengths_host = [len(p) for p in prompts]
+        S = max(lengths_host)
+        if len(stop_ids) > MAX_STOP_IDS:
+            raise ValueError(f"at most {MAX_STOP_IDS} stop token ids are supported, got {len(stop_ids)}")
+        model_device = self.model.lm_head.weight.device
+        uses_graph = model_device.type == "cuda" and self.cuda_graph
+        rows = batch_bucket(B) if uses_graph else B
+        need = min(S + max_new_tokens - 1, limit)
+        alloc = min(-(-need // LEN_ROUND) * LEN_ROUND, limit)
+        runner = self._ensure(rows, max(alloc, need))
+        limit = min(limit, runner.max_len)
+        mode = self._mode(runner)
+        check_every = self.check_every if check_every is None else max(1, int(check_every))
+        result.mode, result.backend = mode, runner.backend
+        device = runner.device
+        if mode == "cuda_graph" and not self.graphs.prepare(rows, config):
+            mode = result.mode = "eager"
+        step = self._step_fn(runner, mode)
+
+        with torch.inference_mode():
+            _sync(device)
+            t0 = time.perf_counter()
+            ids = torch.zeros(B, S, dtype=torch.int64)
+            for b, p in enumerate(prompts):
+                ids[b, : len(p)] = torch.as_tensor(p, dtype=torch.int64)
+            ids = ids.to(device, non_blocking=True)
+            lengths = torch.tensor(lengths_host, dtype=torch.int64).to(device, non_blocking=True)
+            st = runner.state
+            st.seed.fill_(seed)
+            st.counter.zero_()
+            st.limit.fill_(limit)
+            stops = torch.full((MAX_STOP_IDS,), NO_TOKEN, dtype=torch.int64)
+            stops[: len(stop_ids)] = torch.as_tensor(stop_ids, dtype=torch.int64)
+            st.stop_ids.copy_(stops.to(device, non_blocking=True))
+            logits = runner.prefill(ids, lengths)
+            first = sample(logits, config, st.seed, st.counter)
+            is_stop = (first.unsqueeze(1) == st.stop_ids.unsqueeze(0)).any(dim=1)
+            # Rows past B (bucket padding) are finished dummies: they decode at slot 0 and emit nothing.
+            st.tokens.zero_(); st.positions.zero_(); st.out.fill_(NO_TOKEN)
+            st.done.fill_(True); st.reason.fill_(EOS)
+            st.tokens[:B].copy_(first)
+            st.positions[:B].copy_(lengths)
+            st.done[:B].copy_(is_stop)
+            st.reason[:B].copy_(torch.where(is_stop, EOS, 0))
+            st.out[:B].copy_(first)
+            st.counter.fill_(1)
+            emitted = st.out[:B].clone()
+            _sync(device)
+            result.prefill_s = time.perf_counter() - t0
+        yield emitted
+
+        t1 = time.perf_counter()
+        steps = 0
+        min_len = min(lengths_host)
+        for s in range(1, max_new_tokens):
+            if min_len + s - 1 >= limit:  # every sequence has finished or is out of room
+                break
+            if s % check_every == 0 and bool(st.done[:B].all()):
+                break
+            with torch.inference_mode():
+                if mode == "cuda_graph":
+                    self.graphs.replay(rows, config)
+                else:
+                    step(rows, config)
+                emitted = st.out[:B].clone()
+            steps += 1
+            yield emitted
+        _sync(device)
+        result.decode_s = time.perf_counter() - t1
+        result.decode_steps = steps
+        result.extra["reason_codes"] = st.reason[:B].tolist()
+        result.extra["limit"] = limit
+
+
+def finalize(result: GenerationResult, per_step: list[torch.Tensor], prompt_lengths: list[int], max_new_tokens: int
+             ) -> GenerationResult:
+    """Turn the per-step device tensors into per-sequence token lists and finish reasons."""
+    B = len(prompt_lengths)
+    table = torch.stack(per_step, dim=1).tolist() if per_step else [[] for _ in range(B)]
+    codes, limit = result.extra.get("reason_codes", [0] * B), result.extra.get("limit", 0)
+    tokens, reasons = [], []
+    for b in range(B):
+        row = table[b]
+        n = row.index(NO_TOKEN) if NO_TOKEN in row else len(row)
+        tokens.append(row[:n])
+        if codes[b] == EOS:
+            reasons.append("eos")
+        elif codes[b] == CACHE_FULL:
+            reasons.append("cache_full")
+        elif n >= max_new_tokens:
+            reasons.append("length")
+        elif prompt_lengths[b] + n - 1 >= limit:
+            reasons.append("cache_full")
+        else:
+            reasons.append("length")
+    result.tokens, result.finish_reasons, result.prompt_lengths = tokens, reasons, list(prompt_lengths)
+    full = reasons.count("cache_full")
+    if full:
+        warnings.warn(f"fastlm: {full} sequence(s) stopped at the KV cache capacity of {limit} tokens "
+                      "(finish reason 'cache_full')", RuntimeWarning, stacklevel=3)
+    return result
+
+
+_ENGINES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def engine_for(model, *, cuda_graph: bool, compile: bool) -> Engine:
+    """The engine cached on ``model`` (rebuilt when the weights, dtype, device or options changed)."""
+    attn = model.base_model.layers[0].self_attn
+    key = (id(attn.__dict__.get("_fastlm_qkv_weight")), attn._fastlm_backend, model.lm_head.weight.dtype,
+           model.lm_head.weight.device, bool(cuda_graph), compile)
+    entry = _ENGINES.get(model)
+    if entry is None or entry[0] != key:
+        entry = (key, Engine(model, cuda_graph=cuda_graph, compile=compile))
+        _ENGINES[model] = entry
+    return entry[1]

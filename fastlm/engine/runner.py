@@ -1,0 +1,157 @@
+"""The engine's own layer loop over a patched model: prefill into the static cache, and the decode step.
+
+Per layer, with the fused modules' pieces (fastlm.modules):
+
+    y, _   = input_layernorm.add_forward(x, None)
+    q      = ops.qkv_rope_cache(attn.project_qkv(y), cos, sin, k_cache, v_cache, positions)  # k/v -> cache
+    a      = out_proj(attention(q, cache))              # prefill_attention | decode_attention
+    sequential: y2, r = post_attention_layernorm.add_forward(a, x);  x = mlp(y2, residual=r)
+    parallel:   x = mlp(y, residual=x + a)
+
+The decode step (``decode_step``) has static shapes and keeps all of its state in device tensors that
+it updates in place (``DecodeState``), so one call is one replay of a CUDA graph and compiles with
+``torch.compile(fullgraph=True)``: no Python ints that change between steps, no host syncs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fastlm import ops
+from fastlm.engine.cache import StaticKVCache
+from fastlm.engine.rope import RopeTables
+from fastlm.engine.sampling import SamplingConfig, sample
+
+# Finish reasons, as stored in DecodeState.reason.
+RUNNING, EOS, CACHE_FULL = 0, 1, 2
+MAX_STOP_IDS = 8  # EOS ids live in a fixed-size device buffer (padded with NO_TOKEN), so no graph bakes them
+NO_TOKEN = -1     # emitted for sequences that are already finished
+
+
+@dataclass
+class DecodeState:
+    """Static per-row decode state (rows = batch capacity; a call uses the leading rows)."""
+
+    tokens: torch.Tensor     # [B] int64: the last token, fed at the next step
+    positions: torch.Tensor  # [B] int64: its position = the number of tokens already in the cache
+    done: torch.Tensor       # [B] bool
+    reason: torch.Tensor     # [B] int64: RUNNING / EOS / CACHE_FULL
+    out: torch.Tensor        # [B] int64: the token the last step emitted (NO_TOKEN when finished)
+    counter: torch.Tensor    # [1] int64: sampling counter (step number)
+    seed: torch.Tensor       # [1] int64
+    limit: torch.Tensor      # [1] int64: this call's capacity in tokens (<= cache max_len)
+    stop_ids: torch.Tensor   # [MAX_STOP_IDS] int64
+
+    @classmethod
+    def allocate(cls, batch: int, device) -> "DecodeState":
+        z = lambda n, dt=torch.int64: torch.zeros(n, dtype=dt, device=device)  # noqa: E731
+        return cls(tokens=z(batch), positions=z(batch), done=z(batch, torch.bool), reason=z(batch),
+                   out=z(batch), counter=z(1), seed=z(1), limit=z(1),
+                   stop_ids=torch.full((MAX_STOP_IDS,), NO_TOKEN, dtype=torch.int64, device=device))
+
+
+class ModelRunner:
+    """Holds a patched model's pieces, its static KV cache, RoPE tables and decode state."""
+
+    def __init__(self, model, batch: int, max_len: int):
+        base = model.base_model
+        if "_fastlm_final_norm" not in base.__dict__:
+            raise ValueError("ModelRunner needs a model patched with fastlm.patch()")
+        self.model, self.base = model, base
+        self.layers = list(base.layers)
+        self.embed = base.embed_tokens
+        self.final_norm = getattr(base, base.__dict__["_fastlm_final_norm"])
+        self.lm_head = model.lm_head
+        attn0 = self.layers[0].self_attn
+        spec = attn0._fastlm_spec
+        self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        self.backend = attn0._fastlm_backend
+        weight = self.embed.weight
+        self.dtype, self.device = weight.dtype, weight.device
+        self.batch, self.max_len = batch, max_len
+        # Per-layer static pieces, looked up once (epilogue kwargs hold the fused weights).
+        self.epilogue = [layer.self_attn.epilogue_args() for layer in self.layers]
+        self.out_proj = [getattr(layer.self_attn, layer.self_attn._fastlm_spec.out_name) for layer in self.layers]
+        self.scaling = [float(layer.self_attn.scaling) for layer in self.layers]
+        self.parallel = [bool(layer._fastlm_parallel_residual) for layer in self.layers]
+        self.cache = StaticKVCache(len(self.layers), batch, self.num_kv_heads, max_len, self.head_dim,
+                                   self.dtype, self.device)
+        self.rope = RopeTables(base.rotary_emb, max_len, self.dtype, self.device)
+        self.state = DecodeState.allocate(batch, self.device)
+
+    # ---- shared layer body ----------------------------------------------------------------
+    def _layer(self, i: int, x: torch.Tensor, attend) -> torch.Tensor:
+        layer = self.layers[i]
+        y, _ = layer.input_layernorm.add_forward(x, None)
+        a = self.out_proj[i](attend(i, layer.self_attn.project_qkv(y)))
+        if self.parallel[i]:
+            return layer.mlp(y, residual=x + a)
+        y2, r = layer.post_attention_layernorm.add_forward(a, x)
+        return layer.mlp(y2, residual=r)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, hidden] (last positions only) -> logits [B, V]."""
+        return self.lm_head(self.final_norm.add_forward(x, None)[0])
+
+    # ---- prefill -------------------------------------------------------------------------
+    def prefill(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Right-padded prompts [B, S] with ``lengths`` [B] -> logits of each last real token [B, V].
+
+        Writes cache slots [0, S) of rows [0, B). A plain causal mask is exact for right padding: a real
+        query i only sees keys <= i, which are all real; pad rows' outputs are never used."""
+        B, S = input_ids.shape
+        cos, sin = self.rope.prefill(S)
+        cache_pos = torch.arange(S, device=self.device).unsqueeze(0).expand(B, S)
+
+        def attend(i, qkv):
+            k_cache, v_cache = self.cache.layer(i, B)
+            q = ops.qkv_rope_cache(qkv, cos, sin, k_cache, v_cache, cache_pos, **self.epilogue[i])
+            out = ops.prefill_attention(q, k_cache[:, :, :S], v_cache[:, :, :S], is_causal=True,
+                                        scale=self.scaling[i])
+            return out.transpose(1, 2).reshape(B, S, -1)
+
+        x = self.embed(input_ids)
+        for i in range(len(self.layers)):
+            x = self._layer(i, x, attend)
+        last = x[torch.arange(B, device=self.device), lengths - 1]  # [B, hidden]
+        return self._logits(last)
+
+    # ---- decode step ---------------------------------------------------------------------
+    def decode_step(self, batch: int, config: SamplingConfig) -> None:
+        """One token for rows [0, batch): reads and updates ``self.state`` in place. Static shapes,
+        no host sync: the body of a CUDA graph and of ``torch.compile(fullgraph=True)``."""
+        st = self.state
+        tokens, positions, done = st.tokens[:batch], st.positions[:batch], st.done[:batch]
+        reason, out = st.reason[:batch], st.out[:batch]
+        # Capacity: a running sequence whose next slot is past this call's limit stops here.
+        full = positions.ge(st.limit) & ~done
+        reason.copy_(torch.where(full, CACHE_FULL, reason))
+        done.copy_(done | full)
+        # Memory safety whatever the host does: never index past the allocation.
+        pos = positions.clamp(max=self.max_len - 1)
+        lengths = pos + 1
+        cos, sin = self.rope.decode(pos)
+        cache_pos = pos.unsqueeze(1)
+
+        def attend(i, qkv):
+            k_cache, v_cache = self.cache.layer(i, batch)
+            q = ops.qkv_rope_cache(qkv, cos, sin, k_cache, v_cache, cache_pos, **self.epilogue[i])
+            o = ops.decode_attention(q.squeeze(2), k_cache, v_cache, lengths, self.scaling[i],
+                                     backend=self.backend)
+            return o.reshape(batch, 1, -1)
+
+        x = self.embed(tokens.unsqueeze(1))
+        for i in range(len(self.layers)):
+            x = self._layer(i, x, attend)
+        logits = self._logits(x[:, 0])
+        nxt = sample(logits, config, st.seed, st.counter)
+        active = ~done
+        nxt = torch.where(active, nxt, NO_TOKEN)
+        is_stop = active & (nxt.unsqueeze(1) == st.stop_ids.unsqueeze(0)).any(dim=1)
+        reason.copy_(torch.where(is_stop, EOS, reason))
+        done.copy_(done | is_stop)
+        positions.add_(active.long())
+        tokens.copy_(torch.where(active, nxt, tokens))
+        out.copy_(nxt)
+        st.counter.add_(1)

@@ -1,0 +1,94 @@
+"""Token sampling inside the decode step: no host sync, no torch.Generator, capturable.
+
+Randomness comes from a counter-based hash (``uniform``): the uniform for (sequence b, candidate j) at
+step ``counter`` under ``seed`` is a pure function of those four integers, computed with int64 tensor
+ops. So it compiles under ``torch.compile(fullgraph=True)``, replays inside a CUDA graph (seed and
+counter are device tensors, advanced by the step itself), and the same seed gives the same tokens on
+every run, whatever the step is run through (eager, compiled, graph).
+
+Sampling follows ``transformers``' order: temperature, then top-k, then top-p (nucleus), then a draw.
+The draw is Gumbel-max: ``argmax(logits / T + g)``, ``g = -log(-log(u))``, which samples from
+``softmax(logits / T)`` restricted to the kept candidates. ``temperature <= 0`` means greedy (argmax;
+the first maximum on ties, like ``torch.argmax`` in HF).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_M32 = 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Static sampling parameters: a change of config means a new compiled step / captured graph."""
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1 (or None), got {self.top_k}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1] (or None), got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2**32 for x in [0, 2**32), without int64 overflow (16-bit split of c)."""
+    lo = x * (c & 0xFFFF)
+    hi = ((x * (c >> 16)) & 0xFFFF) << 16
+    return (lo + hi) & _M32
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32 (Wellons): a good 32-bit integer mixer, on int64 tensors holding values < 2**32."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def uniform(seed: torch.Tensor, counter: torch.Tensor, shape: tuple[int, int], device) -> torch.Tensor:
+    """fp32 uniforms in (0, 1) of ``shape`` [B, N] for (seed [1] int64, counter [1] int64)."""
+    key = _hash32((seed & _M32) ^ _hash32(_mul32(counter & _M32, 0x9E3779B1)))  # [1]
+    idx = torch.arange(shape[0] * shape[1], device=device, dtype=torch.int64).view(shape)
+    x = _hash32(_hash32((idx + key) & _M32) ^ key)
+    return ((x >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+
+
+def _gumbel_argmax(scores: torch.Tensor, seed, counter) -> torch.Tensor:
+    u = uniform(seed, counter, tuple(scores.shape), scores.device)
+    return torch.argmax(scores - torch.log(-torch.log(u)), dim=-1)
+
+
+def _top_p_mask(sorted_scores: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Scores sorted descending -> the same with candidates outside the nucleus set to -inf (keeps >= 1)."""
+    probs = sorted_scores.softmax(dim=-1)
+    before = probs.cumsum(dim=-1) - probs  # mass strictly above each candidate
+    return sorted_scores.masked_fill(before > top_p, float("-inf"))
+
+
+def sample(logits: torch.Tensor, config: SamplingConfig, seed: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
+    """logits [B, V] (any float dtype) -> next tokens [B] int64, entirely on the device."""
+    if config.greedy:
+        return torch.argmax(logits, dim=-1)
+    scores = logits.float() / config.temperature
+    if config.top_k is not None and config.top_k < scores.shape[-1]:
+        values, indices = torch.topk(scores, config.top_k, dim=-1)  # sorted descending
+        if config.top_p is not None and config.top_p < 1.0:
+            values = _top_p_mask(values, config.top_p)
+        return indices.gather(-1, _gumbel_argmax(values, seed, counter).unsqueeze(-1)).squeeze(-1)
+    if config.top_p is not None and config.top_p < 1.0:
+        values, indices = torch.sort(scores, dim=-1, descending=True)
+        values = _top_p_mask(values, config.top_p)
+        return indices.gather(-1, _gumbel_argmax(values, seed, counter).unsqueeze(-1)).squeeze(-1)
+    return _gumbel_argmax(scores, seed, counter)
