@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from fastlm.errors import UnsupportedModelError
 from fastlm.families import FAMILY_ADAPTERS
-from fastlm.modules._swap import is_swapped, restore_class
+from fastlm.modules._swap import restore_class
 from fastlm.ops._backend import BACKEND_CHOICES, resolve
 
 SUPPORTED_MODEL_TYPES = tuple(FAMILY_ADAPTERS)
@@ -61,11 +61,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     """Restore the HF modules (bit-identical behaviour; Parameters get their own storage back)."""
     base = getattr(model, "base_model", model)
     for module in base.modules():
-        if is_swapped(module):
-            unfuse = getattr(module, "_fastlm_unfuse", None)
-            if unfuse is not None:
-                unfuse()
-            restore_class(module)
+        restore_class(module)
     base.__dict__.pop(_BACKEND_ATTR, None)
     base.__dict__.pop("_fastlm_final_norm", None)
     return model

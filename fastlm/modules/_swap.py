@@ -30,10 +30,24 @@ def swap_class(module: nn.Module, mixin: type) -> None:
     module.__class__ = cls
 
 
+def swap_in(module: nn.Module, mixin: type, **state) -> None:
+    """Swap ``module`` to its fused twin, set its ``_fastlm_<name>`` state, then fuse its weights."""
+    swap_class(module, mixin)
+    for name, value in state.items():
+        module.__dict__[f"_fastlm_{name}"] = value
+    fuse = getattr(module, "_fastlm_fuse", None)
+    if fuse is not None:
+        fuse()
+
+
 def restore_class(module: nn.Module) -> bool:
-    base = module.__dict__.pop(ORIG_CLASS_ATTR, None)
-    if base is None:
+    """Undo :func:`swap_in`: unfuse the weights (each Parameter gets its own storage), restore the class."""
+    if ORIG_CLASS_ATTR not in module.__dict__:
         return False
+    unfuse = getattr(module, "_fastlm_unfuse", None)
+    if unfuse is not None:
+        unfuse()
+    base = module.__dict__.pop(ORIG_CLASS_ATTR)
     module.__class__ = base
     for name in [k for k in module.__dict__ if k.startswith("_fastlm_")]:
         del module.__dict__[name]

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from fastlm.modules._fused_storage import fuse_parameters, unfuse_parameters
+from fastlm.modules._swap import swap_in
 from fastlm.ops._backend import dispatch
 
 
@@ -133,17 +134,6 @@ class FusedAttention:
         return getattr(self, spec.out_name)(out), weights
 
 
-def patch_attention(module, spec: AttentionSpec, backend: str) -> None:
-    from fastlm.modules._swap import swap_class
 
-    swap_class(module, FusedAttention)
-    module._fastlm_spec = spec
-    module._fastlm_backend = backend
-    module._fastlm_fuse()
-
-
-def unpatch_attention(module) -> None:
-    from fastlm.modules._swap import restore_class
-
-    module._fastlm_unfuse()
-    restore_class(module)
+def patch_attention(module, spec, backend: str) -> None:
+    swap_in(module, FusedAttention, spec=spec, backend=backend)

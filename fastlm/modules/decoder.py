@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from fastlm.modules._swap import swap_in
+
 
 class FusedDecoderLayer:
     """Mixin over an HF decoder-layer instance (see fastlm.modules._swap)."""
@@ -31,8 +33,6 @@ class FusedDecoderLayer:
         return self.mlp(y, residual=residual)
 
 
-def patch_decoder_layer(module, parallel_residual: bool) -> None:
-    from fastlm.modules._swap import swap_class
 
-    swap_class(module, FusedDecoderLayer)
-    module._fastlm_parallel_residual = parallel_residual
+def patch_decoder_layer(module, parallel_residual: bool) -> None:
+    swap_in(module, FusedDecoderLayer, parallel_residual=parallel_residual)

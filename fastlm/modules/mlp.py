@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from fastlm.ops._backend import dispatch
 from fastlm.modules._fused_storage import fuse_parameters, unfuse_parameters
+from fastlm.modules._swap import swap_in
 
 
 @dataclass
@@ -82,17 +83,6 @@ class FusedMLP:
         return linear_add(self.activate(x), getattr(self, self._fastlm_spec.down_name), residual)
 
 
-def patch_mlp(module, spec: MLPSpec, backend: str) -> None:
-    from fastlm.modules._swap import swap_class
 
-    swap_class(module, FusedMLP)
-    module._fastlm_spec = spec
-    module._fastlm_backend = backend
-    module._fastlm_fuse()
-
-
-def unpatch_mlp(module) -> None:
-    from fastlm.modules._swap import restore_class
-
-    module._fastlm_unfuse()
-    restore_class(module)
+def patch_mlp(module, spec, backend: str) -> None:
+    swap_in(module, FusedMLP, spec=spec, backend=backend)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from fastlm.modules._swap import swap_in
 from fastlm.ops._backend import dispatch
 
 
@@ -32,10 +33,6 @@ class FusedNorm:
         return self.add_forward(x, None)[0]
 
 
-def patch_norm(module, kind: str, backend: str, weight_in_fp32: bool = False) -> None:
-    from fastlm.modules._swap import swap_class
 
-    swap_class(module, FusedNorm)
-    module._fastlm_kind = kind
-    module._fastlm_weight_in_fp32 = weight_in_fp32
-    module._fastlm_backend = backend
+def patch_norm(module, kind: str, backend: str, weight_in_fp32: bool = False) -> None:
+    swap_in(module, FusedNorm, kind=kind, weight_in_fp32=weight_in_fp32, backend=backend)
