@@ -96,5 +96,8 @@ def _has_ninja_module():
 
 ext_modules, cmdclass = _extensions()
 
-setup(packages=packages, package_dir=package_dir, include_package_data=True, ext_modules=ext_modules,
-      cmdclass=cmdclass)
+# The embedded demo checkpoint (`fastlm generate` with no --model); built by scripts/train_demo.py.
+package_data = {"fastlm": ["demo/*.json", "demo/*.safetensors", "demo/README.md"]}
+
+setup(packages=packages, package_dir=package_dir, package_data=package_data, include_package_data=True,
+      ext_modules=ext_modules, cmdclass=cmdclass)
