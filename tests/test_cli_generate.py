@@ -99,7 +99,7 @@ def test_streams_text_and_prints_summary(checkpoint, capsys, tmp_path):
     with torch.no_grad():
         toks = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
                               eos_token_id=None)[0, ids.shape[1]:].tolist()
-    assert out == tokenizer.decode(toks, skip_special_tokens=True) + "\n"
+    assert out == PROMPTS[0] + tokenizer.decode(toks, skip_special_tokens=True) + "\n"  # prompt echoed first
     summary = err.strip().splitlines()[-1]
     assert summary.startswith(f"prompt tokens: {ids.shape[1]}, new tokens: 10, prefill: ")
     assert "ms, decode: " in summary and "tokens/s" in summary

@@ -170,6 +170,9 @@ def run(args) -> int:
         result = GenerationResult(tokens=[], finish_reasons=[], prompt_lengths=[])
         detoks = [IncrementalDetokenizer(tokenizer, p) for p in ids]
         texts = [""] * len(ids)
+        if len(ids) == 1:  # echo the prompt, then stream its continuation after it
+            sys.stdout.write(prompts[0])
+            sys.stdout.flush()
         for step in fastlm.stream(model, ids, result=result, **kwargs):
             for b, tok in enumerate(step):
                 if tok is None:
