@@ -68,6 +68,17 @@ inline void check_norm_args(const at::Tensor& x, const std::optional<at::Tensor>
   }
 }
 
+// The out= buffers of add_rms_norm_out / add_layer_norm_out `op` (after check_norm_args): out has x's
+// shape and out_dtype; residual_out, x's shape and dtype, is given exactly when residual is.
+inline void check_norm_outs(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& residual,
+                            at::ScalarType out_dtype, const at::Tensor& out,
+                            const std::optional<at::Tensor>& residual_out) {
+  check_out("out", out, x.sizes(), out_dtype, x);
+  TORCH_CHECK(residual.has_value() == residual_out.has_value(), "fastlm: ", op,
+              " needs residual_out exactly when residual is given");
+  if (residual_out) check_out("residual_out", *residual_out, x.sizes(), x.scalar_type(), x);
+}
+
 struct QkvDims {
   int64_t B, S, H, Hkv, D, R;
 };
@@ -119,6 +130,32 @@ inline void check_caches(const at::Tensor& qkv, const at::Tensor& k_cache, const
   TORCH_CHECK(pos.dim() == 2 && pos.size(0) == d.B && pos.size(1) == d.S,
               "fastlm: cache_positions must be [B, S], got ", pos.sizes());
   TORCH_CHECK(pos.device() == qkv.device(), "fastlm: cache_positions must be on ", qkv.device());
+}
+
+// qkv_rope_out: the qkv_rope arguments and the dense out= buffers q [B, H, S, D], k and v [B, Hkv, S, D].
+inline QkvDims check_qkv_out_args(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                                  const std::optional<at::Tensor>& qw, const std::optional<at::Tensor>& qb,
+                                  const std::optional<at::Tensor>& kw, const std::optional<at::Tensor>& kb,
+                                  int64_t H, int64_t Hkv, int64_t D, int64_t R, bool per_head_layout,
+                                  const at::Tensor& q_out, const at::Tensor& k_out, const at::Tensor& v_out) {
+  const QkvDims d = check_qkv_args(qkv, cos, sin, qw, qb, kw, kb, H, Hkv, D, R, per_head_layout);
+  check_out("q_out", q_out, {d.B, H, d.S, D}, qkv.scalar_type(), qkv);
+  check_out("k_out", k_out, {d.B, Hkv, d.S, D}, qkv.scalar_type(), qkv);
+  check_out("v_out", v_out, {d.B, Hkv, d.S, D}, qkv.scalar_type(), qkv);
+  return d;
+}
+
+// qkv_rope_cache_out: the qkv_rope arguments, the caches and positions, and the out= buffer q [B, H, S, D].
+inline QkvDims check_qkv_cache_out_args(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                                        const std::optional<at::Tensor>& qw, const std::optional<at::Tensor>& qb,
+                                        const std::optional<at::Tensor>& kw, const std::optional<at::Tensor>& kb,
+                                        const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& pos,
+                                        int64_t H, int64_t Hkv, int64_t D, int64_t R, bool per_head_layout,
+                                        const at::Tensor& q_out) {
+  const QkvDims d = check_qkv_args(qkv, cos, sin, qw, qb, kw, kb, H, Hkv, D, R, per_head_layout);
+  check_caches(qkv, k_cache, v_cache, pos, d);
+  check_out("q_out", q_out, {d.B, H, d.S, D}, qkv.scalar_type(), qkv);
+  return d;
 }
 
 inline void check_decode_args(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,

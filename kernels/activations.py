@@ -49,6 +49,15 @@ def _block(n: int) -> int:
     return min(triton.next_power_of_2(max(n, 1)), 1024)
 
 
+def _launch_rows(kernel, x2: torch.Tensor, out: torch.Tensor, n: int) -> torch.Tensor:
+    """Run ``kernel`` on the [rows, ...] input view x2 into ``out`` ([rows, n] once viewed); returns out."""
+    y2 = out.view(-1, n)
+    block = _block(n)
+    launch(kernel)[(x2.shape[0], triton.cdiv(n, block))](x2, y2, x2.stride(0), y2.stride(0), n, BLOCK=block,
+                                                          num_warps=4)
+    return out
+
+
 @register_op("triton_swiglu")
 def triton_swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     check_device(gate_up)
@@ -56,12 +65,7 @@ def triton_swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     out = gate_up.new_empty((*gate_up.shape[:-1], n))
     if out.numel() == 0:
         return out
-    x2 = rows_view(gate_up)
-    y2 = out.view(-1, n)
-    block = _block(n)
-    launch(_swiglu_kernel)[(x2.shape[0], triton.cdiv(n, block))](x2, y2, x2.stride(0), y2.stride(0), n,
-                                                                   BLOCK=block, num_warps=4)
-    return out
+    return _launch_rows(_swiglu_kernel, rows_view(gate_up), out, n)
 
 
 @triton_swiglu.register_fake
@@ -76,12 +80,7 @@ def triton_relu2(x: torch.Tensor) -> torch.Tensor:
     if out.numel() == 0:
         return out
     x2 = rows_view(x.reshape(1) if x.dim() == 0 else x)
-    n = x2.shape[1]
-    y2 = out.view(-1, n)
-    block = _block(n)
-    launch(_relu2_kernel)[(x2.shape[0], triton.cdiv(n, block))](x2, y2, x2.stride(0), y2.stride(0), n,
-                                                                  BLOCK=block, num_warps=4)
-    return out
+    return _launch_rows(_relu2_kernel, x2, out, x2.shape[1])
 
 
 @triton_relu2.register_fake

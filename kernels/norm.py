@@ -38,6 +38,27 @@ MAX_BLOCK = 8192  # widest row kept entirely in registers (fp32: 16 values a thr
 
 
 @triton.jit
+def _scale_and_store(h, mean, rstd, W, B, y_row, c, mask, IS_RMS: tl.constexpr, HAS_W: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, WEIGHT_FP32: tl.constexpr):
+    """Normalise and scale the row values h (model dtype) at columns c with the row's mean / rstd, store to y_row."""
+    hf = h.to(tl.float32)
+    if HAS_W:
+        w = tl.load(W + c, mask=mask, other=0.0).to(tl.float32)
+    else:
+        w = 1.0
+    if IS_RMS:
+        if WEIGHT_FP32:
+            y = w * (hf * rstd)
+        else:
+            y = w * cast_out(hf * rstd, h.dtype).to(tl.float32)
+    else:
+        y = (hf - mean) * rstd * w
+        if HAS_BIAS:
+            y += tl.load(B + c, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_row + c, cast_out(y, y_row.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _add_norm_kernel(X, R, W, B, Y, H, stride_x, stride_r, stride_y, stride_h, N, eps,
                      HAS_RES: tl.constexpr, IS_RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr,
                      WEIGHT_FP32: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE: tl.constexpr):
@@ -65,20 +86,7 @@ def _add_norm_kernel(X, R, W, B, Y, H, stride_x, stride_r, stride_y, stride_h, N
             d = tl.where(mask, hf - mean, 0.0)
             var = tl.sum(d * d, axis=0) / N
         rstd = 1.0 / tl.sqrt(var + eps)
-        if HAS_W:
-            w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-        else:
-            w = 1.0
-        if IS_RMS:
-            if WEIGHT_FP32:
-                y = w * (hf * rstd)
-            else:
-                y = w * cast_out(hf * rstd, x.dtype).to(tl.float32)
-        else:
-            y = (hf - mean) * rstd * w
-            if HAS_BIAS:
-                y += tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(y_row + cols, cast_out(y, Y.dtype.element_ty), mask=mask)
+        _scale_and_store(h, mean, rstd, W, B, y_row, cols, mask, IS_RMS, HAS_W, HAS_BIAS, WEIGHT_FP32)
     else:
         # Pass 1: h = x + residual (stored), running (count, mean, M2) merged block by block.
         cnt = 0.0
@@ -118,21 +126,7 @@ def _add_norm_kernel(X, R, W, B, Y, H, stride_x, stride_r, stride_y, stride_h, N
                 h = tl.load(h_row + c, mask=mask, other=0.0)
             else:
                 h = tl.load(x_row + c, mask=mask, other=0.0)
-            hf = h.to(tl.float32)
-            if HAS_W:
-                w = tl.load(W + c, mask=mask, other=0.0).to(tl.float32)
-            else:
-                w = 1.0
-            if IS_RMS:
-                if WEIGHT_FP32:
-                    y = w * (hf * rstd)
-                else:
-                    y = w * cast_out(hf * rstd, h.dtype).to(tl.float32)
-            else:
-                y = (hf - mean) * rstd * w
-                if HAS_BIAS:
-                    y += tl.load(B + c, mask=mask, other=0.0).to(tl.float32)
-            tl.store(y_row + c, cast_out(y, Y.dtype.element_ty), mask=mask)
+            _scale_and_store(h, mean, rstd, W, B, y_row, c, mask, IS_RMS, HAS_W, HAS_BIAS, WEIGHT_FP32)
 
 
 def block_for(n: int) -> int:

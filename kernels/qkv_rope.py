@@ -42,24 +42,24 @@ TILE = 2048  # elements per program (BLOCK_H * BLOCK_D)
 
 
 @triton.jit
+def _affine_rows(xf, y, sel, head, cidx, cmask, W, B, w_hs, b_hs, HAS_B: tl.constexpr):
+    """xf with the rows selected by sel replaced by y * w[head] (+ b[head]) at head-dim columns cidx."""
+    m = cmask & sel[:, None]
+    yw = y * tl.load(W + head[:, None] * w_hs + cidx, mask=m, other=0.0).to(tl.float32)
+    if HAS_B:
+        yw += tl.load(B + head[:, None] * b_hs + cidx, mask=m, other=0.0).to(tl.float32)
+    return tl.where(sel[:, None], yw, xf)
+
+
+@triton.jit
 def _qk_affine(xf, cidx, cmask, mean, rstd, hq, hk, is_q, is_k, QW, QB, KW, KB, qw_hs, qb_hs, kw_hs, kb_hs,
                HAS_QN: tl.constexpr, HAS_QB: tl.constexpr, HAS_KN: tl.constexpr, HAS_KB: tl.constexpr):
     """qk-layernorm of the values xf at head-dim columns cidx ([BLOCK_H, BLOCK_D]), rows' mean/rstd given."""
     y = (xf - mean[:, None]) * rstd[:, None]
     if HAS_QN:
-        mq = cmask & is_q[:, None]
-        wq = tl.load(QW + hq[:, None] * qw_hs + cidx, mask=mq, other=0.0).to(tl.float32)
-        yq = y * wq
-        if HAS_QB:
-            yq += tl.load(QB + hq[:, None] * qb_hs + cidx, mask=mq, other=0.0).to(tl.float32)
-        xf = tl.where(is_q[:, None], yq, xf)
+        xf = _affine_rows(xf, y, is_q, hq, cidx, cmask, QW, QB, qw_hs, qb_hs, HAS_QB)
     if HAS_KN:
-        mk = cmask & is_k[:, None]
-        wk = tl.load(KW + hk[:, None] * kw_hs + cidx, mask=mk, other=0.0).to(tl.float32)
-        yk = y * wk
-        if HAS_KB:
-            yk += tl.load(KB + hk[:, None] * kb_hs + cidx, mask=mk, other=0.0).to(tl.float32)
-        xf = tl.where(is_k[:, None], yk, xf)
+        xf = _affine_rows(xf, y, is_k, hk, cidx, cmask, KW, KB, kw_hs, kb_hs, HAS_KB)
     return xf
 
 

@@ -39,7 +39,7 @@ void decode_kernel(const T* q, int64_t q_sb, int64_t q_sh, const T* kc, const in
       int64_t L = len64 ? static_cast<const int64_t*>(lengths)[b * len_s]
                         : static_cast<const int32_t*>(lengths)[b * len_s];
       L = std::min<int64_t>(std::max<int64_t>(L, 0), Tmax);
-      for (int64_t g = 0; g < G; ++g) load_row_f32(q + b * q_sb + (hk * G + g) * q_sh, qf.data() + g * D, D);
+      for (int64_t g = 0; g < G; ++g) convert_row(q + b * q_sb + (hk * G + g) * q_sh, qf.data() + g * D, D);
       std::fill(acc.begin(), acc.end(), 0.f);
       std::fill(mx.begin(), mx.end(), -std::numeric_limits<float>::infinity());
       std::fill(den.begin(), den.end(), 0.f);
@@ -48,7 +48,7 @@ void decode_kernel(const T* q, int64_t q_sb, int64_t q_sh, const T* kc, const in
       for (int64_t t0 = 0; t0 < L; t0 += kBlock) {
         const int64_t tb = std::min(kBlock, L - t0);
         for (int64_t t = 0; t < tb; ++t) {  // scores = q . k * scale
-          load_row_f32(kbase + (t0 + t) * ks[2], row.data(), D);
+          convert_row(kbase + (t0 + t) * ks[2], row.data(), D);
           for (int64_t g = 0; g < G; ++g) scores[g * kBlock + t] = dot(qf.data() + g * D, row.data(), D) * scale;
         }
         for (int64_t g = 0; g < G; ++g) {  // online softmax: rescale the running sums to the new max
@@ -81,7 +81,7 @@ void decode_kernel(const T* q, int64_t q_sb, int64_t q_sh, const T* kc, const in
           }
         }
         for (int64_t t = 0; t < tb; ++t) {  // acc += p * v
-          load_row_f32(vbase + (t0 + t) * vs[2], row.data(), D);
+          convert_row(vbase + (t0 + t) * vs[2], row.data(), D);
           for (int64_t g = 0; g < G; ++g) {
             const fVec p(scores[g * kBlock + t]);
             float* ag = acc.data() + g * D;
@@ -96,7 +96,7 @@ void decode_kernel(const T* q, int64_t q_sb, int64_t q_sh, const T* kc, const in
         const float inv = den[g] > 0.f ? 1.f / den[g] : 0.f;  // L == 0: zeros (out of contract)
         float* ag = acc.data() + g * D;
         for (int64_t j = 0; j < D; ++j) ag[j] *= inv;
-        store_row_f32(ag, out + (b * H + hk * G + g) * D, D);
+        convert_row(ag, out + (b * H + hk * G + g) * D, D);
       }
     }
   });

@@ -1,69 +1,49 @@
 // add + RMSNorm / LayerNorm on CPU: one pass over memory per row (x, residual read once; y, h written
-// once; the row is re-read from cache for the second/third sweep), fp32 statistics.
+// once; the row is re-read from cache for the second/third sweep), fp32 statistics (row_norm.h).
 #include "../checks.h"
 #include "../ops.h"
-#include "vec_util.h"
+#include "row_norm.h"
 
 namespace fastlm::cpu {
 namespace {
 
-// Sweep 1: h = x (+ residual), rounded to T and stored to h_out when there is a residual; returns
-// sum(h) (or sum(h^2) when squares). The returned pointer is where h now lives (h_out or x).
-template <typename T, bool kSquares>
-inline float add_and_sum(const T* x, const T* r, T* h, int64_t n) {
-  fVec acc0(0.f), acc1(0.f);
-  for (int64_t j = 0; j < n; j += kChunk) {
-    const int64_t m = std::min(kChunk, n - j);
-    fVec a, b;
-    IO<T>::load(x + j, m, a, b);
-    if (r != nullptr) {
-      fVec c, d;
-      IO<T>::load(r + j, m, c, d);
-      a = a + c;
-      b = b + d;
-      IO<T>::store_round(h + j, m, a, b);
-    }
-    mask_tail(m, a, b);
-    if (kSquares) {
-      acc0 = at::vec::fmadd(a, a, acc0);
-      acc1 = at::vec::fmadd(b, b, acc1);
-    } else {
-      acc0 = acc0 + a;
-      acc1 = acc1 + b;
-    }
-  }
-  return hsum(acc0 + acc1);
-}
-
-template <typename T, typename W, typename Y>
-void rms_rows(const T* x, int64_t xs, const T* r, int64_t rs, const W* w, Y* y, int64_t ys, T* h, int64_t hs,
-              int64_t rows, int64_t n, float eps, bool weight_in_fp32) {
+// For each row (in parallel): sweep 1 of row_norm.h (h = x + residual, stored; sum of h, or of h^2
+// when kSquares), then f(src, sum, y_row) with src the row of h (of x without a residual).
+template <bool kSquares, typename T, typename Y, typename F>
+void for_each_row(const T* x, int64_t xs, const T* r, int64_t rs, Y* y, int64_t ys, T* h, int64_t hs, int64_t rows,
+                  int64_t n, const F& f) {
   at::parallel_for(0, rows, grain_for(n), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const T* xr = x + i * xs;
       const T* rr = r ? r + i * rs : nullptr;
       T* hr = r ? h + i * hs : nullptr;
-      Y* yr = y + i * ys;
-      const float rstd = rms_rstd(add_and_sum<T, true>(xr, rr, hr, n), n, eps);
-      const T* src = r ? hr : xr;
-      const fVec vr(rstd);
-      for (int64_t j = 0; j < n; j += kChunk) {
-        const int64_t m = std::min(kChunk, n - j);
-        fVec a, b, wa, wb;
-        IO<T>::load(src + j, m, a, b);
-        IO<W>::load(w + j, m, wa, wb);
-        if (weight_in_fp32) {  // Helium: (w.float() * (h * rstd)).to(T)
-          a = rms_apply_weight_fp32(a, vr, wa);
-          b = rms_apply_weight_fp32(b, vr, wb);
-        } else {  // Arcee: w * (h * rstd).to(T), in the promoted dtype Y
-          a = a * vr;
-          b = b * vr;
-          IO<T>::round(a, b);
-          a = a * wa;
-          b = b * wb;
-        }
-        IO<Y>::store(yr + j, m, a, b);
+      const float sum = add_and_sum<T, kSquares>(xr, rr, hr, n);
+      f(r ? hr : xr, sum, y + i * ys);
+    }
+  });
+}
+
+template <typename T, typename W, typename Y>
+void rms_rows(const T* x, int64_t xs, const T* r, int64_t rs, const W* w, Y* y, int64_t ys, T* h, int64_t hs,
+              int64_t rows, int64_t n, float eps, bool weight_in_fp32) {
+  for_each_row<true>(x, xs, r, rs, y, ys, h, hs, rows, n, [&](const T* src, float sum_sq, Y* yr) {
+    const fVec vr(rms_rstd(sum_sq, n, eps));
+    for (int64_t j = 0; j < n; j += kChunk) {
+      const int64_t m = std::min(kChunk, n - j);
+      fVec a, b, wa, wb;
+      IO<T>::load(src + j, m, a, b);
+      IO<W>::load(w + j, m, wa, wb);
+      if (weight_in_fp32) {  // Helium: (w.float() * (h * rstd)).to(T)
+        a = rms_apply_weight_fp32(a, vr, wa);
+        b = rms_apply_weight_fp32(b, vr, wb);
+      } else {  // Arcee: w * (h * rstd).to(T), in the promoted dtype Y
+        a = a * vr;
+        b = b * vr;
+        IO<T>::round(a, b);
+        a = a * wa;
+        b = b * wb;
       }
+      IO<Y>::store(yr + j, m, a, b);
     }
   });
 }
@@ -71,44 +51,8 @@ void rms_rows(const T* x, int64_t xs, const T* r, int64_t rs, const W* w, Y* y, 
 template <typename T>
 void ln_rows(const T* x, int64_t xs, const T* r, int64_t rs, const T* w, const T* bias, T* y, int64_t ys, T* h,
              int64_t hs, int64_t rows, int64_t n, float eps) {
-  at::parallel_for(0, rows, grain_for(n), [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const T* xr = x + i * xs;
-      const T* rr = r ? r + i * rs : nullptr;
-      T* hr = r ? h + i * hs : nullptr;
-      T* yr = y + i * ys;
-      const float mean = layer_norm_mean(add_and_sum<T, false>(xr, rr, hr, n), n);
-      const T* src = r ? hr : xr;
-      const fVec vm(mean);
-      fVec acc0(0.f), acc1(0.f);
-      for (int64_t j = 0; j < n; j += kChunk) {
-        const int64_t m = std::min(kChunk, n - j);
-        fVec a, b;
-        IO<T>::load(src + j, m, a, b);
-        a = a - vm;
-        b = b - vm;
-        mask_tail(m, a, b);
-        acc0 = at::vec::fmadd(a, a, acc0);
-        acc1 = at::vec::fmadd(b, b, acc1);
-      }
-      const fVec vr(layer_norm_rstd(hsum(acc0 + acc1), n, eps));
-      for (int64_t j = 0; j < n; j += kChunk) {
-        const int64_t m = std::min(kChunk, n - j);
-        fVec a, b, wa, wb;
-        IO<T>::load(src + j, m, a, b);
-        IO<T>::load(w + j, m, wa, wb);
-        if (bias) {
-          fVec ba, bb;
-          IO<T>::load(bias + j, m, ba, bb);
-          a = layer_norm_apply(a, vm, vr, wa, ba);
-          b = layer_norm_apply(b, vm, vr, wb, bb);
-        } else {
-          a = layer_norm_apply(a, vm, vr, wa);
-          b = layer_norm_apply(b, vm, vr, wb);
-        }
-        IO<T>::store(yr + j, m, a, b);
-      }
-    }
+  for_each_row<false>(x, xs, r, rs, y, ys, h, hs, rows, n, [&](const T* src, float sum, T* yr) {
+    layer_norm_row(src, layer_norm_mean(sum, n), w, bias, yr, n, eps);
   });
 }
 
@@ -182,10 +126,7 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const OptT&
 void add_rms_norm_out(const at::Tensor& x, const OptT& residual, const at::Tensor& weight, double eps,
                       bool weight_in_fp32, const at::Tensor& out, const OptT& residual_out) {
   check_norm_args(x, residual, weight, std::nullopt, true);
-  check_out("out", out, x.sizes(), rms_out_dtype(x, weight, weight_in_fp32), x);
-  TORCH_CHECK(residual.has_value() == residual_out.has_value(),
-              "fastlm: add_rms_norm_out needs residual_out exactly when residual is given");
-  if (residual_out) check_out("residual_out", *residual_out, x.sizes(), x.scalar_type(), x);
+  check_norm_outs("add_rms_norm_out", x, residual, rms_out_dtype(x, weight, weight_in_fp32), out, residual_out);
   const int64_t n = x.size(-1);
   run_rms(x, residual, weight, eps, weight_in_fp32, out.view({-1, n}),
           residual_out ? residual_out->view({-1, n}) : at::Tensor());
@@ -204,10 +145,7 @@ std::tuple<at::Tensor, at::Tensor> add_layer_norm(const at::Tensor& x, const Opt
 void add_layer_norm_out(const at::Tensor& x, const OptT& residual, const at::Tensor& weight, const OptT& bias,
                         double eps, const at::Tensor& out, const OptT& residual_out) {
   check_norm_args(x, residual, weight, bias, false);
-  check_out("out", out, x.sizes(), x.scalar_type(), x);
-  TORCH_CHECK(residual.has_value() == residual_out.has_value(),
-              "fastlm: add_layer_norm_out needs residual_out exactly when residual is given");
-  if (residual_out) check_out("residual_out", *residual_out, x.sizes(), x.scalar_type(), x);
+  check_norm_outs("add_layer_norm_out", x, residual, x.scalar_type(), out, residual_out);
   const int64_t n = x.size(-1);
   run_ln(x, residual, weight, bias, eps, out.view({-1, n}), residual_out ? residual_out->view({-1, n}) : at::Tensor());
 }

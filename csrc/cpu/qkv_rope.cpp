@@ -4,7 +4,7 @@
 // read once, processed in an fp32 stack buffer, and written once (v is a straight copy).
 #include "../checks.h"
 #include "../ops.h"
-#include "vec_util.h"
+#include "row_norm.h"
 
 namespace fastlm::cpu {
 namespace {
@@ -41,48 +41,11 @@ struct QkvArgs {
   int64_t pos_sb = 0, pos_ss = 0, tmax = 0;
 };
 
+// qk-LayerNorm of the fp32 head vector buf[0:D] in place (weight / bias of the storage type T).
 template <typename T>
 inline void layer_norm_inplace(float* buf, int64_t D, const T* w, const T* b, float eps) {
-  fVec acc0(0.f), acc1(0.f);
-  for (int64_t j = 0; j < D; j += kChunk) {
-    const int64_t m = std::min(kChunk, D - j);
-    fVec a, c;
-    IO<float>::load(buf + j, m, a, c);
-    mask_tail(m, a, c);
-    acc0 = acc0 + a;
-    acc1 = acc1 + c;
-  }
-  const float mean = layer_norm_mean(hsum(acc0 + acc1), D);
-  const fVec vm(mean);
-  acc0 = fVec(0.f);
-  acc1 = fVec(0.f);
-  for (int64_t j = 0; j < D; j += kChunk) {
-    const int64_t m = std::min(kChunk, D - j);
-    fVec a, c;
-    IO<float>::load(buf + j, m, a, c);
-    a = a - vm;
-    c = c - vm;
-    mask_tail(m, a, c);
-    acc0 = at::vec::fmadd(a, a, acc0);
-    acc1 = at::vec::fmadd(c, c, acc1);
-  }
-  const fVec vr(layer_norm_rstd(hsum(acc0 + acc1), D, eps));
-  for (int64_t j = 0; j < D; j += kChunk) {
-    const int64_t m = std::min(kChunk, D - j);
-    fVec a, c, wa, wc;
-    IO<float>::load(buf + j, m, a, c);
-    IO<T>::load(w + j, m, wa, wc);
-    if (b) {
-      fVec ba, bc;
-      IO<T>::load(b + j, m, ba, bc);
-      a = layer_norm_apply(a, vm, vr, wa, ba);
-      c = layer_norm_apply(c, vm, vr, wc, bc);
-    } else {
-      a = layer_norm_apply(a, vm, vr, wa);
-      c = layer_norm_apply(c, vm, vr, wc);
-    }
-    IO<float>::store(buf + j, m, a, c);
-  }
+  const float mean = layer_norm_mean(add_and_sum<float, false>(buf, nullptr, nullptr, D), D);
+  layer_norm_row(buf, mean, w, b, buf, D, eps);
 }
 
 // RoPE on buf[0:R] with fp32 tables cs/sn of R/2 entries.
@@ -124,8 +87,8 @@ void qkv_kernel(const QkvArgs& a) {
       const int64_t b = tok / S, s = tok % S;
       const T* row = qkv + b * a.qkv_sb + s * a.qkv_ss;
       if (half > 0) {
-        load_row_f32(cosp + b * a.cos_sb + s * a.cos_ss, cs, half);
-        load_row_f32(sinp + b * a.sin_sb + s * a.sin_ss, sn, half);
+        convert_row(cosp + b * a.cos_sb + s * a.cos_ss, cs, half);
+        convert_row(sinp + b * a.sin_sb + s * a.sin_ss, sn, half);
       }
       int64_t pos = 0;
       if (a.k_cache) {
@@ -154,13 +117,13 @@ void qkv_kernel(const QkvArgs& a) {
             std::memcpy(dst, src, D * sizeof(T));
             continue;
           }
-          load_row_f32(src, buf, D);
+          convert_row(src, buf, D);
           if (nw.w) {
             layer_norm_inplace<T>(buf, D, static_cast<const T*>(nw.w) + h * nw.w_head_stride,
                                   nw.b ? static_cast<const T*>(nw.b) + h * nw.b_head_stride : nullptr, a.eps);
           }
           if (R > 0) rope_inplace(buf, R, cs, sn, a.interleaved);
-          store_row_f32(buf, dst, D);
+          convert_row(buf, dst, D);
         }
       }
     }
@@ -208,11 +171,6 @@ QkvArgs make_args(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor
   return a;
 }
 
-void run(const QkvArgs& a, at::ScalarType dtype) {
-  if (a.B * a.S == 0) return;
-  FASTLM_DISPATCH_FLOAT(dtype, "qkv_rope", [&] { qkv_kernel<scalar_t>(a); });
-}
-
 void fill_cache_args(QkvArgs& a, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& pos) {
   a.k_cache = k_cache.data_ptr();
   a.v_cache = v_cache.data_ptr();
@@ -225,6 +183,26 @@ void fill_cache_args(QkvArgs& a, const at::Tensor& k_cache, const at::Tensor& v_
   a.pos_sb = pos.stride(0);
   a.pos_ss = pos.stride(1);
   a.tmax = k_cache.size(2);
+}
+
+// q_out always; k_out/v_out (dense) or, when k_cache is defined, the caches + positions.
+void run_qkv(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const OptT& qw, const OptT& qb,
+             const OptT& kw, const OptT& kb, const QkvDims& d, bool interleaved, bool per_head_layout, double eps,
+             const at::Tensor& q_out, const at::Tensor& k_out, const at::Tensor& v_out, const at::Tensor& k_cache,
+             const at::Tensor& v_cache, const at::Tensor& pos) {
+  at::Tensor qkv_c, cos_c, sin_c;
+  std::array<at::Tensor, 4> norms_c;
+  QkvArgs a = make_args(qkv, cos, sin, qw, qb, kw, kb, d, interleaved, per_head_layout, eps, qkv_c, cos_c, sin_c,
+                        norms_c);
+  a.q_out = q_out.data_ptr();
+  if (k_cache.defined()) {
+    fill_cache_args(a, k_cache, v_cache, pos);
+  } else {
+    a.k_out = k_out.data_ptr();
+    a.v_out = v_out.data_ptr();
+  }
+  if (a.B * a.S == 0) return;
+  FASTLM_DISPATCH_FLOAT(qkv.scalar_type(), "qkv_rope", [&] { qkv_kernel<scalar_t>(a); });
 }
 
 }  // namespace
@@ -246,18 +224,10 @@ void qkv_rope_out(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor
                   const OptT& kw, const OptT& kb, int64_t H, int64_t Hkv, int64_t D, int64_t R, bool interleaved,
                   bool per_head_layout, double eps, const at::Tensor& q_out, const at::Tensor& k_out,
                   const at::Tensor& v_out) {
-  const QkvDims d = check_qkv_args(qkv, cos, sin, qw, qb, kw, kb, H, Hkv, D, R, per_head_layout);
-  check_out("q_out", q_out, {d.B, H, d.S, D}, qkv.scalar_type(), qkv);
-  check_out("k_out", k_out, {d.B, Hkv, d.S, D}, qkv.scalar_type(), qkv);
-  check_out("v_out", v_out, {d.B, Hkv, d.S, D}, qkv.scalar_type(), qkv);
-  at::Tensor qkv_c, cos_c, sin_c;
-  std::array<at::Tensor, 4> norms_c;
-  QkvArgs a = make_args(qkv, cos, sin, qw, qb, kw, kb, d, interleaved, per_head_layout, eps, qkv_c, cos_c, sin_c,
-                        norms_c);
-  a.q_out = q_out.data_ptr();
-  a.k_out = k_out.data_ptr();
-  a.v_out = v_out.data_ptr();
-  run(a, qkv.scalar_type());
+  const QkvDims d =
+      check_qkv_out_args(qkv, cos, sin, qw, qb, kw, kb, H, Hkv, D, R, per_head_layout, q_out, k_out, v_out);
+  run_qkv(qkv, cos, sin, qw, qb, kw, kb, d, interleaved, per_head_layout, eps, q_out, k_out, v_out, at::Tensor(),
+          at::Tensor(), at::Tensor());
 }
 
 at::Tensor qkv_rope_cache(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const OptT& qw,
@@ -276,16 +246,10 @@ void qkv_rope_cache_out(const at::Tensor& qkv, const at::Tensor& cos, const at::
                         const at::Tensor& v_cache, const at::Tensor& cache_positions, int64_t H, int64_t Hkv,
                         int64_t D, int64_t R, bool interleaved, bool per_head_layout, double eps,
                         const at::Tensor& q_out) {
-  const QkvDims d = check_qkv_args(qkv, cos, sin, qw, qb, kw, kb, H, Hkv, D, R, per_head_layout);
-  check_caches(qkv, k_cache, v_cache, cache_positions, d);
-  check_out("q_out", q_out, {d.B, H, d.S, D}, qkv.scalar_type(), qkv);
-  at::Tensor qkv_c, cos_c, sin_c;
-  std::array<at::Tensor, 4> norms_c;
-  QkvArgs a = make_args(qkv, cos, sin, qw, qb, kw, kb, d, interleaved, per_head_layout, eps, qkv_c, cos_c, sin_c,
-                        norms_c);
-  a.q_out = q_out.data_ptr();
-  fill_cache_args(a, k_cache, v_cache, cache_positions);
-  run(a, qkv.scalar_type());
+  const QkvDims d = check_qkv_cache_out_args(qkv, cos, sin, qw, qb, kw, kb, k_cache, v_cache, cache_positions, H,
+                                             Hkv, D, R, per_head_layout, q_out);
+  run_qkv(qkv, cos, sin, qw, qb, kw, kb, d, interleaved, per_head_layout, eps, q_out, at::Tensor(), at::Tensor(),
+          k_cache, v_cache, cache_positions);
 }
 
 }  // namespace fastlm::cpu

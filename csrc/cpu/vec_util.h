@@ -116,23 +116,15 @@ inline float hmax(const fVec& v) {
   return at::vec::vec_reduce_all<float>([](fVec& x, fVec& y) { return at::vec::maximum(x, y); }, v);
 }
 
-// Convert n elements of T to fp32.
-template <typename T>
-inline void load_row_f32(const T* src, float* dst, int64_t n) {
+// Convert n elements from S to D storage through fp32 registers: with D = float, load a row as fp32;
+// with S = float, store an fp32 row as D.
+template <typename S, typename D>
+inline void convert_row(const S* src, D* dst, int64_t n) {
   for (int64_t j = 0; j < n; j += kChunk) {
     const int64_t m = std::min(kChunk, n - j);
     fVec a, b;
-    IO<T>::load(src + j, m, a, b);
-    IO<float>::store(dst + j, m, a, b);
-  }
-}
-template <typename T>
-inline void store_row_f32(const float* src, T* dst, int64_t n) {
-  for (int64_t j = 0; j < n; j += kChunk) {
-    const int64_t m = std::min(kChunk, n - j);
-    fVec a, b;
-    IO<float>::load(src + j, m, a, b);
-    IO<T>::store(dst + j, m, a, b);
+    IO<S>::load(src + j, m, a, b);
+    IO<D>::store(dst + j, m, a, b);
   }
 }
 

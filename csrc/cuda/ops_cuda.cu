@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include "../checks.h"
+#include "../op_impls.h"
 #include "fastlm/activations.cuh"
 #include "fastlm/norm.cuh"
 #include "fastlm/qkv_rope.cuh"
@@ -93,9 +94,7 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const OptT&
 void add_rms_norm_out(const at::Tensor& x, const OptT& residual, const at::Tensor& weight, double eps,
                       bool weight_in_fp32, const at::Tensor& out, const OptT& residual_out) {
   check_norm_args(x, residual, weight, std::nullopt, true);
-  check_out("out", out, x.sizes(), rms_out_dtype(x, weight, weight_in_fp32), x);
-  TORCH_CHECK(residual.has_value() == residual_out.has_value(), "fastlm: residual_out needs residual");
-  if (residual_out) check_out("residual_out", *residual_out, x.sizes(), x.scalar_type(), x);
+  check_norm_outs("add_rms_norm_out", x, residual, rms_out_dtype(x, weight, weight_in_fp32), out, residual_out);
   if (x.numel() > 0)
     run_norm(true, x, residual, weight, std::nullopt, eps, weight_in_fp32, out,
              residual_out ? *residual_out : at::Tensor());
@@ -113,9 +112,7 @@ std::tuple<at::Tensor, at::Tensor> add_layer_norm(const at::Tensor& x, const Opt
 void add_layer_norm_out(const at::Tensor& x, const OptT& residual, const at::Tensor& weight, const OptT& bias,
                         double eps, const at::Tensor& out, const OptT& residual_out) {
   check_norm_args(x, residual, weight, bias, false);
-  check_out("out", out, x.sizes(), x.scalar_type(), x);
-  TORCH_CHECK(residual.has_value() == residual_out.has_value(), "fastlm: residual_out needs residual");
-  if (residual_out) check_out("residual_out", *residual_out, x.sizes(), x.scalar_type(), x);
+  check_norm_outs("add_layer_norm_out", x, residual, x.scalar_type(), out, residual_out);
   if (x.numel() > 0) run_norm(false, x, residual, weight, bias, eps, false, out, residual_out ? *residual_out : at::Tensor());
 }
 
@@ -164,10 +161,8 @@ void qkv_rope_out(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor
                   const OptT& kw, const OptT& kb, int64_t H, int64_t Hkv, int64_t D, int64_t R, bool interleaved,
                   bool per_head_layout, double eps, const at::Tensor& q_out, const at::Tensor& k_out,
                   const at::Tensor& v_out) {
-  const QkvDims d = check_qkv_args(qkv, cos, sin, qw, qb, kw, kb, H, Hkv, D, R, per_head_layout);
-  check_out("q_out", q_out, {d.B, H, d.S, D}, qkv.scalar_type(), qkv);
-  check_out("k_out", k_out, {d.B, Hkv, d.S, D}, qkv.scalar_type(), qkv);
-  check_out("v_out", v_out, {d.B, Hkv, d.S, D}, qkv.scalar_type(), qkv);
+  const QkvDims d =
+      check_qkv_out_args(qkv, cos, sin, qw, qb, kw, kb, H, Hkv, D, R, per_head_layout, q_out, k_out, v_out);
   run_qkv(qkv, cos, sin, qw, qb, kw, kb, d, interleaved, per_head_layout, eps, q_out, k_out, v_out, at::Tensor(),
           at::Tensor(), at::Tensor());
 }
@@ -189,9 +184,8 @@ void qkv_rope_cache_out(const at::Tensor& qkv, const at::Tensor& cos, const at::
                         const OptT& qb, const OptT& kw, const OptT& kb, const at::Tensor& k_cache,
                         const at::Tensor& v_cache, const at::Tensor& pos, int64_t H, int64_t Hkv, int64_t D,
                         int64_t R, bool interleaved, bool per_head_layout, double eps, const at::Tensor& q_out) {
-  const QkvDims d = check_qkv_args(qkv, cos, sin, qw, qb, kw, kb, H, Hkv, D, R, per_head_layout);
-  check_caches(qkv, k_cache, v_cache, pos, d);
-  check_out("q_out", q_out, {d.B, H, d.S, D}, qkv.scalar_type(), qkv);
+  const QkvDims d = check_qkv_cache_out_args(qkv, cos, sin, qw, qb, kw, kb, k_cache, v_cache, pos, H, Hkv, D, R,
+                                             per_head_layout, q_out);
   // Positions are not bounds-checked on the device (a host sync); the engine bounds them.
   run_qkv(qkv, cos, sin, qw, qb, kw, kb, d, interleaved, per_head_layout, eps, q_out, at::Tensor(), at::Tensor(),
           k_cache, v_cache, pos);
@@ -256,17 +250,5 @@ at::Tensor relu2(const at::Tensor& x) {
 }  // namespace fastlm::cuda_binding
 
 TORCH_LIBRARY_IMPL(fastlm, CUDA, m) {
-  using namespace fastlm::cuda_binding;
-  m.impl("add_rms_norm", &add_rms_norm);
-  m.impl("add_rms_norm_out", &add_rms_norm_out);
-  m.impl("add_layer_norm", &add_layer_norm);
-  m.impl("add_layer_norm_out", &add_layer_norm_out);
-  m.impl("qkv_rope", &qkv_rope);
-  m.impl("qkv_rope_out", &qkv_rope_out);
-  m.impl("qkv_rope_cache", &qkv_rope_cache);
-  m.impl("qkv_rope_cache_out", &qkv_rope_cache_out);
-  m.impl("swiglu", &swiglu);
-  m.impl("swiglu_out", &swiglu_out);
-  m.impl("relu2", &relu2);
-  m.impl("relu2_out", &relu2_out);
+  FASTLM_IMPL_COMMON_OPS(m, fastlm::cuda_binding);
 }

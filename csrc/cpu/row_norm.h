@@ -1,0 +1,73 @@
+// Row sweeps shared by the CPU norm kernels: add + RMSNorm / LayerNorm over rows of T (norms.cpp) and
+// the qk-LayerNorm of the QKV epilogue over an fp32 head buffer (qkv_rope.cpp). fp32 statistics.
+#pragma once
+
+#include "vec_util.h"
+
+namespace fastlm::cpu {
+
+// Sweep 1: h = x (+ residual), rounded to T and stored to h when there is a residual (r non-null);
+// returns sum(h) (or sum(h^2) when kSquares).
+template <typename T, bool kSquares>
+inline float add_and_sum(const T* x, const T* r, T* h, int64_t n) {
+  fVec acc0(0.f), acc1(0.f);
+  for (int64_t j = 0; j < n; j += kChunk) {
+    const int64_t m = std::min(kChunk, n - j);
+    fVec a, b;
+    IO<T>::load(x + j, m, a, b);
+    if (r != nullptr) {
+      fVec c, d;
+      IO<T>::load(r + j, m, c, d);
+      a = a + c;
+      b = b + d;
+      IO<T>::store_round(h + j, m, a, b);
+    }
+    mask_tail(m, a, b);
+    if (kSquares) {
+      acc0 = at::vec::fmadd(a, a, acc0);
+      acc1 = at::vec::fmadd(b, b, acc1);
+    } else {
+      acc0 = acc0 + a;
+      acc1 = acc1 + b;
+    }
+  }
+  return hsum(acc0 + acc1);
+}
+
+// LayerNorm of a row of n elements whose mean is known: the centred sum of squares (second sweep, no
+// E[x^2] - E[x]^2 cancellation), then dst = (src - mean) * rstd * w (+ bias) (third sweep). src and
+// dst may be the same buffer (each chunk is read before it is written).
+template <typename S, typename W, typename Y>
+inline void layer_norm_row(const S* src, float mean, const W* w, const W* bias, Y* dst, int64_t n, float eps) {
+  const fVec vm(mean);
+  fVec acc0(0.f), acc1(0.f);
+  for (int64_t j = 0; j < n; j += kChunk) {
+    const int64_t m = std::min(kChunk, n - j);
+    fVec a, b;
+    IO<S>::load(src + j, m, a, b);
+    a = a - vm;
+    b = b - vm;
+    mask_tail(m, a, b);
+    acc0 = at::vec::fmadd(a, a, acc0);
+    acc1 = at::vec::fmadd(b, b, acc1);
+  }
+  const fVec vr(layer_norm_rstd(hsum(acc0 + acc1), n, eps));
+  for (int64_t j = 0; j < n; j += kChunk) {
+    const int64_t m = std::min(kChunk, n - j);
+    fVec a, b, wa, wb;
+    IO<S>::load(src + j, m, a, b);
+    IO<W>::load(w + j, m, wa, wb);
+    if (bias) {
+      fVec ba, bb;
+      IO<W>::load(bias + j, m, ba, bb);
+      a = layer_norm_apply(a, vm, vr, wa, ba);
+      b = layer_norm_apply(b, vm, vr, wb, bb);
+    } else {
+      a = layer_norm_apply(a, vm, vr, wa);
+      b = layer_norm_apply(b, vm, vr, wb);
+    }
+    IO<Y>::store(dst + j, m, a, b);
+  }
+}
+
+}  // namespace fastlm::cpu
