@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +14,6 @@ from fastlm.engine import cli
 from fastlm.engine.detok import IncrementalDetokenizer
 from _models import build_model, make_config
 
-REPO = Path(__file__).resolve().parent.parent
 CORPUS = ["the quick brown fox jumps over the lazy dog", "a fast engine decodes tokens one at a time",
           "static caches and graphs make decoding quick", "héllo wörld, ünïcode tökens strëam fine ✓"]
 PROMPTS = ["the quick brown", "a fast engine decodes"]
@@ -160,25 +158,28 @@ def test_bad_inputs_fail_cleanly(checkpoint, capsys, tmp_path):
     assert "cannot read --prompt-file" in _bad(capsys, "--model", path, "--prompt-file", tmp_path / "missing.txt")
 
 
-def test_no_model_uses_demo_checkpoint_or_fails_cleanly(capsys):
-    if (cli.DEMO_DIR / "config.json").is_file():
-        code, out, err = run_cli(capsys, "--prompt", "hello", "--max-new-tokens", 4, "--json", "--backend", "torch")
-        assert code == 0, err
-        assert json.loads(out.splitlines()[0])["new_tokens"] <= 4
-    else:
-        assert "demo checkpoint is missing" in _bad(capsys, "--prompt", "hello")
+def test_no_model_runs_the_embedded_demo_checkpoint(capsys):
+    assert (cli.DEMO_DIR / "model.safetensors").is_file(), "the demo checkpoint must ship with the package"
+    code, out, err = run_cli(capsys, "--prompt", "The list", "--max-new-tokens", 8, "--json")
+    assert code == 0, err
+    record = json.loads(out.splitlines()[0])
+    assert record["text"].strip() and 1 <= record["new_tokens"] <= 8
 
 
-def test_python_m_fastlm_generate(checkpoint):
+def test_missing_demo_checkpoint_fails_cleanly(capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(cli, "DEMO_DIR", tmp_path / "demo")
+    assert "demo checkpoint is missing" in _bad(capsys, "--prompt", "hello")
+
+
+def test_python_m_fastlm_generate(checkpoint, tmp_path):
     path, model, tokenizer = checkpoint
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "fastlm", "generate", "--model", str(path), "--prompt", PROMPTS[1],
                            "--max-new-tokens", "8", "--json", "--backend", "torch"],
-                          capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
+                          capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["token_ids"] == hf_greedy(model, tokenizer, PROMPTS[1], 8)
     bad = subprocess.run([sys.executable, "-m", "fastlm", "generate", "--model", "/definitely/not/here",
-                          "--prompt", "x"], capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
+                          "--prompt", "x"], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().count("\n") == 0 and "does not exist" in bad.stderr

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import subprocess
+import tempfile
 import sys
 
 import pytest
@@ -439,5 +440,6 @@ def test_import_order_with_python_fragments(cpp_first):
     load_py = "_lib = register_python_op()"
     first, second = (load_cpp, load_py) if cpp_first else (load_py, load_cpp)
     script = ORDER_SCRIPT.format(tag="a" if cpp_first else "b", first=first, second=second)
-    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         cwd=tempfile.gettempdir())  # the installed fastlm, not the source tree
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]

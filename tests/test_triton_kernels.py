@@ -11,6 +11,7 @@ os.environ["TRITON_INTERPRET"] = "1"  # must precede any import of triton
 import inspect  # noqa: E402
 import math  # noqa: E402
 import subprocess  # noqa: E402
+import tempfile  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -358,7 +359,8 @@ else:
 print("OK")
 '''
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                         cwd=tempfile.gettempdir())
     assert res.returncode == 0 and "OK" in res.stdout, res.stdout + res.stderr
 
 
@@ -438,7 +440,7 @@ def test_kernels_compile_for_sm80_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     res = subprocess.run([sys.executable, "-c", _LOADER + _COMPILE_SCRIPT], env=env, capture_output=True,
-                         text=True, timeout=600)
+                         text=True, timeout=600, cwd=tempfile.gettempdir())
     if "SKIP" in res.stdout:
         pytest.skip(res.stdout.strip())
     assert res.returncode == 0 and "OK" in res.stdout, res.stdout[-3000:] + res.stderr[-5000:]
