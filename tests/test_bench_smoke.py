@@ -96,3 +96,15 @@ def test_count_ops_per_layer_restores_patch_state():
     fastlm.patch(model, "torch")
     assert count_ops_per_layer(model, None) == hf
     assert fastlm.is_patched(model)
+
+
+def test_merge_combines_runs_suite_by_suite(tiny_run, tmp_path, capsys):
+    out, rows = tiny_run
+    merged = tmp_path / "merged"
+    assert bench_main(["--merge", str(out), "--out", str(merged), "--no-plots"]) == 0
+    with open(merged / "results.csv") as f:
+        records = list(csv.DictReader(f))
+    assert sorted((r["suite"], r["case"], r["provider"]) for r in records) == \
+        sorted((r.suite, r.case, r.provider) for r in rows)
+    summary = (merged / "summary.md").read_text()
+    assert "suite `kernels` from `test`" in summary

@@ -25,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plots", dest="plots", action="store_false", help="skip PNG plots")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar on stderr")
     p.add_argument("--list", action="store_true", help="list the planned cases and exit")
+    p.add_argument("--merge", nargs="+", metavar="RUN_DIR", default=None,
+                   help="run nothing: combine earlier runs' outputs into --out, suite by suite (later wins)")
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # test-sized cases (smoke tests)
     return p
 
@@ -51,6 +53,12 @@ def main(argv=None) -> int:
             for s, c in t.keys:
                 if sel(s, c):
                     print(f"{s}/{c}")
+        return 0
+    if args.merge:
+        from fastlm.bench.driver import merge_results
+
+        rows = merge_results(args.out, args.merge, plots=args.plots)
+        print(f"fastlm bench: merged {len(rows)} rows from {', '.join(args.merge)} -> {args.out}/summary.md")
         return 0
     from fastlm.bench.driver import run_benchmarks
 

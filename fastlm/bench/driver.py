@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import re
 import time
@@ -128,4 +129,62 @@ def run_benchmarks(out_dir: str = "bench-results", *, suites=None, quick: bool =
     return rows
 
 
-__all__ = ["run_benchmarks", "parse_dtypes", "make_filter"]
+def _read_rows(path) -> list[Row]:
+    import csv
+    import dataclasses
+
+    types = {f.name: f.type for f in dataclasses.fields(Row)}
+    rows = []
+    with open(path, newline="") as f:
+        for rec in csv.DictReader(f):
+            kw = {}
+            for name, text in rec.items():
+                if name not in types:
+                    continue
+                kind = types[name]
+                if kind in ("float", float):
+                    kw[name] = float(text) if text else math.nan
+                elif kind in ("int", int):
+                    kw[name] = int(float(text)) if text else 0
+                else:
+                    kw[name] = text
+            rows.append(Row(**kw))
+    return rows
+
+
+def merge_results(out_dir: str, run_dirs: list[str], plots: bool = True) -> list[Row]:
+    """Combine earlier runs' outputs suite by suite (a later run's suite replaces an earlier run's)
+    into one results.csv, summary.md and plots: e.g. end-to-end suites from one run and the kernel
+    suites re-run on a quieter machine. The summary names the run each suite came from."""
+    by_suite: dict[str, tuple[str, list[Row]]] = {}
+    infos = []
+    for d in run_dirs:
+        rows = _read_rows(os.path.join(d, "results.csv"))
+        with open(os.path.join(d, "machine.json")) as f:
+            info = json.load(f)
+        infos.append(info)
+        for suite in dict.fromkeys(r.suite for r in rows):
+            by_suite[suite] = (info["meta"].get("command", d), [r for r in rows if r.suite == suite])
+    order = [s for s in SUITES if s in by_suite] + [s for s in by_suite if s not in SUITES]
+    rows = [r for s in order for r in by_suite[s][1]]
+    fill_speedups(rows)
+    os.makedirs(out_dir, exist_ok=True)
+    write_csv(rows, os.path.join(out_dir, "results.csv"))
+    plot_paths, plot_note = make_plots(out_dir, rows) if plots else ([], "Plots disabled.")
+    last = infos[-1]
+    meta = dict(last["meta"])
+    meta["command"] = " + ".join(dict.fromkeys(cmd for cmd, _ in by_suite.values()))
+    meta["wall_s"] = sum(i["meta"].get("wall_s", 0) for i in infos)
+    notes = list(meta.get("notes", []))
+    notes += [f"suite `{s}` from `{by_suite[s][0]}`" for s in order]
+    meta["notes"] = notes
+    meta["e2e_models"] = {k: v for i in infos for k, v in i["meta"].get("e2e_models", {}).items()}
+    write_summary(os.path.join(out_dir, "summary.md"), rows, last["machine"], last["copy_bandwidth_gbs"], meta,
+                  last["backends"], plot_paths, plot_note)
+    with open(os.path.join(out_dir, "machine.json"), "w") as f:
+        json.dump(dict(machine=last["machine"], copy_bandwidth_gbs=last["copy_bandwidth_gbs"], meta=meta,
+                       backends=last["backends"], merged_from=run_dirs), f, indent=2, default=str)
+    return rows
+
+
+__all__ = ["run_benchmarks", "merge_results", "parse_dtypes", "make_filter"]
