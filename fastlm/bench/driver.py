@@ -160,9 +160,12 @@ def merge_results(out_dir: str, run_dirs: list[str], plots: bool = True) -> list
     infos = []
     for d in run_dirs:
         rows = _read_rows(os.path.join(d, "results.csv"))
-        with open(os.path.join(d, "machine.json")) as f:
-            info = json.load(f)
-        infos.append(info)
+        try:
+            with open(os.path.join(d, "machine.json")) as f:
+                info = json.load(f)
+            infos.append(info)
+        except FileNotFoundError:  # an interrupted run: its CSV holds every finished case
+            info = {"meta": {"command": f"{d} (interrupted run: the cases it finished)"}}
         for suite in dict.fromkeys(r.suite for r in rows):
             by_suite[suite] = (info["meta"].get("command", d), [r for r in rows if r.suite == suite])
     order = [s for s in SUITES if s in by_suite] + [s for s in by_suite if s not in SUITES]
@@ -171,6 +174,8 @@ def merge_results(out_dir: str, run_dirs: list[str], plots: bool = True) -> list
     os.makedirs(out_dir, exist_ok=True)
     write_csv(rows, os.path.join(out_dir, "results.csv"))
     plot_paths, plot_note = make_plots(out_dir, rows) if plots else ([], "Plots disabled.")
+    if not infos:
+        raise ValueError("--merge needs at least one complete run (with machine.json) for the machine description")
     last = infos[-1]
     meta = dict(last["meta"])
     meta["command"] = " + ".join(dict.fromkeys(cmd for cmd, _ in by_suite.values()))
