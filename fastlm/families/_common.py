@@ -40,4 +40,22 @@ def patch_layers(base_model, backend: str, *, norm_kind: str, attention_spec, ml
     base_model.__dict__["_fastlm_final_norm"] = final_norm  # read by the engine; dropped by unpatch
 
 
-__all__ = ["AttentionSpec", "MLPSpec", "rotary_dim_of", "eager_attention_of", "mlp_activation", "patch_layers"]
+def patch_llama_layout(base_model, backend: str, *, interleaved: bool, gated: bool,
+                       rms_weight_in_fp32: bool) -> None:
+    """Arcee and Helium share Llama's layout (RMSNorm, separate q/k/v/o with GQA, full-head RoPE,
+    ``model.norm``); they differ in the RoPE pairing, the MLP and the RMSNorm cast order."""
+    config = base_model.config
+    rotary_dim = rotary_dim_of(base_model)
+
+    def attention_spec(attn):
+        return AttentionSpec(num_heads=config.num_attention_heads, num_kv_heads=config.num_key_value_heads,
+                             head_dim=attn.head_dim, rotary_dim=rotary_dim, interleaved=interleaved,
+                             per_head_layout=False, eager_fn=eager_attention_of(attn))
+
+    mlp = MLPSpec(gated=gated, up_name="up_proj", down_name="down_proj",
+                  activation=mlp_activation(config.hidden_act, gated=gated))
+    patch_layers(base_model, backend, norm_kind="rms", attention_spec=attention_spec, mlp_spec=mlp,
+                 final_norm="norm", rms_weight_in_fp32=rms_weight_in_fp32)
+
+
+__all__ = ["patch_llama_layout", "AttentionSpec", "MLPSpec", "rotary_dim_of", "eager_attention_of", "mlp_activation", "patch_layers"]
