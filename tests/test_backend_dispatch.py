@@ -54,8 +54,11 @@ def test_env_override_applies_to_auto_only(monkeypatch, fresh_auto):
     assert _backend.resolve("torch", "cpu") == "torch"
 
 
-def test_reference_used_for_ops_a_backend_does_not_implement():
-    assert _backend.impl("add_rms_norm", "torch") is fastlm.ops.rms_norm.add_rms_norm_ref
+def test_reference_used_for_ops_a_backend_does_not_implement(monkeypatch):
+    monkeypatch.setattr(_backend, "_LOADED", _backend._LOADED | {"cpp"})
+    monkeypatch.setitem(_backend._IMPLS, "add_rms_norm", {"torch": fastlm.ops.rms_norm.add_rms_norm_ref})
+    assert not _backend.has_impl("add_rms_norm", "cpp")
+    assert _backend.impl("add_rms_norm", "cpp") is fastlm.ops.rms_norm.add_rms_norm_ref
 
 
 def test_info_command_lists_every_backend():

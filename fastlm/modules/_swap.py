@@ -53,6 +53,3 @@ def restore_class(module: nn.Module) -> bool:
         del module.__dict__[name]
     return True
 
-
-def is_swapped(module: nn.Module) -> bool:
-    return ORIG_CLASS_ATTR in module.__dict__
