@@ -7,10 +7,14 @@ Build knobs (environment):
   FASTLM_SKIP_EXT=1          build no extension (pure-Python install: the reference backend only)
   FASTLM_SKIP_CUDA_BUILD=1   build the CPU extension only, even with a CUDA torch and nvcc
   FASTLM_CUDA_ARCHS="80;90"  SM architectures for the CUDA kernels
-  FASTLM_CPU_ISA=avx2|default  SIMD level of the CPU kernels (x86-64 default: avx2, i.e. -mavx2 -mfma
-                             -mf16c with at::vec's CPU_CAPABILITY_AVX2 path; `default` gives torch's
-                             portable baseline path). fastlm.ops._cpp refuses to load an avx2 build on
-                             a CPU without AVX2.
+  FASTLM_CPU_ISA=auto|avx512|avx2|default  SIMD level of the CPU kernels. `auto` (the default) takes
+                             what ATen itself dispatches to on the building machine
+                             (torch.backends.cpu.get_cpu_capability(): AVX512 -> avx512, else avx2 on
+                             x86-64, else default); the extension is built from source where it runs.
+                             avx512 = -mavx512f/bw/vl/dq with at::vec's CPU_CAPABILITY_AVX512 path,
+                             avx2 = -mavx2 -mfma -mf16c with CPU_CAPABILITY_AVX2, default = torch's
+                             portable baseline. The chosen level is written to fastlm/_build_config.py,
+                             and fastlm.ops._cpp refuses to load a build on a CPU that lacks it.
   MAX_JOBS                   parallel compile jobs (ninja)
 Install: pip install --no-build-isolation ".[test]"   (or -e . for an in-place build)
 """
@@ -44,16 +48,32 @@ def _extensions():
         return [], {}
 
     is_x86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
-    isa = os.environ.get("FASTLM_CPU_ISA", "avx2" if is_x86 else "default").lower()
+    isa = os.environ.get("FASTLM_CPU_ISA", "auto").lower()
+    if isa == "auto":
+        capability = torch.backends.cpu.get_cpu_capability().upper()
+        isa = "avx512" if is_x86 and capability.startswith("AVX512") else "avx2" if is_x86 else "default"
     cxx = ["-O3", "-fno-math-errno", "-fno-trapping-math"]
-    if isa == "avx2":
-        if not is_x86:
-            raise RuntimeError("FASTLM_CPU_ISA=avx2 needs an x86-64 target")
+    if isa in ("avx2", "avx512") and not is_x86:
+        raise RuntimeError(f"FASTLM_CPU_ISA={isa} needs an x86-64 target")
+    if isa == "avx512":
+        cxx += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+                "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
+    elif isa == "avx2":
         cxx += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
     elif isa == "default":
         cxx += ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"]
     else:
-        raise RuntimeError(f"FASTLM_CPU_ISA must be avx2 or default, got {isa!r}")
+        raise RuntimeError(f"FASTLM_CPU_ISA must be auto, avx512, avx2 or default, got {isa!r}")
+    with open(os.path.join(ROOT, "fastlm", "_build_config.py"), "w") as f:
+        f.write(f'"""Written by setup.py at build time."""\nCPU_ISA = {isa!r}\n')
+    # at::parallel_for is an inline template around `#pragma omp parallel` when ATen's parallel backend
+    # is OpenMP: without -fopenmp the pragma is dropped and every kernel runs on one thread. Linking
+    # -fopenmp resolves to the libgomp.so.1 that torch has already loaded (same soname), so the
+    # extension shares torch's thread pool and honours torch.set_num_threads.
+    link = []
+    if torch.backends.openmp.is_available() and platform.system() == "Linux":
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
 
     sources = _rel([os.path.join(ROOT, "csrc", "ops.cpp")] + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
     include_dirs = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")]
@@ -77,10 +97,10 @@ def _extensions():
         ext = cpp_extension.CUDAExtension(
             "fastlm._C", sources, include_dirs=include_dirs,
             define_macros=[("FASTLM_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": nvcc})
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=link)
     else:
         ext = cpp_extension.CppExtension("fastlm._C", sources, include_dirs=include_dirs,
-                                         extra_compile_args={"cxx": cxx})
+                                         extra_compile_args={"cxx": cxx}, extra_link_args=link)
     build_ext = cpp_extension.BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None
                                                           or _has_ninja_module())
     return [ext], {"build_ext": build_ext}

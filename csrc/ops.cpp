@@ -5,6 +5,11 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
 #include "ops.h"
 
 TORCH_LIBRARY(fastlm, m) {
@@ -63,12 +68,26 @@ std::string cpu_isa() {
 #endif
 }
 
+// Distinct threads that ran the tasks of one at::parallel_for over `tasks` single-item tasks, as the
+// kernels call it. A build without OpenMP drops the `#pragma omp parallel` inside at::parallel_for and
+// silently runs every kernel on one thread: the test suite checks this against torch's thread count.
+int64_t parallel_threads_used(int64_t tasks) {
+  std::vector<int> seen(std::max(at::get_num_threads(), 1), 0);
+  at::parallel_for(0, tasks, 1, [&](int64_t, int64_t) {
+    const int id = at::get_thread_num();
+    if (id >= 0 && id < static_cast<int>(seen.size())) seen[id] = 1;
+  });
+  return std::count(seen.begin(), seen.end(), 1);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastlm C++ ops (registered as torch.ops.fastlm.*)";
   m.def("has_cuda_kernels", &has_cuda_kernels, "whether this build contains the CUDA kernels");
   m.def("cpu_isa", &cpu_isa, "the SIMD level the CPU kernels were compiled for");
+  m.def("parallel_threads_used", &parallel_threads_used,
+        "threads that one at::parallel_for over `tasks` tasks ran on (1 means the build lost OpenMP)");
   // Direct pybind entry points (no dispatcher): used only to measure the torch.ops dispatch overhead.
   m.def("_direct_add_rms_norm", &fastlm::cpu::add_rms_norm);
   m.def("_direct_relu2", &fastlm::cpu::relu2);

@@ -1,18 +1,21 @@
 """fastlm: fused kernels and a fast decode engine for Arcee, StableLM, Persimmon and Helium."""
-from fastlm.errors import UnsupportedModelError
-from fastlm.ops import BackendUnavailableError
-from fastlm.patch import SUPPORTED_MODEL_TYPES, is_patched, patch, unpatch
+from fastlm.errors import BackendUnavailableError, UnsupportedModelError
 
 __version__ = "0.1.0"
 
 __all__ = ["patch", "unpatch", "is_patched", "generate", "stream", "UnsupportedModelError",
            "BackendUnavailableError", "SUPPORTED_MODEL_TYPES", "__version__"]
 
-_LAZY = {"generate": "fastlm.engine.api", "stream": "fastlm.engine.api"}
+# Everything that needs torch is imported on first use: `import fastlm` stays light, and the `fastlm`
+# command (fastlm.cli) can set allocator options before torch is first imported.
+_LAZY = {
+    "patch": "fastlm.patch", "unpatch": "fastlm.patch", "is_patched": "fastlm.patch",
+    "SUPPORTED_MODEL_TYPES": "fastlm.patch",
+    "generate": "fastlm.engine.api", "stream": "fastlm.engine.api",
+}
 
 
 def __getattr__(name):
-    """``fastlm.generate`` / ``fastlm.stream`` import the engine on first use, so ``import fastlm`` stays light."""
     if name in _LAZY:
         import importlib
 
@@ -20,3 +23,7 @@ def __getattr__(name):
         globals()[name] = value
         return value
     raise AttributeError(f"module 'fastlm' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

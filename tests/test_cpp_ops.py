@@ -369,6 +369,26 @@ def test_public_api_uses_cpp_backend():
     assert ok == bool(torch._C._dispatch_has_kernel_for_dispatch_key("fastlm::add_rms_norm", "CUDA")), why
 
 
+def test_kernels_run_on_torchs_threads():
+    # at::parallel_for without OpenMP at build time runs every kernel on one thread, silently.
+    import fastlm._C as C
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert C.parallel_threads_used(64) == 2, "fastlm._C was built without OpenMP: kernels are single-threaded"
+        torch.set_num_threads(1)
+        assert C.parallel_threads_used(64) == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_build_isa_matches_record():
+    from fastlm._build_config import CPU_ISA
+
+    assert _cpp.CPU_ISA == CPU_ISA
+
+
 def _opcheck_cases():
     bf = torch.bfloat16
     x, r, w, b = torch.randn(3, 5, 64), torch.randn(3, 5, 64), torch.randn(64), torch.randn(64)

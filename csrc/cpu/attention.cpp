@@ -7,6 +7,7 @@
 #include "vec_util.h"
 
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace fastlm::cpu {
@@ -25,6 +26,17 @@ inline float dot(const float* a, const float* b, int64_t n) {
     acc1 = at::vec::fmadd(a1, b1, acc1);  // zero-filled tails contribute 0
   }
   return hsum(acc0 + acc1);
+}
+
+// A K/V row as fp32: the row itself for fp32 storage, else converted into buf.
+template <typename T>
+inline const float* row_f32(const T* p, float* buf, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    return p;
+  } else {
+    convert_row(p, buf, n);
+    return buf;
+  }
 }
 
 template <typename T>
@@ -48,8 +60,8 @@ void decode_kernel(const T* q, int64_t q_sb, int64_t q_sh, const T* kc, const in
       for (int64_t t0 = 0; t0 < L; t0 += kBlock) {
         const int64_t tb = std::min(kBlock, L - t0);
         for (int64_t t = 0; t < tb; ++t) {  // scores = q . k * scale
-          convert_row(kbase + (t0 + t) * ks[2], row.data(), D);
-          for (int64_t g = 0; g < G; ++g) scores[g * kBlock + t] = dot(qf.data() + g * D, row.data(), D) * scale;
+          const float* k = row_f32(kbase + (t0 + t) * ks[2], row.data(), D);
+          for (int64_t g = 0; g < G; ++g) scores[g * kBlock + t] = dot(qf.data() + g * D, k, D) * scale;
         }
         for (int64_t g = 0; g < G; ++g) {  // online softmax: rescale the running sums to the new max
           float* sc = scores.data() + g * kBlock;
@@ -81,13 +93,13 @@ void decode_kernel(const T* q, int64_t q_sb, int64_t q_sh, const T* kc, const in
           }
         }
         for (int64_t t = 0; t < tb; ++t) {  // acc += p * v
-          convert_row(vbase + (t0 + t) * vs[2], row.data(), D);
+          const float* v = row_f32(vbase + (t0 + t) * vs[2], row.data(), D);
           for (int64_t g = 0; g < G; ++g) {
             const fVec p(scores[g * kBlock + t]);
             float* ag = acc.data() + g * D;
             for (int64_t j = 0; j < D; j += kF) {
               const int64_t m = std::min(kF, D - j);
-              at::vec::fmadd(p, fVec::loadu(row.data() + j, m), fVec::loadu(ag + j, m)).store(ag + j, m);
+              at::vec::fmadd(p, fVec::loadu(v + j, m), fVec::loadu(ag + j, m)).store(ag + j, m);
             }
           }
         }

@@ -4,35 +4,46 @@
 #include "../ops.h"
 #include "row_norm.h"
 
+#include <type_traits>
+#include <vector>
+
 namespace fastlm::cpu {
 namespace {
 
 // For each row (in parallel): sweep 1 of row_norm.h (h = x + residual, stored; sum of h, or of h^2
-// when kSquares), then f(src, sum, y_row) with src the row of h (of x without a residual).
+// when kSquares), then f(src, sum, y_row) with src the fp32 row of h (of x without a residual). For
+// 16-bit T the row is kept in a per-task fp32 scratch buffer (L1-resident at these widths), so the
+// later sweeps pay no conversions; for fp32 they read the h / x row itself.
 template <bool kSquares, typename T, typename Y, typename F>
 void for_each_row(const T* x, int64_t xs, const T* r, int64_t rs, Y* y, int64_t ys, T* h, int64_t hs, int64_t rows,
                   int64_t n, const F& f) {
   at::parallel_for(0, rows, grain_for(n), [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(std::is_same_v<T, float> ? 0 : n);
     for (int64_t i = begin; i < end; ++i) {
       const T* xr = x + i * xs;
       const T* rr = r ? r + i * rs : nullptr;
       T* hr = r ? h + i * hs : nullptr;
-      const float sum = add_and_sum<T, kSquares>(xr, rr, hr, n);
-      f(r ? hr : xr, sum, y + i * ys);
+      if constexpr (std::is_same_v<T, float>) {
+        const float sum = add_and_sum<T, kSquares>(xr, rr, hr, n);
+        f(r ? hr : xr, sum, y + i * ys);
+      } else {
+        const float sum = add_and_sum<T, kSquares>(xr, rr, hr, n, scratch.data());
+        f(scratch.data(), sum, y + i * ys);
+      }
     }
   });
 }
 
-template <typename T, typename W, typename Y>
-void rms_rows(const T* x, int64_t xs, const T* r, int64_t rs, const W* w, Y* y, int64_t ys, T* h, int64_t hs,
+template <typename T, typename Y>
+void rms_rows(const T* x, int64_t xs, const T* r, int64_t rs, const float* w, Y* y, int64_t ys, T* h, int64_t hs,
               int64_t rows, int64_t n, float eps, bool weight_in_fp32) {
-  for_each_row<true>(x, xs, r, rs, y, ys, h, hs, rows, n, [&](const T* src, float sum_sq, Y* yr) {
+  for_each_row<true>(x, xs, r, rs, y, ys, h, hs, rows, n, [&](const float* src, float sum_sq, Y* yr) {
     const fVec vr(rms_rstd(sum_sq, n, eps));
     for (int64_t j = 0; j < n; j += kChunk) {
       const int64_t m = std::min(kChunk, n - j);
       fVec a, b, wa, wb;
-      IO<T>::load(src + j, m, a, b);
-      IO<W>::load(w + j, m, wa, wb);
+      IO<float>::load(src + j, m, a, b);
+      IO<float>::load(w + j, m, wa, wb);
       if (weight_in_fp32) {  // Helium: (w.float() * (h * rstd)).to(T)
         a = rms_apply_weight_fp32(a, vr, wa);
         b = rms_apply_weight_fp32(b, vr, wb);
@@ -49,9 +60,9 @@ void rms_rows(const T* x, int64_t xs, const T* r, int64_t rs, const W* w, Y* y, 
 }
 
 template <typename T>
-void ln_rows(const T* x, int64_t xs, const T* r, int64_t rs, const T* w, const T* bias, T* y, int64_t ys, T* h,
+void ln_rows(const T* x, int64_t xs, const T* r, int64_t rs, const float* w, const float* bias, T* y, int64_t ys, T* h,
              int64_t hs, int64_t rows, int64_t n, float eps) {
-  for_each_row<false>(x, xs, r, rs, y, ys, h, hs, rows, n, [&](const T* src, float sum, T* yr) {
+  for_each_row<false>(x, xs, r, rs, y, ys, h, hs, rows, n, [&](const float* src, float sum, T* yr) {
     layer_norm_row(src, layer_norm_mean(sum, n), w, bias, yr, n, eps);
   });
 }
@@ -70,25 +81,22 @@ void run_rms(const at::Tensor& x, const OptT& residual, const at::Tensor& weight
              const at::Tensor& y2d, const at::Tensor& h2d) {
   const at::Tensor x2 = rows_view(x);
   const at::Tensor r2 = residual ? rows_view(*residual) : at::Tensor();
-  const at::Tensor w = weight.contiguous();
+  // Weights widened to fp32 once per call (exact), so the row loops never convert them.
+  const at::Tensor w = weight.to(at::kFloat).contiguous();
   const int64_t rows = x2.size(0), n = x2.size(1);
   if (rows == 0) return;
-  const bool w32 = w.scalar_type() == at::kFloat;
   const bool y32 = y2d.scalar_type() == at::kFloat;
   FASTLM_DISPATCH_FLOAT(x.scalar_type(), "add_rms_norm", [&] {
     using T = scalar_t;
     const T* rp = residual ? ptr<T>(r2) : nullptr;
     T* hp = residual ? mptr<T>(h2d) : nullptr;
     const int64_t rs = residual ? row_stride(r2) : 0, hs = residual ? row_stride(h2d) : 0;
-    if (w32 && y32) {
-      rms_rows<T, float, float>(ptr<T>(x2), row_stride(x2), rp, rs, ptr<float>(w), mptr<float>(y2d),
-                                row_stride(y2d), hp, hs, rows, n, static_cast<float>(eps), weight_in_fp32);
-    } else if (w32) {
-      rms_rows<T, float, T>(ptr<T>(x2), row_stride(x2), rp, rs, ptr<float>(w), mptr<T>(y2d), row_stride(y2d), hp,
-                            hs, rows, n, static_cast<float>(eps), weight_in_fp32);
+    if (y32) {
+      rms_rows<T, float>(ptr<T>(x2), row_stride(x2), rp, rs, ptr<float>(w), mptr<float>(y2d), row_stride(y2d), hp,
+                         hs, rows, n, static_cast<float>(eps), weight_in_fp32);
     } else {
-      rms_rows<T, T, T>(ptr<T>(x2), row_stride(x2), rp, rs, ptr<T>(w), mptr<T>(y2d), row_stride(y2d), hp, hs, rows,
-                        n, static_cast<float>(eps), weight_in_fp32);
+      rms_rows<T, T>(ptr<T>(x2), row_stride(x2), rp, rs, ptr<float>(w), mptr<T>(y2d), row_stride(y2d), hp, hs,
+                     rows, n, static_cast<float>(eps), weight_in_fp32);
     }
   });
 }
@@ -97,14 +105,14 @@ void run_ln(const at::Tensor& x, const OptT& residual, const at::Tensor& weight,
             const at::Tensor& y2d, const at::Tensor& h2d) {
   const at::Tensor x2 = rows_view(x);
   const at::Tensor r2 = residual ? rows_view(*residual) : at::Tensor();
-  const at::Tensor w = weight.contiguous();
-  const at::Tensor b = bias ? bias->contiguous() : at::Tensor();
+  const at::Tensor w = weight.to(at::kFloat).contiguous();
+  const at::Tensor b = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
   const int64_t rows = x2.size(0), n = x2.size(1);
   if (rows == 0) return;
   FASTLM_DISPATCH_FLOAT(x.scalar_type(), "add_layer_norm", [&] {
     using T = scalar_t;
     ln_rows<T>(ptr<T>(x2), row_stride(x2), residual ? ptr<T>(r2) : nullptr, residual ? row_stride(r2) : 0,
-               ptr<T>(w), bias ? ptr<T>(b) : nullptr, mptr<T>(y2d), row_stride(y2d),
+               ptr<float>(w), bias ? ptr<float>(b) : nullptr, mptr<T>(y2d), row_stride(y2d),
                residual ? mptr<T>(h2d) : nullptr, residual ? row_stride(h2d) : 0, rows, n, static_cast<float>(eps));
   });
 }

@@ -6,10 +6,11 @@
 
 namespace fastlm::cpu {
 
-// Sweep 1: h = x (+ residual), rounded to T and stored to h when there is a residual (r non-null);
-// returns sum(h) (or sum(h^2) when kSquares).
+// Sweep 1: h = x (+ residual), rounded to T and stored to h when there is a residual (r non-null),
+// and the fp32 value of that row also stored to row32 when given; returns sum(h) (or sum(h^2) when
+// kSquares).
 template <typename T, bool kSquares>
-inline float add_and_sum(const T* x, const T* r, T* h, int64_t n) {
+inline float add_and_sum(const T* x, const T* r, T* h, int64_t n, float* row32 = nullptr) {
   fVec acc0(0.f), acc1(0.f);
   for (int64_t j = 0; j < n; j += kChunk) {
     const int64_t m = std::min(kChunk, n - j);
@@ -22,6 +23,7 @@ inline float add_and_sum(const T* x, const T* r, T* h, int64_t n) {
       b = b + d;
       IO<T>::store_round(h + j, m, a, b);
     }
+    if (row32 != nullptr) IO<float>::store(row32 + j, m, a, b);
     mask_tail(m, a, b);
     if (kSquares) {
       acc0 = at::vec::fmadd(a, a, acc0);

@@ -42,6 +42,9 @@ def describe(device: torch.device) -> dict:
         "transformers": transformers.__version__,
         "fastlm": fastlm.__version__,
         "device": str(device),
+        # c10's THP_MEM_ALLOC_ENABLE (the `fastlm` command sets it; see fastlm.cli): large CPU tensors on
+        # huge pages, i.e. far fewer page faults, for every provider alike
+        "thp_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE", "0") == "1",
     }
     try:
         info["loadavg"] = " ".join(f"{x:.2f}" for x in os.getloadavg())

@@ -81,6 +81,10 @@ def write_summary(path, rows: list[Row], machine: dict, copy_bw: float, meta: di
     L.append(f"- device benchmarked: `{machine.get('device')}`")
     L.append(f"- python {machine.get('python')}, torch {machine.get('torch')}, transformers "
              f"{machine.get('transformers')}, fastlm {machine.get('fastlm')}")
+    if machine.get("device") == "cpu" and "thp_alloc" in machine:
+        L.append("- large CPU tensors on transparent huge pages (`THP_MEM_ALLOC_ENABLE=1`, set by the `fastlm` "
+                 "command; applies to every provider): " + ("yes" if machine["thp_alloc"] else
+                                                           "no (each large output pays 4 KiB page faults)"))
     if "loadavg" in machine:
         L.append(f"- load average at start: {machine['loadavg']} (other work on the machine skews timings)")
     L.append(f"- measured memory copy bandwidth: **{copy_bw:.1f} GB/s** (`dst.copy_(src)` on "

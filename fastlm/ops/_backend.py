@@ -20,6 +20,8 @@ from typing import Callable
 
 import torch
 
+from fastlm.errors import BackendUnavailableError  # noqa: F401  (re-exported by fastlm.ops)
+
 BACKENDS = ("torch", "triton", "cpp")
 BACKEND_CHOICES = ("auto",) + BACKENDS
 
@@ -32,10 +34,6 @@ _AUTO_CACHE: dict[str, str] = {}
 # every op call (decode on CPU pays for each microsecond), filled on first use.
 _DISPATCH_CACHE: dict[tuple[str, str, str], Callable] = {}
 _BACKEND_MODULES = {"triton": "fastlm.kernels", "cpp": "fastlm.ops._cpp"}
-
-
-class BackendUnavailableError(RuntimeError):
-    """An explicitly requested backend cannot run here; the message says why."""
 
 
 def register(op: str, backend: str):

@@ -20,17 +20,23 @@ from fastlm.ops._backend import register
 
 
 def _check_cpu_isa() -> None:
-    # An avx2 build (the x86-64 default, see setup.py) must not even be loaded on a CPU without AVX2:
-    # its static initialisers may already use AVX instructions.
+    # An x86-64 build targets one SIMD level (setup.py: FASTLM_CPU_ISA, auto-detected on the building
+    # machine) and must not even be loaded on a CPU without it: its static initialisers may already
+    # use those instructions. Only a build copied to another machine can hit this.
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return
-    supported = getattr(torch.cpu, "_is_avx2_supported", None)
+    try:
+        from fastlm._build_config import CPU_ISA as built_for
+    except ImportError:  # a build from before the ISA was recorded: it targets avx2
+        built_for = "avx2"
+    probe = {"avx2": "_is_avx2_supported", "avx512": "_is_avx512_supported"}.get(built_for)
+    supported = getattr(torch.cpu, probe, None) if probe else None
     if supported is not None and not supported():
         import os
 
-        if os.environ.get("FASTLM_CPP_ALLOW_NO_AVX2") != "1":
-            raise ImportError("this CPU lacks AVX2; the fastlm._C x86-64 build targets AVX2 (rebuild with "
-                              "FASTLM_CPU_ISA=default and set FASTLM_CPP_ALLOW_NO_AVX2=1)")
+        if os.environ.get("FASTLM_CPP_ALLOW_ISA_MISMATCH") != "1":
+            raise ImportError(f"this CPU lacks {built_for.upper()}, which fastlm._C was built for; rebuild "
+                              f"fastlm on this machine (FASTLM_CPU_ISA=auto picks what it supports)")
 
 
 _check_cpu_isa()
