@@ -34,8 +34,8 @@ void for_each_row(const T* x, int64_t xs, const T* r, int64_t rs, Y* y, int64_t 
   });
 }
 
-template <typename T, typename Y>
-void rms_rows(const T* x, int64_t xs, const T* r, int64_t rs, const float* w, Y* y, int64_t ys, T* h, int64_t hs,
+template <typename T, typename W, typename Y>
+void rms_rows(const T* x, int64_t xs, const T* r, int64_t rs, const W* w, Y* y, int64_t ys, T* h, int64_t hs,
               int64_t rows, int64_t n, float eps, bool weight_in_fp32) {
   for_each_row<true>(x, xs, r, rs, y, ys, h, hs, rows, n, [&](const float* src, float sum_sq, Y* yr) {
     const fVec vr(rms_rstd(sum_sq, n, eps));
@@ -43,7 +43,7 @@ void rms_rows(const T* x, int64_t xs, const T* r, int64_t rs, const float* w, Y*
       const int64_t m = std::min(kChunk, n - j);
       fVec a, b, wa, wb;
       IO<float>::load(src + j, m, a, b);
-      IO<float>::load(w + j, m, wa, wb);
+      IO<W>::load(w + j, m, wa, wb);
       if (weight_in_fp32) {  // Helium: (w.float() * (h * rstd)).to(T)
         a = rms_apply_weight_fp32(a, vr, wa);
         b = rms_apply_weight_fp32(b, vr, wb);
@@ -59,8 +59,8 @@ void rms_rows(const T* x, int64_t xs, const T* r, int64_t rs, const float* w, Y*
   });
 }
 
-template <typename T>
-void ln_rows(const T* x, int64_t xs, const T* r, int64_t rs, const float* w, const float* bias, T* y, int64_t ys, T* h,
+template <typename T, typename W>
+void ln_rows(const T* x, int64_t xs, const T* r, int64_t rs, const W* w, const W* bias, T* y, int64_t ys, T* h,
              int64_t hs, int64_t rows, int64_t n, float eps) {
   for_each_row<false>(x, xs, r, rs, y, ys, h, hs, rows, n, [&](const float* src, float sum, T* yr) {
     layer_norm_row(src, layer_norm_mean(sum, n), w, bias, yr, n, eps);
@@ -76,13 +76,28 @@ T* mptr(const at::Tensor& t) {
   return reinterpret_cast<T*>(t.data_ptr());
 }
 
+// 16-bit weights are widened to fp32 once per call (exact) when there are enough rows to repay the
+// allocation, so the row loops do not convert them for every row; a decode step (a few rows) reads
+// them as they are.
+constexpr int64_t kWidenWeightRows = 16;
+
+// Calls f(w) with w a typed pointer to `weight` (or to its fp32 copy, see above).
+template <typename T, typename F>
+void with_weight(const at::Tensor& weight, int64_t rows, at::Tensor& keep, const F& f) {
+  if (weight.scalar_type() != c10::CppTypeToScalarType<T>::value || rows >= kWidenWeightRows) {
+    keep = weight.to(at::kFloat).contiguous();  // a no-op for a contiguous fp32 weight
+    f(ptr<float>(keep));
+  } else {
+    keep = weight.contiguous();
+    f(ptr<T>(keep));
+  }
+}
+
 // y2d / h2d: [rows, N] views of the outputs (h2d undefined without residual).
 void run_rms(const at::Tensor& x, const OptT& residual, const at::Tensor& weight, double eps, bool weight_in_fp32,
              const at::Tensor& y2d, const at::Tensor& h2d) {
   const at::Tensor x2 = rows_view(x);
   const at::Tensor r2 = residual ? rows_view(*residual) : at::Tensor();
-  // Weights widened to fp32 once per call (exact), so the row loops never convert them.
-  const at::Tensor w = weight.to(at::kFloat).contiguous();
   const int64_t rows = x2.size(0), n = x2.size(1);
   if (rows == 0) return;
   const bool y32 = y2d.scalar_type() == at::kFloat;
@@ -91,13 +106,16 @@ void run_rms(const at::Tensor& x, const OptT& residual, const at::Tensor& weight
     const T* rp = residual ? ptr<T>(r2) : nullptr;
     T* hp = residual ? mptr<T>(h2d) : nullptr;
     const int64_t rs = residual ? row_stride(r2) : 0, hs = residual ? row_stride(h2d) : 0;
-    if (y32) {
-      rms_rows<T, float>(ptr<T>(x2), row_stride(x2), rp, rs, ptr<float>(w), mptr<float>(y2d), row_stride(y2d), hp,
-                         hs, rows, n, static_cast<float>(eps), weight_in_fp32);
-    } else {
-      rms_rows<T, T>(ptr<T>(x2), row_stride(x2), rp, rs, ptr<float>(w), mptr<T>(y2d), row_stride(y2d), hp, hs,
-                     rows, n, static_cast<float>(eps), weight_in_fp32);
-    }
+    at::Tensor w_keep;
+    with_weight<T>(weight, rows, w_keep, [&](auto* w) {
+      if (y32) {
+        rms_rows<T>(ptr<T>(x2), row_stride(x2), rp, rs, w, mptr<float>(y2d), row_stride(y2d), hp, hs, rows, n,
+                    static_cast<float>(eps), weight_in_fp32);
+      } else {
+        rms_rows<T>(ptr<T>(x2), row_stride(x2), rp, rs, w, mptr<T>(y2d), row_stride(y2d), hp, hs, rows, n,
+                    static_cast<float>(eps), weight_in_fp32);
+      }
+    });
   });
 }
 
@@ -105,15 +123,21 @@ void run_ln(const at::Tensor& x, const OptT& residual, const at::Tensor& weight,
             const at::Tensor& y2d, const at::Tensor& h2d) {
   const at::Tensor x2 = rows_view(x);
   const at::Tensor r2 = residual ? rows_view(*residual) : at::Tensor();
-  const at::Tensor w = weight.to(at::kFloat).contiguous();
-  const at::Tensor b = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
   const int64_t rows = x2.size(0), n = x2.size(1);
   if (rows == 0) return;
   FASTLM_DISPATCH_FLOAT(x.scalar_type(), "add_layer_norm", [&] {
     using T = scalar_t;
-    ln_rows<T>(ptr<T>(x2), row_stride(x2), residual ? ptr<T>(r2) : nullptr, residual ? row_stride(r2) : 0,
-               ptr<float>(w), bias ? ptr<float>(b) : nullptr, mptr<T>(y2d), row_stride(y2d),
-               residual ? mptr<T>(h2d) : nullptr, residual ? row_stride(h2d) : 0, rows, n, static_cast<float>(eps));
+    at::Tensor w_keep, b_keep;
+    with_weight<T>(weight, rows, w_keep, [&](auto* w) {
+      using W = std::remove_const_t<std::remove_pointer_t<decltype(w)>>;
+      const W* b = nullptr;
+      if (bias) {  // same dtype as weight (checked), so the same choice widens it or not
+        with_weight<T>(*bias, rows, b_keep, [&](auto* bp) { b = reinterpret_cast<const W*>(bp); });
+      }
+      ln_rows<T, W>(ptr<T>(x2), row_stride(x2), residual ? ptr<T>(r2) : nullptr, residual ? row_stride(r2) : 0, w, b,
+                    mptr<T>(y2d), row_stride(y2d), residual ? mptr<T>(h2d) : nullptr,
+                    residual ? row_stride(h2d) : 0, rows, n, static_cast<float>(eps));
+    });
   });
 }
 

@@ -73,57 +73,73 @@ inline void rope_inplace(float* buf, int64_t R, const float* cs, const float* sn
   for (; i < half; ++i) rope_rotate(buf[2 * i], buf[2 * i + 1], cs[i], sn[i]);
 }
 
+// Tokens per task. Work goes token block by token block, and inside a block head by head, so each
+// head's outputs for the block are written as one contiguous run ([B, H, S, D] rows s0..s0+n). Token
+// by token, the q/k/v rows of a token land H apart at a stride of S * D elements, a power of two for
+// many shapes (Persimmon at S = 512: 128 KiB), and those writes all fall into the same cache sets.
+constexpr int64_t kTokBlock = 8;
+
 template <typename T>
 void qkv_kernel(const QkvArgs& a) {
   const int64_t B = a.B, S = a.S, H = a.H, Hkv = a.Hkv, D = a.D, R = a.R, half = a.R / 2;
   const int64_t width = (H + 2 * Hkv) * D;
+  const int64_t blocks_per_seq = (S + kTokBlock - 1) / kTokBlock;
   const T* qkv = static_cast<const T*>(a.qkv);
   const T* cosp = static_cast<const T*>(a.cos);
   const T* sinp = static_cast<const T*>(a.sin);
-  at::parallel_for(0, B * S, grain_for(width), [&](int64_t begin, int64_t end) {
+  const int64_t grain = std::max<int64_t>(1, grain_for(width) / kTokBlock);
+  at::parallel_for(0, B * blocks_per_seq, grain, [&](int64_t begin, int64_t end) {
     alignas(64) float buf[kMaxHeadDim];
-    alignas(64) float cs[kMaxHeadDim / 2], sn[kMaxHeadDim / 2];
-    for (int64_t tok = begin; tok < end; ++tok) {
-      const int64_t b = tok / S, s = tok % S;
-      const T* row = qkv + b * a.qkv_sb + s * a.qkv_ss;
-      if (half > 0) {
-        convert_row(cosp + b * a.cos_sb + s * a.cos_ss, cs, half);
-        convert_row(sinp + b * a.sin_sb + s * a.sin_ss, sn, half);
-      }
-      int64_t pos = 0;
-      if (a.k_cache) {
-        pos = a.pos64 ? static_cast<const int64_t*>(a.pos)[b * a.pos_sb + s * a.pos_ss]
-                      : static_cast<const int32_t*>(a.pos)[b * a.pos_sb + s * a.pos_ss];
-        TORCH_CHECK(pos >= 0 && pos < a.tmax, "fastlm: cache_positions[", b, ", ", s, "] = ", pos,
-                    " is outside the cache [0, ", a.tmax, ")");
+    alignas(64) float cs[kTokBlock][kMaxHeadDim / 2], sn[kTokBlock][kMaxHeadDim / 2];
+    int64_t pos[kTokBlock];
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t b = blk / blocks_per_seq, s0 = (blk % blocks_per_seq) * kTokBlock;
+      const int64_t n = std::min(kTokBlock, S - s0);
+      for (int64_t t = 0; t < n; ++t) {
+        const int64_t s = s0 + t;
+        if (half > 0) {
+          convert_row(cosp + b * a.cos_sb + s * a.cos_ss, cs[t], half);
+          convert_row(sinp + b * a.sin_sb + s * a.sin_ss, sn[t], half);
+        }
+        pos[t] = 0;
+        if (a.k_cache) {
+          pos[t] = a.pos64 ? static_cast<const int64_t*>(a.pos)[b * a.pos_sb + s * a.pos_ss]
+                           : static_cast<const int32_t*>(a.pos)[b * a.pos_sb + s * a.pos_ss];
+          TORCH_CHECK(pos[t] >= 0 && pos[t] < a.tmax, "fastlm: cache_positions[", b, ", ", s, "] = ", pos[t],
+                      " is outside the cache [0, ", a.tmax, ")");
+        }
       }
       // kind 0: q heads, 1: k heads, 2: v heads
       for (int kind = 0; kind < 3; ++kind) {
         const int64_t heads = kind == 0 ? H : Hkv;
         const NormW& nw = kind == 0 ? a.qn : a.kn;
         for (int64_t h = 0; h < heads; ++h) {
-          const T* src = a.per_head ? row + (3 * h + kind) * D
-                                    : row + (kind == 0 ? h * D : (kind == 1 ? H * D + h * D : (H + Hkv) * D + h * D));
-          T* dst;
-          if (kind == 0) {
-            dst = static_cast<T*>(a.q_out) + ((b * H + h) * S + s) * D;
-          } else if (a.k_cache) {
-            const int64_t* st = kind == 1 ? a.kc_s : a.vc_s;
-            dst = static_cast<T*>(kind == 1 ? a.k_cache : a.v_cache) + b * st[0] + h * st[1] + pos * st[2];
-          } else {
-            dst = static_cast<T*>(kind == 1 ? a.k_out : a.v_out) + ((b * Hkv + h) * S + s) * D;
+          const int64_t col = a.per_head ? (3 * h + kind) * D
+                                         : (kind == 0 ? h * D : (kind == 1 ? H * D + h * D : (H + Hkv) * D + h * D));
+          for (int64_t t = 0; t < n; ++t) {
+            const int64_t s = s0 + t;
+            const T* src = qkv + b * a.qkv_sb + s * a.qkv_ss + col;
+            T* dst;
+            if (kind == 0) {
+              dst = static_cast<T*>(a.q_out) + ((b * H + h) * S + s) * D;
+            } else if (a.k_cache) {
+              const int64_t* st = kind == 1 ? a.kc_s : a.vc_s;
+              dst = static_cast<T*>(kind == 1 ? a.k_cache : a.v_cache) + b * st[0] + h * st[1] + pos[t] * st[2];
+            } else {
+              dst = static_cast<T*>(kind == 1 ? a.k_out : a.v_out) + ((b * Hkv + h) * S + s) * D;
+            }
+            if (kind == 2) {
+              std::memcpy(dst, src, D * sizeof(T));
+              continue;
+            }
+            convert_row(src, buf, D);
+            if (nw.w) {
+              layer_norm_inplace<T>(buf, D, static_cast<const T*>(nw.w) + h * nw.w_head_stride,
+                                    nw.b ? static_cast<const T*>(nw.b) + h * nw.b_head_stride : nullptr, a.eps);
+            }
+            if (R > 0) rope_inplace(buf, R, cs[t], sn[t], a.interleaved);
+            convert_row(buf, dst, D);
           }
-          if (kind == 2) {
-            std::memcpy(dst, src, D * sizeof(T));
-            continue;
-          }
-          convert_row(src, buf, D);
-          if (nw.w) {
-            layer_norm_inplace<T>(buf, D, static_cast<const T*>(nw.w) + h * nw.w_head_stride,
-                                  nw.b ? static_cast<const T*>(nw.b) + h * nw.b_head_stride : nullptr, a.eps);
-          }
-          if (R > 0) rope_inplace(buf, R, cs, sn, a.interleaved);
-          convert_row(buf, dst, D);
         }
       }
     }
