@@ -15,6 +15,7 @@ Build knobs (environment):
                              avx2 = -mavx2 -mfma -mf16c with CPU_CAPABILITY_AVX2, default = torch's
                              portable baseline. The chosen level is written to fastlm/_build_config.py,
                              and fastlm.ops._cpp refuses to load a build on a CPU that lacks it.
+  FASTLM_CPU_BF16=0          with avx512, do not use AVX512-BF16 even where the building CPU has it
   MAX_JOBS                   parallel compile jobs (ninja)
 Install: pip install --no-build-isolation ".[test]"   (or -e . for an in-place build)
 """
@@ -55,9 +56,14 @@ def _extensions():
     cxx = ["-O3", "-fno-math-errno", "-fno-trapping-math"]
     if isa in ("avx2", "avx512") and not is_x86:
         raise RuntimeError(f"FASTLM_CPU_ISA={isa} needs an x86-64 target")
+    avx512_bf16 = False
     if isa == "avx512":
         cxx += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
                 "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
+        # bf16 dot products (vdpbf16ps) for the decode linear kernel, where the building CPU has them
+        avx512_bf16 = os.environ.get("FASTLM_CPU_BF16", "auto") != "0" and torch.cpu._is_avx512_bf16_supported()
+        if avx512_bf16:
+            cxx += ["-mavx512bf16", "-DFASTLM_AVX512_BF16"]
     elif isa == "avx2":
         cxx += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
     elif isa == "default":
@@ -65,7 +71,7 @@ def _extensions():
     else:
         raise RuntimeError(f"FASTLM_CPU_ISA must be auto, avx512, avx2 or default, got {isa!r}")
     with open(os.path.join(ROOT, "fastlm", "_build_config.py"), "w") as f:
-        f.write(f'"""Written by setup.py at build time."""\nCPU_ISA = {isa!r}\n')
+        f.write(f'"""Written by setup.py at build time."""\nCPU_ISA = {isa!r}\nAVX512_BF16 = {avx512_bf16!r}\n')
     # at::parallel_for is an inline template around `#pragma omp parallel` when ATen's parallel backend
     # is OpenMP: without -fopenmp the pragma is dropped and every kernel runs on one thread. Linking
     # -fopenmp resolves to the libgomp.so.1 that torch has already loaded (same soname), so the

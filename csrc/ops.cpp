@@ -42,6 +42,8 @@ TORCH_LIBRARY(fastlm, m) {
   m.def("swiglu_out(Tensor gate_up, *, Tensor(a!) out) -> ()");
   m.def("relu2(Tensor x) -> Tensor");
   m.def("relu2_out(Tensor x, *, Tensor(a!) out) -> ()");
+  // projections at decode sizes (CPU: a weight-streaming kernel for a few rows, ATen's GEMM beyond)
+  m.def("linear(Tensor x, Tensor weight, Tensor? bias=None, Tensor? residual=None) -> Tensor");
   // decode attention over a static cache
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor lengths, float scale) -> Tensor");
   m.def("decode_attention_out(Tensor q, Tensor k_cache, Tensor v_cache, Tensor lengths, float scale, *, "

@@ -43,6 +43,9 @@ void swiglu_out(const at::Tensor& gate_up, const at::Tensor& out);
 at::Tensor relu2(const at::Tensor& x);
 void relu2_out(const at::Tensor& x, const at::Tensor& out);
 
+// y = x @ weight^T (+ bias) (+ residual); a streaming kernel for decode-sized x (csrc/cpu/linear.cpp).
+at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const OptT& bias, const OptT& residual);
+
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                             const at::Tensor& lengths, double scale);
 void decode_attention_out(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,

@@ -9,8 +9,8 @@ __all__ = ["patch", "unpatch", "is_patched", "generate", "stream", "UnsupportedM
 # Everything that needs torch is imported on first use: `import fastlm` stays light, and the `fastlm`
 # command (fastlm.cli) can set allocator options before torch is first imported.
 _LAZY = {
-    "patch": "fastlm.patch", "unpatch": "fastlm.patch", "is_patched": "fastlm.patch",
-    "SUPPORTED_MODEL_TYPES": "fastlm.patch",
+    "patch": "fastlm.patching", "unpatch": "fastlm.patching", "is_patched": "fastlm.patching",
+    "SUPPORTED_MODEL_TYPES": "fastlm.patching",
     "generate": "fastlm.engine.api", "stream": "fastlm.engine.api",
 }
 

@@ -304,6 +304,55 @@ def test_swiglu_relu2(dtype, shape, strided):
     assert torch.equal(out, _cpp.relu2_cpp(x))
 
 
+# ------------------------------------------------------------------------------------------ linear
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [(1, 1), (1, 3), (2, 2), (7,), (1, 16), (17,)])  # > 4 / > 16 rows: ATen (16-bit / fp32)
+@pytest.mark.parametrize("nk", [(3000, 80), (5, 3000), (37, 129)])  # odd N (tail rows), odd K (tail chunks)
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("residual", [False, True])
+def test_linear(dtype, rows, nk, bias, residual):
+    from fastlm.ops.linear import linear_ref
+
+    N, K = nk
+    g = torch.Generator().manual_seed(N + K + len(rows))
+    x = torch.randn(*rows, K, generator=g).to(dtype)
+    w = (torch.randn(N, K, generator=g) / K ** 0.5).to(dtype)
+    b = torch.randn(N, generator=g).to(dtype) if bias else None
+    r = torch.randn(*rows, N, generator=g).to(dtype) if residual else None
+    args = (x, w, b, r)
+    ref32 = linear_ref(*(None if t is None else t.double() for t in args)).float()
+    check(_cpp.linear_cpp(*args), ref32, linear_ref(*args), dtype, "linear", scale=K ** 0.5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_strided(dtype):
+    # rows of x strided (a slice of a wider activation), weight a row view into a fused [3N, K] storage
+    g = torch.Generator().manual_seed(5)
+    x = row_strided(torch.randn(3, 5, 96, generator=g).to(dtype))
+    fused = (torch.randn(3 * 40, 96, generator=g) / 10).to(dtype)
+    w = fused[40:80]
+    out = _cpp.linear_cpp(x, w)
+    ref32 = (x.double() @ w.double().t()).float()
+    check(out, ref32, x @ w.t(), dtype, "linear strided", scale=10)
+    assert out.is_contiguous() and out.shape == (3, 5, 40)
+
+
+def test_linear_bad_input():
+    import fastlm.ops as fops
+
+    x, w = torch.randn(2, 8), torch.randn(4, 8)
+    with pytest.raises(ValueError, match="weight must be \\[N, K\\]"):
+        fops.linear(x, torch.randn(4, 7), backend="cpp")
+    with pytest.raises(TypeError, match="weight has dtype"):
+        fops.linear(x, w.double(), backend="cpp")
+    with pytest.raises(ValueError, match="residual must have shape"):
+        fops.linear(x, w, residual=torch.randn(2, 5), backend="cpp")
+    with pytest.raises(RuntimeError, match="weight must be \\[N, K\\]"):  # the C++ op checks too
+        _cpp.linear_cpp(x, torch.randn(4, 7))
+
+
 # ----------------------------------------------------------------------------------- decode attention
 
 
@@ -418,6 +467,9 @@ def _opcheck_cases():
         ("swiglu_out", (x,), {"out": torch.empty(3, 5, 32)}),
         ("relu2", (x.to(bf),)),
         ("relu2_out", (x,), {"out": torch.empty_like(x)}),
+        ("linear", (x, torch.randn(24, 64), None, None)),
+        ("linear", (x[:1, :1].to(bf), torch.randn(24, 64, dtype=bf), torch.randn(24, dtype=bf),
+                    torch.randn(1, 1, 24, dtype=bf))),
         ("decode_attention", (q, kca, vca, lens, 0.2)),
         ("decode_attention_out", (q, kca, vca, lens, 0.2), {"out": torch.empty_like(q)}),
     ]

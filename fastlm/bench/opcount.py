@@ -74,7 +74,7 @@ def _patched_as(model, backend):
     """Temporarily run ``model`` patched with ``backend`` (or unpatched for None); restores the
     model's previous patch state afterwards."""
     import fastlm
-    from fastlm.patch import patched_backend
+    from fastlm.patching import patched_backend
 
     before = patched_backend(model) if fastlm.is_patched(model) else None
     try:
@@ -121,15 +121,19 @@ def count_decode_step_ops(model, backend: str | None = None, *, batch: int = 1, 
     def post(module, args, out):
         counter.depth -= 1
 
+    # transformers >= 5.24 names the cache argument `cache` (`past_key_values` before)
+    import inspect
+
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     with _patched_as(model, backend), torch.no_grad():
         if cache is None:
             cache = DynamicCache(config=model.config)
-        model(input_ids=prompt, past_key_values=cache, use_cache=True)
+        model(input_ids=prompt, use_cache=True, **{cache_arg: cache})
         handles = [m.register_forward_pre_hook(pre) for m in layers]
         handles += [m.register_forward_hook(post) for m in layers]
         try:
             with counter:
-                model(input_ids=step, past_key_values=cache, use_cache=True)
+                model(input_ids=step, use_cache=True, **{cache_arg: cache})
         finally:
             for h in handles:
                 h.remove()

@@ -91,7 +91,7 @@ def _stop_ids(model, tokenizer, eos_token_id, ignore_eos: bool) -> list[int]:
 
 def _prepare_model(model, backend: str):
     from fastlm.ops._backend import resolve
-    from fastlm.patch import is_patched, patch, patched_backend
+    from fastlm.patching import is_patched, patch, patched_backend
 
     if not hasattr(model, "lm_head") or not hasattr(model, "base_model"):
         raise TypeError(f"fastlm.generate needs a *ForCausalLM model, got {type(model).__name__}")

@@ -19,9 +19,11 @@ from dataclasses import dataclass
 import torch
 
 from fastlm import ops
+from fastlm.ops._backend import dispatch
 from fastlm.engine.cache import StaticKVCache
 from fastlm.engine.rope import RopeTables
 from fastlm.engine.sampling import SamplingConfig, sample
+from fastlm.modules._linear import project
 
 # Finish reasons, as stored in DecodeState.reason.
 RUNNING, EOS, CACHE_FULL = 0, 1, 2
@@ -71,7 +73,12 @@ class ModelRunner:
         self.dtype, self.device = weight.dtype, weight.device
         self.batch, self.max_len = batch, max_len
         # Per-layer static pieces, looked up once (epilogue kwargs hold the fused weights).
-        self.epilogue = [layer.self_attn.epilogue_args() for layer in self.layers]
+        # (norm weights, static ints) of each layer's QKV epilogue, in the op's positional order: the hot
+        # path calls the backend's implementation directly (dispatch), without the public ops' checks.
+        self.epilogue = [(layer.self_attn._fastlm_epilogue_norms, layer.self_attn._fastlm_epilogue_static)
+                         for layer in self.layers]
+        self._qkv_rope_cache = dispatch("qkv_rope_cache", self.backend, self.device)
+        self._decode_attention = dispatch("decode_attention", self.backend, self.device)
         self.out_proj = [getattr(layer.self_attn, layer.self_attn._fastlm_spec.out_name) for layer in self.layers]
         self.scaling = [float(layer.self_attn.scaling) for layer in self.layers]
         self.parallel = [bool(layer._fastlm_parallel_residual) for layer in self.layers]
@@ -84,7 +91,7 @@ class ModelRunner:
     def _layer(self, i: int, x: torch.Tensor, attend) -> torch.Tensor:
         layer = self.layers[i]
         y, _ = layer.input_layernorm.add_forward(x, None)
-        a = self.out_proj[i](attend(i, layer.self_attn.project_qkv(y)))
+        a = project(attend(i, layer.self_attn.project_qkv(y)), self.out_proj[i], self.backend)
         if self.parallel[i]:
             return layer.mlp(y, residual=x + a)
         y2, r = layer.post_attention_layernorm.add_forward(a, x)
@@ -92,7 +99,7 @@ class ModelRunner:
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, hidden] (last positions only) -> logits [B, V]."""
-        return self.lm_head(self.final_norm.add_forward(x, None)[0])
+        return project(self.final_norm.add_forward(x, None)[0], self.lm_head, self.backend)
 
     # ---- prefill -------------------------------------------------------------------------
     def prefill(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -106,7 +113,8 @@ class ModelRunner:
 
         def attend(i, qkv):
             k_cache, v_cache = self.cache.layer(i, B)
-            q = ops.qkv_rope_cache(qkv, cos, sin, k_cache, v_cache, cache_pos, **self.epilogue[i])
+            norms, static = self.epilogue[i]
+            q = self._qkv_rope_cache(qkv, cos, sin, *norms, k_cache, v_cache, cache_pos, *static)
             out = ops.prefill_attention(q, k_cache[:, :, :S], v_cache[:, :, :S], is_causal=True,
                                         scale=self.scaling[i])
             return out.transpose(1, 2).reshape(B, S, -1)
@@ -136,9 +144,9 @@ class ModelRunner:
 
         def attend(i, qkv):
             k_cache, v_cache = self.cache.layer(i, batch)
-            q = ops.qkv_rope_cache(qkv, cos, sin, k_cache, v_cache, cache_pos, **self.epilogue[i])
-            o = ops.decode_attention(q.squeeze(2), k_cache, v_cache, lengths, self.scaling[i],
-                                     backend=self.backend)
+            norms, static = self.epilogue[i]
+            q = self._qkv_rope_cache(qkv, cos, sin, *norms, k_cache, v_cache, cache_pos, *static)
+            o = self._decode_attention(q.squeeze(2), k_cache, v_cache, lengths, self.scaling[i])
             return o.reshape(batch, 1, -1)
 
         x = self.embed(tokens.unsqueeze(1))

@@ -1,7 +1,7 @@
 """Fused attention: one QKV GEMM, the fused epilogue (split, qk-norm, partial RoPE), HF's attention.
 
-Keeps HF's call signature and cache protocol: k/v go through ``past_key_values.update`` (Dynamic or
-Static cache alike) and the core attention is whatever ``config._attn_implementation`` names (SDPA,
+Keeps HF's call signature and cache protocol: k/v go through ``cache.update`` (the argument is
+``past_key_values`` before transformers 5.24; both are taken) (Dynamic or Static cache alike) and the core attention is whatever ``config._attn_implementation`` names (SDPA,
 eager, flash), with the mask HF built. So ``generate()``, left padding and ``output_attentions`` keep
 working; the fused path replaces the 3 GEMMs (1 for Persimmon) + ~10 elementwise ops before them.
 
@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from fastlm.modules._fused_storage import fuse_parameters, unfuse_parameters
+from fastlm.modules._linear import project
 from fastlm.modules._swap import swap_in
 from fastlm.ops._backend import dispatch
 
@@ -96,15 +96,8 @@ class FusedAttention:
     # ---- forward -------------------------------------------------------------------------
     def project_qkv(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """The fused QKV GEMM: [B, S, hidden] -> [B, S, (H + 2*Hkv) * D]."""
-        return F.linear(hidden_states, self._fastlm_qkv_weight, self._fastlm_qkv_bias)
-
-    def epilogue_args(self) -> dict:
-        s = self._fastlm_spec
-        return dict(num_heads=s.num_heads, num_kv_heads=s.num_kv_heads, head_dim=s.head_dim,
-                    rotary_dim=s.rotary_dim, interleaved=s.interleaved, per_head_layout=s.per_head_layout,
-                    q_norm_weight=self._fastlm_q_norm[0], q_norm_bias=self._fastlm_q_norm[1],
-                    k_norm_weight=self._fastlm_k_norm[0], k_norm_bias=self._fastlm_k_norm[1],
-                    qk_norm_eps=s.qk_norm_eps, backend=self._fastlm_backend)
+        return dispatch("linear", self._fastlm_backend, hidden_states.device)(
+            hidden_states, self._fastlm_qkv_weight, self._fastlm_qkv_bias, None)
 
     def forward(self, hidden_states, *args, **kwargs):
         if torch.is_grad_enabled():
@@ -115,7 +108,11 @@ class FusedAttention:
             kwargs.pop("hidden_states")
         position_embeddings = kwargs.pop("position_embeddings", None)
         attention_mask = kwargs.pop("attention_mask", None)
-        past_key_values = kwargs.pop("past_key_values", None)
+        # transformers >= 5.24 passes the cache as `cache`; earlier 5.x as `past_key_values`
+        past_key_values = kwargs.pop("cache", None)
+        legacy_cache = kwargs.pop("past_key_values", None)
+        if past_key_values is None:
+            past_key_values = legacy_cache
         for unused in ("use_cache", "output_attentions"):
             kwargs.pop(unused, None)
         if position_embeddings is None:
@@ -131,7 +128,7 @@ class FusedAttention:
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, spec.eager_fn)
         out, weights = attention(self, q, k, v, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs)
         out = out.reshape(B, S, -1)
-        return getattr(self, spec.out_name)(out), weights
+        return project(out, getattr(self, spec.out_name), self._fastlm_backend), weights
 
 
 

@@ -1,5 +1,5 @@
 """Fused MLP: SwiGLU over one fused gate/up GEMM, or up -> relu^2 -> down; the residual add folded
-into the down projection's GEMM (``addmm``) when the layer passes one.
+into the down projection (fastlm's ``linear`` op) when the layer passes one.
 
 ``_fastlm_gate_up_weight`` [2I, hidden] (and bias) is the fused storage the HF gate/up Parameters
 are views of. Activations other than silu (SwiGLU) and relu2 run through HF's ``act_fn`` unfused.
@@ -9,10 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from fastlm.ops._backend import dispatch
 from fastlm.modules._fused_storage import fuse_parameters, unfuse_parameters
+from fastlm.modules._linear import project
 from fastlm.modules._swap import swap_in
 
 
@@ -23,16 +23,6 @@ class MLPSpec:
     down_name: str         # "down_proj" / "dense_4h_to_h"
     activation: str        # "silu", "relu2" or "other" (HF act_fn, unfused)
     gate_name: str = "gate_proj"
-
-
-def linear_add(x: torch.Tensor, linear, residual: torch.Tensor | None) -> torch.Tensor:
-    """``residual + linear(x)`` with the add inside the GEMM (one op) when there is no bias."""
-    if residual is None:
-        return linear(x)
-    if linear.bias is None:
-        out = torch.addmm(residual.reshape(-1, residual.shape[-1]), x.reshape(-1, x.shape[-1]), linear.weight.t())
-        return out.view(residual.shape)
-    return residual + linear(x)
 
 
 class FusedMLP:
@@ -66,12 +56,13 @@ class FusedMLP:
         """Up projection(s) and activation: [..., hidden] -> [..., I]."""
         spec = self._fastlm_spec
         if spec.gated:
-            gate_up = F.linear(x, self._fastlm_gate_up_weight, self._fastlm_gate_up_bias)
+            gate_up = dispatch("linear", self._fastlm_backend, x.device)(x, self._fastlm_gate_up_weight,
+                                                                         self._fastlm_gate_up_bias, None)
             if spec.activation == "silu":
                 return dispatch("swiglu", self._fastlm_backend, gate_up.device)(gate_up)
             gate, up = gate_up.chunk(2, dim=-1)
             return self.act_fn(gate) * up
-        h = getattr(self, spec.up_name)(x)
+        h = project(x, getattr(self, spec.up_name), self._fastlm_backend)
         if spec.activation == "relu2":
             return dispatch("relu2", self._fastlm_backend, h.device)(h)
         return self.act_fn(h)
@@ -80,7 +71,7 @@ class FusedMLP:
         if torch.is_grad_enabled():
             out = super().forward(x)
             return out if residual is None else out + residual
-        return linear_add(self.activate(x), getattr(self, self._fastlm_spec.down_name), residual)
+        return project(self.activate(x), getattr(self, self._fastlm_spec.down_name), self._fastlm_backend, residual)
 
 
 

@@ -3,9 +3,10 @@ from fastlm.ops._backend import BACKEND_CHOICES, BACKENDS, BackendUnavailableErr
 from fastlm.ops.activations import relu2, swiglu
 from fastlm.ops.attention import decode_attention, prefill_attention
 from fastlm.ops.layer_norm import add_layer_norm
+from fastlm.ops.linear import linear
 from fastlm.ops.qkv_rope import qkv_rope, qkv_rope_cache
 from fastlm.ops.rms_norm import add_rms_norm
 
 __all__ = ["BACKENDS", "BACKEND_CHOICES", "BackendUnavailableError", "backend_status", "resolve", "add_rms_norm",
            "add_layer_norm", "qkv_rope", "qkv_rope_cache", "swiglu", "relu2", "decode_attention",
-           "prefill_attention"]
+           "prefill_attention", "linear"]

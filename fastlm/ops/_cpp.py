@@ -26,12 +26,14 @@ def _check_cpu_isa() -> None:
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return
     try:
-        from fastlm._build_config import CPU_ISA as built_for
+        from fastlm import _build_config as cfg
+        built_for = cfg.CPU_ISA + ("+bf16" if getattr(cfg, "AVX512_BF16", False) else "")
     except ImportError:  # a build from before the ISA was recorded: it targets avx2
         built_for = "avx2"
-    probe = {"avx2": "_is_avx2_supported", "avx512": "_is_avx512_supported"}.get(built_for)
-    supported = getattr(torch.cpu, probe, None) if probe else None
-    if supported is not None and not supported():
+    probes = {"avx2": ["_is_avx2_supported"], "avx512": ["_is_avx512_supported"],
+              "avx512+bf16": ["_is_avx512_supported", "_is_avx512_bf16_supported"]}.get(built_for, [])
+    checks = [getattr(torch.cpu, p, None) for p in probes]
+    if any(c is not None and not c() for c in checks):
         import os
 
         if os.environ.get("FASTLM_CPP_ALLOW_ISA_MISMATCH") != "1":
@@ -145,6 +147,11 @@ def _(q, k_cache, v_cache, lengths, scale, *, out):
     return None
 
 
+@torch.library.register_fake("fastlm::linear")
+def _(x, weight, bias=None, residual=None):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
 # ---------------------------------------------------------------------------------------------------
 # Entry points for fastlm's dispatch table (signatures of the *_ref functions).
 
@@ -155,6 +162,7 @@ _qkv_rope_cache = _ops.qkv_rope_cache.default
 _swiglu = _ops.swiglu.default
 _relu2 = _ops.relu2.default
 _decode_attention = _ops.decode_attention.default
+_linear = _ops.linear.default
 
 
 @register("add_rms_norm", "cpp")
@@ -205,3 +213,12 @@ def decode_attention_cpp(q, k_cache, v_cache, lengths, scale: float):
 
         return decode_attention_ref(q, k_cache, v_cache, lengths, scale)
     return _decode_attention(q, k_cache, v_cache, lengths, scale)
+
+
+@register("linear", "cpp")
+def linear_cpp(x, weight, bias=None, residual=None):
+    if x.device.type != "cpu":  # CPU kernel only: on CUDA, cuBLAS through the reference
+        from fastlm.ops.linear import linear_ref
+
+        return linear_ref(x, weight, bias, residual)
+    return _linear(x, weight, bias, residual)
