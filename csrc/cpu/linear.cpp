@@ -14,6 +14,8 @@
 #include "../ops.h"
 #include "vec_util.h"
 
+#include <xmmintrin.h>
+
 #include <type_traits>
 #include <vector>
 
@@ -28,8 +30,12 @@ namespace {
 // ~2x through 16 rows; 16-bit types win at 1-4 rows and lose from 8 (oneDNN's bf16 GEMM takes over).
 constexpr int64_t kMaxGemvRowsFp32 = 16;
 constexpr int64_t kMaxGemvRows16 = 4;
-constexpr int64_t kRowsPerStep = 4;  // W rows per inner step (4 concurrent streams)
-constexpr int kMaxXRows = 4;         // rows of x per register tile
+constexpr int64_t kRowsPerStep = 8;  // W rows per inner step (8 concurrent streams)
+constexpr int kMaxXRows = 2;         // rows of x per register tile (8 x 2 accumulators)
+// Software prefetch distance along each W stream. The streams are short (one row of K elements) but
+// adjacent in memory, so a fixed distance runs on into the next rows; a prefetch past the end of W
+// is harmless (prefetches do not fault).
+constexpr int kPrefetchBytes = 4096;
 #if defined(FASTLM_AVX512_BF16)
 constexpr bool kHasBf16Tile = true;
 #else
@@ -46,7 +52,10 @@ inline void gemv_tile(const T* const w_rows[kRowsPerStep], const float* xf, int6
   for (int64_t k = 0; k < K; k += kChunk) {
     const int64_t m = std::min(kChunk, K - k);
     fVec wa[kRowsPerStep], wb[kRowsPerStep];
-    for (int r = 0; r < kRowsPerStep; ++r) IO<T>::load(w_rows[r] + k, m, wa[r], wb[r]);  // tail lanes zero
+    for (int r = 0; r < kRowsPerStep; ++r) {
+      _mm_prefetch(reinterpret_cast<const char*>(w_rows[r] + k) + kPrefetchBytes, _MM_HINT_T0);
+      IO<T>::load(w_rows[r] + k, m, wa[r], wb[r]);  // tail lanes zero
+    }
     for (int i = 0; i < MR; ++i) {
       const fVec xa = fVec::loadu(xf + i * xk + k), xb = fVec::loadu(xf + i * xk + k + kF);
       for (int r = 0; r < kRowsPerStep; ++r) {
@@ -74,7 +83,10 @@ inline void gemv_tile_bf16(const at::BFloat16* const w_rows[kRowsPerStep], const
     const int64_t m = std::min<int64_t>(32, K - k);
     const __mmask32 mask = m == 32 ? ~__mmask32(0) : (__mmask32(1) << m) - 1;
     __m512i w[kRowsPerStep];
-    for (int r = 0; r < kRowsPerStep; ++r) w[r] = _mm512_maskz_loadu_epi16(mask, w_rows[r] + k);
+    for (int r = 0; r < kRowsPerStep; ++r) {
+      _mm_prefetch(reinterpret_cast<const char*>(w_rows[r] + k) + kPrefetchBytes, _MM_HINT_T0);
+      w[r] = _mm512_maskz_loadu_epi16(mask, w_rows[r] + k);
+    }
     for (int i = 0; i < MR; ++i) {
       const __m512bh xv = (__m512bh)_mm512_loadu_si512(xb + i * xk + k);
       for (int r = 0; r < kRowsPerStep; ++r) acc[r][i] = _mm512_dpbf16_ps(acc[r][i], (__m512bh)w[r], xv);
@@ -127,11 +139,11 @@ void gemv(const T* x, int64_t xs, const T* w, int64_t ws, const T* bias, const T
         const int mr = static_cast<int>(std::min<int64_t>(kMaxXRows, M - m0));
         const float* xf_m = kBf16Tile ? nullptr : xf.data() + m0 * xk;
         const T* xt_m = kBf16Tile ? xt.data() + m0 * xk : nullptr;
-        switch (mr) {
-          case 1: tile<T, 1>(w_rows, xf_m, xt_m, xk, K, out); break;
-          case 2: tile<T, 2>(w_rows, xf_m, xt_m, xk, K, out); break;
-          case 3: tile<T, 3>(w_rows, xf_m, xt_m, xk, K, out); break;
-          default: tile<T, 4>(w_rows, xf_m, xt_m, xk, K, out); break;
+        static_assert(kMaxXRows == 2, "one tile instantiation per row count below");
+        if (mr == 1) {
+          tile<T, 1>(w_rows, xf_m, xt_m, xk, K, out);
+        } else {
+          tile<T, 2>(w_rows, xf_m, xt_m, xk, K, out);
         }
         for (int r = 0; r < kRowsPerStep && n0 + r < N; ++r) {
           const int64_t n = n0 + r;
