@@ -14,8 +14,6 @@
 #include "../ops.h"
 #include "vec_util.h"
 
-#include <xmmintrin.h>
-
 #include <type_traits>
 #include <vector>
 
@@ -53,7 +51,7 @@ inline void gemv_tile(const T* const w_rows[kRowsPerStep], const float* xf, int6
     const int64_t m = std::min(kChunk, K - k);
     fVec wa[kRowsPerStep], wb[kRowsPerStep];
     for (int r = 0; r < kRowsPerStep; ++r) {
-      _mm_prefetch(reinterpret_cast<const char*>(w_rows[r] + k) + kPrefetchBytes, _MM_HINT_T0);
+      __builtin_prefetch(reinterpret_cast<const char*>(w_rows[r] + k) + kPrefetchBytes);
       IO<T>::load(w_rows[r] + k, m, wa[r], wb[r]);  // tail lanes zero
     }
     for (int i = 0; i < MR; ++i) {
@@ -84,7 +82,7 @@ inline void gemv_tile_bf16(const at::BFloat16* const w_rows[kRowsPerStep], const
     const __mmask32 mask = m == 32 ? ~__mmask32(0) : (__mmask32(1) << m) - 1;
     __m512i w[kRowsPerStep];
     for (int r = 0; r < kRowsPerStep; ++r) {
-      _mm_prefetch(reinterpret_cast<const char*>(w_rows[r] + k) + kPrefetchBytes, _MM_HINT_T0);
+      __builtin_prefetch(reinterpret_cast<const char*>(w_rows[r] + k) + kPrefetchBytes);
       w[r] = _mm512_maskz_loadu_epi16(mask, w_rows[r] + k);
     }
     for (int i = 0; i < MR; ++i) {
