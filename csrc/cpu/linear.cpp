@@ -1,15 +1,16 @@
 // Decode-shaped linear on CPU: y = x @ W^T (+ bias) (+ residual) for a few rows of x (see kMaxGemvRows*).
 //
 // Why: at decode, every projection is a matrix-vector product whose cost is streaming W from DRAM
-// once. ATen's small-M path reaches ~14 GB/s on this project's 2-core machines, where a plain
-// read sweep reaches ~35 GB/s; decode time is mostly these products, so the gap is the decode speed.
+// once. ATen's small-M path reaches ~14 GB/s on this project's 2-core machines; reading W in order
+// reaches 30-50 GB/s, and decode time is mostly these products.
 //
-// Algorithm: x is widened to an fp32 scratch [M, K] once (L1/L2-resident). Each thread takes a
-// contiguous range of W's rows and walks them four at a time, a full SIMD chunk of K per step: four
-// W streams, the fp32 accumulators for (4 rows x up to 4 rows of x) in registers, one horizontal sum
-// per output. Rows of x beyond four re-read the same four W rows from L1 (4 x K elements). W is read
-// from memory exactly once; the epilogue adds bias and residual in fp32 and rounds once, as ATen's
-// addmm does. Larger M is a GEMM with reuse that ATen (oneDNN / MKL) already does well: it goes there.
+// Algorithm: x is copied once to a scratch [M, K] (fp32, or bf16 for the bf16 dot-product tile),
+// rows zero-padded to a multiple of 32. Each thread takes a contiguous range of W's rows in blocks
+// of 8 and reads each row in full, in memory order (a block is contiguous, so the thread makes one
+// sequential pass over its share of W), accumulating up to 4 rows of x at once in fp32 registers
+// (two accumulators each). More rows of x re-read the block from L1/L2, so W comes from memory
+// exactly once. The epilogue adds bias and residual in fp32 and rounds once, as ATen's addmm does.
+// Larger M is a GEMM with reuse that ATen (oneDNN / MKL) already does well: it goes there.
 #include "../checks.h"
 #include "../ops.h"
 #include "vec_util.h"
@@ -28,42 +29,36 @@ namespace {
 // ~2x through 16 rows; 16-bit types win at 1-4 rows and lose from 8 (oneDNN's bf16 GEMM takes over).
 constexpr int64_t kMaxGemvRowsFp32 = 16;
 constexpr int64_t kMaxGemvRows16 = 4;
-constexpr int64_t kRowsPerStep = 8;  // W rows per inner step (8 concurrent streams)
-constexpr int kMaxXRows = 2;         // rows of x per register tile (8 x 2 accumulators)
-// Software prefetch distance along each W stream. The streams are short (one row of K elements) but
-// adjacent in memory, so a fixed distance runs on into the next rows; a prefetch past the end of W
-// is harmless (prefetches do not fault).
-constexpr int kPrefetchBytes = 4096;
+constexpr int64_t kRowsPerStep = 8;  // W rows per block (read in order; re-read from cache per x tile)
+constexpr int kMaxXRows = 4;         // rows of x per register tile (2 x 4 accumulators)
 #if defined(FASTLM_AVX512_BF16)
 constexpr bool kHasBf16Tile = true;
 #else
 constexpr bool kHasBf16Tile = false;
 #endif
 
-// acc[r][i] += W[n0 + r, k:k+kChunk] . xf[m0 + i, k:k+kChunk] over all k; MR rows of x.
+// out[r][i] = W[n0 + r, :] . x[m0 + i, :] for the block's rows, MR rows of x. The rows are read one
+// after another: a block is contiguous in W, so this is one sequential stream, which the hardware
+// prefetchers follow at full bandwidth (interleaving the rows' streams measured ~40% slower at K = 768).
+// Two accumulators per row of x hide the FMA latency.
 template <typename T, int MR>
 inline void gemv_tile(const T* const w_rows[kRowsPerStep], const float* xf, int64_t xk, int64_t K,
                       float out[kRowsPerStep][kMaxXRows]) {
-  fVec acc[kRowsPerStep][MR];
-  for (int r = 0; r < kRowsPerStep; ++r)
-    for (int i = 0; i < MR; ++i) acc[r][i] = fVec(0.f);
-  for (int64_t k = 0; k < K; k += kChunk) {
-    const int64_t m = std::min(kChunk, K - k);
-    fVec wa[kRowsPerStep], wb[kRowsPerStep];
-    for (int r = 0; r < kRowsPerStep; ++r) {
-      __builtin_prefetch(reinterpret_cast<const char*>(w_rows[r] + k) + kPrefetchBytes);
-      IO<T>::load(w_rows[r] + k, m, wa[r], wb[r]);  // tail lanes zero
-    }
-    for (int i = 0; i < MR; ++i) {
-      const fVec xa = fVec::loadu(xf + i * xk + k), xb = fVec::loadu(xf + i * xk + k + kF);
-      for (int r = 0; r < kRowsPerStep; ++r) {
-        acc[r][i] = at::vec::fmadd(wa[r], xa, acc[r][i]);
-        acc[r][i] = at::vec::fmadd(wb[r], xb, acc[r][i]);
+  for (int r = 0; r < kRowsPerStep; ++r) {
+    const T* wr = w_rows[r];
+    fVec acc0[MR], acc1[MR];
+    for (int i = 0; i < MR; ++i) acc0[i] = acc1[i] = fVec(0.f);
+    for (int64_t k = 0; k < K; k += kChunk) {
+      const int64_t m = std::min(kChunk, K - k);
+      fVec wa, wb;
+      IO<T>::load(wr + k, m, wa, wb);  // tail lanes zero
+      for (int i = 0; i < MR; ++i) {
+        acc0[i] = at::vec::fmadd(wa, fVec::loadu(xf + i * xk + k), acc0[i]);
+        acc1[i] = at::vec::fmadd(wb, fVec::loadu(xf + i * xk + k + kF), acc1[i]);
       }
     }
+    for (int i = 0; i < MR; ++i) out[r][i] = hsum(acc0[i] + acc1[i]);
   }
-  for (int r = 0; r < kRowsPerStep; ++r)
-    for (int i = 0; i < MR; ++i) out[r][i] = hsum(acc[r][i]);
 }
 
 #if defined(FASTLM_AVX512_BF16)
@@ -74,24 +69,26 @@ inline void gemv_tile(const T* const w_rows[kRowsPerStep], const float* xf, int6
 template <int MR>
 inline void gemv_tile_bf16(const at::BFloat16* const w_rows[kRowsPerStep], const at::BFloat16* xb, int64_t xk,
                            int64_t K, float out[kRowsPerStep][kMaxXRows]) {
-  __m512 acc[kRowsPerStep][MR];
-  for (int r = 0; r < kRowsPerStep; ++r)
-    for (int i = 0; i < MR; ++i) acc[r][i] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k += 32) {
-    const int64_t m = std::min<int64_t>(32, K - k);
-    const __mmask32 mask = m == 32 ? ~__mmask32(0) : (__mmask32(1) << m) - 1;
-    __m512i w[kRowsPerStep];
-    for (int r = 0; r < kRowsPerStep; ++r) {
-      __builtin_prefetch(reinterpret_cast<const char*>(w_rows[r] + k) + kPrefetchBytes);
-      w[r] = _mm512_maskz_loadu_epi16(mask, w_rows[r] + k);
+  for (int r = 0; r < kRowsPerStep; ++r) {  // rows one after another, as in gemv_tile
+    const at::BFloat16* wr = w_rows[r];
+    __m512 acc0[MR], acc1[MR];
+    for (int i = 0; i < MR; ++i) acc0[i] = acc1[i] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64) {
+      const __m512bh w0 = (__m512bh)_mm512_loadu_si512(wr + k), w1 = (__m512bh)_mm512_loadu_si512(wr + k + 32);
+      for (int i = 0; i < MR; ++i) {
+        acc0[i] = _mm512_dpbf16_ps(acc0[i], w0, (__m512bh)_mm512_loadu_si512(xb + i * xk + k));
+        acc1[i] = _mm512_dpbf16_ps(acc1[i], w1, (__m512bh)_mm512_loadu_si512(xb + i * xk + k + 32));
+      }
     }
-    for (int i = 0; i < MR; ++i) {
-      const __m512bh xv = (__m512bh)_mm512_loadu_si512(xb + i * xk + k);
-      for (int r = 0; r < kRowsPerStep; ++r) acc[r][i] = _mm512_dpbf16_ps(acc[r][i], (__m512bh)w[r], xv);
+    for (; k < K; k += 32) {
+      const int64_t m = std::min<int64_t>(32, K - k);
+      const __mmask32 mask = m == 32 ? ~__mmask32(0) : (__mmask32(1) << m) - 1;
+      const __m512bh w0 = (__m512bh)_mm512_maskz_loadu_epi16(mask, wr + k);
+      for (int i = 0; i < MR; ++i) acc0[i] = _mm512_dpbf16_ps(acc0[i], w0, (__m512bh)_mm512_loadu_si512(xb + i * xk + k));
     }
+    for (int i = 0; i < MR; ++i) out[r][i] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[i], acc1[i]));
   }
-  for (int r = 0; r < kRowsPerStep; ++r)
-    for (int i = 0; i < MR; ++i) out[r][i] = _mm512_reduce_add_ps(acc[r][i]);
 }
 #endif
 
@@ -137,11 +134,12 @@ void gemv(const T* x, int64_t xs, const T* w, int64_t ws, const T* bias, const T
         const int mr = static_cast<int>(std::min<int64_t>(kMaxXRows, M - m0));
         const float* xf_m = kBf16Tile ? nullptr : xf.data() + m0 * xk;
         const T* xt_m = kBf16Tile ? xt.data() + m0 * xk : nullptr;
-        static_assert(kMaxXRows == 2, "one tile instantiation per row count below");
-        if (mr == 1) {
-          tile<T, 1>(w_rows, xf_m, xt_m, xk, K, out);
-        } else {
-          tile<T, 2>(w_rows, xf_m, xt_m, xk, K, out);
+        static_assert(kMaxXRows == 4, "one tile instantiation per row count below");
+        switch (mr) {
+          case 1: tile<T, 1>(w_rows, xf_m, xt_m, xk, K, out); break;
+          case 2: tile<T, 2>(w_rows, xf_m, xt_m, xk, K, out); break;
+          case 3: tile<T, 3>(w_rows, xf_m, xt_m, xk, K, out); break;
+          default: tile<T, 4>(w_rows, xf_m, xt_m, xk, K, out); break;
         }
         for (int r = 0; r < kRowsPerStep && n0 + r < N; ++r) {
           const int64_t n = n0 + r;
