@@ -78,19 +78,12 @@ T* mptr(const at::Tensor& t) {
 
 // 16-bit weights are widened to fp32 once per call (exact) when there are enough rows to repay the
 // allocation, so the row loops do not convert them for every row; a decode step (a few rows) reads
-// them as they are.
+// them as they are. A weight of another dtype than x (fp32 for Helium) is always read as fp32.
 constexpr int64_t kWidenWeightRows = 16;
 
-// Calls f(w) with w a typed pointer to `weight` (or to its fp32 copy, see above).
-template <typename T, typename F>
-void with_weight(const at::Tensor& weight, int64_t rows, at::Tensor& keep, const F& f) {
-  if (weight.scalar_type() != c10::CppTypeToScalarType<T>::value || rows >= kWidenWeightRows) {
-    keep = weight.to(at::kFloat).contiguous();  // a no-op for a contiguous fp32 weight
-    f(ptr<float>(keep));
-  } else {
-    keep = weight.contiguous();
-    f(ptr<T>(keep));
-  }
+template <typename T>
+bool widen_weights(const at::Tensor& weight, int64_t rows) {
+  return weight.scalar_type() != c10::CppTypeToScalarType<T>::value || rows >= kWidenWeightRows;
 }
 
 // y2d / h2d: [rows, N] views of the outputs (h2d undefined without residual).
@@ -106,16 +99,22 @@ void run_rms(const at::Tensor& x, const OptT& residual, const at::Tensor& weight
     const T* rp = residual ? ptr<T>(r2) : nullptr;
     T* hp = residual ? mptr<T>(h2d) : nullptr;
     const int64_t rs = residual ? row_stride(r2) : 0, hs = residual ? row_stride(h2d) : 0;
-    at::Tensor w_keep;
-    with_weight<T>(weight, rows, w_keep, [&](auto* w) {
-      if (y32) {
-        rms_rows<T>(ptr<T>(x2), row_stride(x2), rp, rs, w, mptr<float>(y2d), row_stride(y2d), hp, hs, rows, n,
-                    static_cast<float>(eps), weight_in_fp32);
-      } else {
-        rms_rows<T>(ptr<T>(x2), row_stride(x2), rp, rs, w, mptr<T>(y2d), row_stride(y2d), hp, hs, rows, n,
-                    static_cast<float>(eps), weight_in_fp32);
-      }
-    });
+    // W: float (widened) or T; Y: float (y32) or T
+    auto run = [&](auto* w, auto* y) {
+      rms_rows<T>(ptr<T>(x2), row_stride(x2), rp, rs, w, y, row_stride(y2d), hp, hs, rows, n,
+                  static_cast<float>(eps), weight_in_fp32);
+    };
+    const bool widen = widen_weights<T>(weight, rows);
+    const at::Tensor w = widen ? weight.to(at::kFloat).contiguous() : weight.contiguous();
+    if (widen && y32) {
+      run(ptr<float>(w), mptr<float>(y2d));
+    } else if (widen) {
+      run(ptr<float>(w), mptr<T>(y2d));
+    } else if (y32) {
+      run(ptr<T>(w), mptr<float>(y2d));
+    } else {
+      run(ptr<T>(w), mptr<T>(y2d));
+    }
   });
 }
 
@@ -127,17 +126,21 @@ void run_ln(const at::Tensor& x, const OptT& residual, const at::Tensor& weight,
   if (rows == 0) return;
   FASTLM_DISPATCH_FLOAT(x.scalar_type(), "add_layer_norm", [&] {
     using T = scalar_t;
-    at::Tensor w_keep, b_keep;
-    with_weight<T>(weight, rows, w_keep, [&](auto* w) {
-      using W = std::remove_const_t<std::remove_pointer_t<decltype(w)>>;
-      const W* b = nullptr;
-      if (bias) {  // same dtype as weight (checked), so the same choice widens it or not
-        with_weight<T>(*bias, rows, b_keep, [&](auto* bp) { b = reinterpret_cast<const W*>(bp); });
-      }
-      ln_rows<T, W>(ptr<T>(x2), row_stride(x2), residual ? ptr<T>(r2) : nullptr, residual ? row_stride(r2) : 0, w, b,
-                    mptr<T>(y2d), row_stride(y2d), residual ? mptr<T>(h2d) : nullptr,
-                    residual ? row_stride(h2d) : 0, rows, n, static_cast<float>(eps));
-    });
+    auto run = [&](auto* w, auto* b) {
+      ln_rows<T>(ptr<T>(x2), row_stride(x2), residual ? ptr<T>(r2) : nullptr, residual ? row_stride(r2) : 0, w, b,
+                 mptr<T>(y2d), row_stride(y2d), residual ? mptr<T>(h2d) : nullptr, residual ? row_stride(h2d) : 0,
+                 rows, n, static_cast<float>(eps));
+    };
+    // weight and bias have x's dtype (checked): widened together or not at all
+    if (widen_weights<T>(weight, rows)) {
+      const at::Tensor w = weight.to(at::kFloat).contiguous();
+      const at::Tensor b = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
+      run(ptr<float>(w), bias ? ptr<float>(b) : nullptr);
+    } else {
+      const at::Tensor w = weight.contiguous();
+      const at::Tensor b = bias ? bias->contiguous() : at::Tensor();
+      run(ptr<T>(w), bias ? ptr<T>(b) : nullptr);
+    }
   });
 }
 

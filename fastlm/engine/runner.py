@@ -23,7 +23,7 @@ from fastlm.ops._backend import dispatch
 from fastlm.engine.cache import StaticKVCache
 from fastlm.engine.rope import RopeTables
 from fastlm.engine.sampling import SamplingConfig, sample
-from fastlm.modules._linear import project
+from fastlm.modules._linear import project_linear
 
 # Finish reasons, as stored in DecodeState.reason.
 RUNNING, EOS, CACHE_FULL = 0, 1, 2
@@ -91,7 +91,7 @@ class ModelRunner:
     def _layer(self, i: int, x: torch.Tensor, attend) -> torch.Tensor:
         layer = self.layers[i]
         y, _ = layer.input_layernorm.add_forward(x, None)
-        a = project(attend(i, layer.self_attn.project_qkv(y)), self.out_proj[i], self.backend)
+        a = project_linear(attend(i, layer.self_attn.project_qkv(y)), self.out_proj[i], self.backend)
         if self.parallel[i]:
             return layer.mlp(y, residual=x + a)
         y2, r = layer.post_attention_layernorm.add_forward(a, x)
@@ -99,7 +99,7 @@ class ModelRunner:
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, hidden] (last positions only) -> logits [B, V]."""
-        return project(self.final_norm.add_forward(x, None)[0], self.lm_head, self.backend)
+        return project_linear(self.final_norm.add_forward(x, None)[0], self.lm_head, self.backend)
 
     # ---- prefill -------------------------------------------------------------------------
     def prefill(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,9 @@
 """Fused attention: one QKV GEMM, the fused epilogue (split, qk-norm, partial RoPE), HF's attention.
 
-Keeps HF's call signature and cache protocol: k/v go through ``cache.update`` (the argument is
-``past_key_values`` before transformers 5.24; both are taken) (Dynamic or Static cache alike) and the core attention is whatever ``config._attn_implementation`` names (SDPA,
-eager, flash), with the mask HF built. So ``generate()``, left padding and ``output_attentions`` keep
+Keeps HF's call signature and cache protocol: k/v go through ``cache.update`` (Dynamic or Static
+cache alike; the argument is ``past_key_values`` before transformers 5.24, and both are taken) and
+the core attention is whatever ``config._attn_implementation`` names (SDPA, eager, flash), with the
+mask HF built. So ``generate()``, left padding and ``output_attentions`` keep
 working; the fused path replaces the 3 GEMMs (1 for Persimmon) + ~10 elementwise ops before them.
 
 Per-instance state (set by the family adapter, never in ``state_dict``):
@@ -21,7 +22,7 @@ import torch.nn as nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from fastlm.modules._fused_storage import fuse_parameters, unfuse_parameters
-from fastlm.modules._linear import project
+from fastlm.modules._linear import project, project_linear
 from fastlm.modules._swap import swap_in
 from fastlm.ops._backend import dispatch
 
@@ -96,8 +97,7 @@ class FusedAttention:
     # ---- forward -------------------------------------------------------------------------
     def project_qkv(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """The fused QKV GEMM: [B, S, hidden] -> [B, S, (H + 2*Hkv) * D]."""
-        return dispatch("linear", self._fastlm_backend, hidden_states.device)(
-            hidden_states, self._fastlm_qkv_weight, self._fastlm_qkv_bias, None)
+        return project(hidden_states, self._fastlm_qkv_weight, self._fastlm_qkv_bias, self._fastlm_backend)
 
     def forward(self, hidden_states, *args, **kwargs):
         if torch.is_grad_enabled():
@@ -128,7 +128,7 @@ class FusedAttention:
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, spec.eager_fn)
         out, weights = attention(self, q, k, v, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs)
         out = out.reshape(B, S, -1)
-        return project(out, getattr(self, spec.out_name), self._fastlm_backend), weights
+        return project_linear(out, getattr(self, spec.out_name), self._fastlm_backend), weights
 
 
 

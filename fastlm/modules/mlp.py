@@ -12,7 +12,7 @@ import torch
 
 from fastlm.ops._backend import dispatch
 from fastlm.modules._fused_storage import fuse_parameters, unfuse_parameters
-from fastlm.modules._linear import project
+from fastlm.modules._linear import project, project_linear
 from fastlm.modules._swap import swap_in
 
 
@@ -56,13 +56,12 @@ class FusedMLP:
         """Up projection(s) and activation: [..., hidden] -> [..., I]."""
         spec = self._fastlm_spec
         if spec.gated:
-            gate_up = dispatch("linear", self._fastlm_backend, x.device)(x, self._fastlm_gate_up_weight,
-                                                                         self._fastlm_gate_up_bias, None)
+            gate_up = project(x, self._fastlm_gate_up_weight, self._fastlm_gate_up_bias, self._fastlm_backend)
             if spec.activation == "silu":
                 return dispatch("swiglu", self._fastlm_backend, gate_up.device)(gate_up)
             gate, up = gate_up.chunk(2, dim=-1)
             return self.act_fn(gate) * up
-        h = project(x, getattr(self, spec.up_name), self._fastlm_backend)
+        h = project_linear(x, getattr(self, spec.up_name), self._fastlm_backend)
         if spec.activation == "relu2":
             return dispatch("relu2", self._fastlm_backend, h.device)(h)
         return self.act_fn(h)
@@ -71,7 +70,8 @@ class FusedMLP:
         if torch.is_grad_enabled():
             out = super().forward(x)
             return out if residual is None else out + residual
-        return project(self.activate(x), getattr(self, self._fastlm_spec.down_name), self._fastlm_backend, residual)
+        return project_linear(self.activate(x), getattr(self, self._fastlm_spec.down_name), self._fastlm_backend,
+                              residual)
 
 
 
