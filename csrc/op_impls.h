@@ -15,4 +15,6 @@
   m.impl("swiglu", &NS::swiglu);                           \
   m.impl("swiglu_out", &NS::swiglu_out);                   \
   m.impl("relu2", &NS::relu2);                             \
-  m.impl("relu2_out", &NS::relu2_out)
+  m.impl("relu2_out", &NS::relu2_out);                     \
+  m.impl("swiglu_", &NS::swiglu_);                         \
+  m.impl("relu2_", &NS::relu2_)

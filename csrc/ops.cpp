@@ -42,6 +42,9 @@ TORCH_LIBRARY(fastlm, m) {
   m.def("swiglu_out(Tensor gate_up, *, Tensor(a!) out) -> ()");
   m.def("relu2(Tensor x) -> Tensor");
   m.def("relu2_out(Tensor x, *, Tensor(a!) out) -> ()");
+  // in place on the GEMM output they consume, as the fused MLP calls them: swiglu_ writes the gate half
+  m.def("swiglu_(Tensor(a!) gate_up) -> ()");
+  m.def("relu2_(Tensor(a!) x) -> ()");
   // projections at decode sizes (CPU: a weight-streaming kernel for a few rows, ATen's GEMM beyond)
   m.def("linear(Tensor x, Tensor weight, Tensor? bias=None, Tensor? residual=None) -> Tensor");
   // decode attention over a static cache

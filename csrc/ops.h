@@ -42,6 +42,9 @@ at::Tensor swiglu(const at::Tensor& gate_up);
 void swiglu_out(const at::Tensor& gate_up, const at::Tensor& out);
 at::Tensor relu2(const at::Tensor& x);
 void relu2_out(const at::Tensor& x, const at::Tensor& out);
+// In place: swiglu_ writes silu(gate) * up into gate_up's gate half; relu2_ overwrites x.
+void swiglu_(const at::Tensor& gate_up);
+void relu2_(const at::Tensor& x);
 
 // y = x @ weight^T (+ bias) (+ residual); a streaming kernel for decode-sized x (csrc/cpu/linear.cpp).
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const OptT& bias, const OptT& residual);

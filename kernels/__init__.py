@@ -22,6 +22,8 @@ _ENTRY_POINTS = {
     "qkv_rope_cache": qkv_rope.qkv_rope_cache,
     "swiglu": activations.swiglu,
     "relu2": activations.relu2,
+    "swiglu_": activations.swiglu_,
+    "relu2_": activations.relu2_,
     "decode_attention": decode_attention.decode_attention,
 }
 for _op, _fn in _ENTRY_POINTS.items():

@@ -12,8 +12,10 @@
 # out-of-place elementwise op. Eager swiglu makes 3 passes (silu: read I write I; mul: read 2I write
 # I): 5I vs 3I. The block size is keyed on I (heuristic: up to 1024 columns a program, 4 warps).
 #
-# Trade-off: out-of-place (the op contract returns a new tensor); an in-place relu2 would save the
-# allocation but not the traffic.
+# In-place forms (swiglu_ writes the gate half, relu2_ overwrites x; the fused MLP calls these on its
+# own GEMM output): the same kernels with Y = X and Y's row stride = X's. Each program loads its block
+# before storing to the same addresses, so aliasing is safe. They save the output allocation, not
+# traffic. An input with no row view of its own memory is computed aside and copied back.
 from __future__ import annotations
 
 import torch
@@ -50,8 +52,9 @@ def _block(n: int) -> int:
 
 
 def _launch_rows(kernel, x2: torch.Tensor, out: torch.Tensor, n: int) -> torch.Tensor:
-    """Run ``kernel`` on the [rows, ...] input view x2 into ``out`` ([rows, n] once viewed); returns out."""
-    y2 = out.view(-1, n)
+    """Run ``kernel`` on the [rows, ...] input view x2 into ``out`` ([rows, n] once viewed, any row
+    stride); returns out."""
+    y2 = out if out.dim() == 2 else out.view(-1, n)
     block = _block(n)
     launch(kernel)[(x2.shape[0], triton.cdiv(n, block))](x2, y2, x2.stride(0), y2.stride(0), n, BLOCK=block,
                                                           num_warps=4)
@@ -88,6 +91,42 @@ def _(x):
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
+def _own_rows(t: torch.Tensor) -> torch.Tensor | None:
+    """t's [rows, N] view of its own memory, or None where there is none (rows_view would copy)."""
+    n = t.shape[-1]
+    if t.stride(-1) != 1 and n > 1:
+        return None
+    try:
+        return t.view(-1, n)
+    except RuntimeError:
+        return None
+
+
+@register_op("triton_swiglu_inplace", mutates_args=("gate_up",))
+def triton_swiglu_inplace(gate_up: torch.Tensor) -> None:
+    check_device(gate_up)
+    n = gate_up.shape[-1] // 2
+    if gate_up.numel() == 0:
+        return
+    x2 = _own_rows(gate_up)
+    if x2 is None:
+        gate_up[..., :n].copy_(triton_swiglu(gate_up))
+        return
+    _launch_rows(_swiglu_kernel, x2, x2[:, :n], n)
+
+
+@register_op("triton_relu2_inplace", mutates_args=("x",))
+def triton_relu2_inplace(x: torch.Tensor) -> None:
+    check_device(x)
+    if x.numel() == 0:
+        return
+    x2 = _own_rows(x)
+    if x2 is None:
+        x.copy_(triton_relu2(x))
+        return
+    _launch_rows(_relu2_kernel, x2, x2, x2.shape[1])
+
+
 def swiglu(gate_up):
     """Backend entry point, the signature of fastlm.ops.activations.swiglu_ref."""
     check_device(gate_up)
@@ -98,3 +137,17 @@ def relu2(x):
     """Backend entry point, the signature of fastlm.ops.activations.relu2_ref."""
     check_device(x)
     return torch.ops.fastlm.triton_relu2(x)
+
+
+def swiglu_(gate_up):
+    """Backend entry point, the signature of fastlm.ops.activations.swiglu_inplace_ref."""
+    check_device(gate_up)
+    torch.ops.fastlm.triton_swiglu_inplace(gate_up)
+    return gate_up[..., : gate_up.shape[-1] // 2]
+
+
+def relu2_(x):
+    """Backend entry point, the signature of fastlm.ops.activations.relu2_inplace_ref."""
+    check_device(x)
+    torch.ops.fastlm.triton_relu2_inplace(x)
+    return x

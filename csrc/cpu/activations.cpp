@@ -1,4 +1,10 @@
 // MLP epilogues on CPU: swiglu ([..., 2I] -> silu(gate) * up) and relu2, fp32 math, one rounding.
+//
+// Each also runs in place on the GEMM output it consumes (swiglu_ writes into the gate half, relu2_
+// into x), as the fused MLP calls them: no output allocation, whose page faults cost as much as the
+// kernel's own traffic at prefill sizes, and the lines written were just read, so they are in cache
+// (no read-for-ownership). The row loops read each chunk before writing the same (or an earlier)
+// address, so out == in is safe.
 #include "../checks.h"
 #include "../ops.h"
 #include "vec_util.h"
@@ -51,26 +57,29 @@ void relu2_rows(const T* in, int64_t is, T* out, int64_t os, int64_t rows, int64
   });
 }
 
-void run_swiglu(const at::Tensor& gate_up, const at::Tensor& out) {
-  const at::Tensor in2 = rows_view(gate_up);
+// in2 [rows, 2I] and o2 [rows, I]: row-strided views (o2 may be in2's gate half).
+void run_swiglu(const at::Tensor& in2, const at::Tensor& o2) {
   const int64_t rows = in2.size(0), inter = in2.size(1) / 2;
   if (rows == 0 || inter == 0) return;
-  const at::Tensor o2 = out.view({rows, inter});
-  FASTLM_DISPATCH_FLOAT(gate_up.scalar_type(), "swiglu", [&] {
+  FASTLM_DISPATCH_FLOAT(in2.scalar_type(), "swiglu", [&] {
     swiglu_rows<scalar_t>(reinterpret_cast<const scalar_t*>(in2.const_data_ptr()), row_stride(in2),
-                          reinterpret_cast<scalar_t*>(o2.data_ptr()), inter, rows, inter);
+                          reinterpret_cast<scalar_t*>(o2.data_ptr()), row_stride(o2), rows, inter);
   });
 }
 
-void run_relu2(const at::Tensor& x, const at::Tensor& out) {
-  if (x.numel() == 0) return;
-  const at::Tensor in2 = rows_view(x);
+// in2 and o2 [rows, N], row-strided (o2 may be in2).
+void run_relu2(const at::Tensor& in2, const at::Tensor& o2) {
   const int64_t rows = in2.size(0), n = in2.size(1);
-  const at::Tensor o2 = out.view({rows, n});
-  FASTLM_DISPATCH_FLOAT(x.scalar_type(), "relu2", [&] {
+  if (rows == 0 || n == 0) return;
+  FASTLM_DISPATCH_FLOAT(in2.scalar_type(), "relu2", [&] {
     relu2_rows<scalar_t>(reinterpret_cast<const scalar_t*>(in2.const_data_ptr()), row_stride(in2),
-                         reinterpret_cast<scalar_t*>(o2.data_ptr()), n, rows, n);
+                         reinterpret_cast<scalar_t*>(o2.data_ptr()), row_stride(o2), rows, n);
   });
+}
+
+void check_relu2_input(const at::Tensor& x) {
+  check_float("x", x);
+  TORCH_CHECK(x.dim() >= 1, "fastlm: relu2 needs at least one dim");
 }
 
 std::vector<int64_t> swiglu_shape(const at::Tensor& gate_up) {
@@ -86,28 +95,51 @@ std::vector<int64_t> swiglu_shape(const at::Tensor& gate_up) {
 
 at::Tensor swiglu(const at::Tensor& gate_up) {
   at::Tensor out = at::empty(swiglu_shape(gate_up), gate_up.options());
-  run_swiglu(gate_up, out);
+  swiglu_out(gate_up, out);
   return out;
 }
 
 void swiglu_out(const at::Tensor& gate_up, const at::Tensor& out) {
   check_out("out", out, swiglu_shape(gate_up), gate_up.scalar_type(), gate_up);
-  run_swiglu(gate_up, out);
+  if (out.numel() == 0) return;
+  run_swiglu(rows_view(gate_up), out.view({-1, out.size(-1)}));
+}
+
+void swiglu_(const at::Tensor& gate_up) {
+  swiglu_shape(gate_up);
+  if (gate_up.numel() == 0) return;
+  at::Tensor in2;
+  if (in_place_rows(gate_up, in2)) {
+    run_swiglu(in2, in2.narrow(1, 0, in2.size(1) / 2));
+  } else {  // no row view of the caller's memory: compute aside, then write the gate half
+    gate_up.narrow(-1, 0, gate_up.size(-1) / 2).copy_(swiglu(gate_up));
+  }
 }
 
 at::Tensor relu2(const at::Tensor& x) {
-  check_float("x", x);
-  TORCH_CHECK(x.dim() >= 1, "fastlm: relu2 needs at least one dim");
+  check_relu2_input(x);
   at::Tensor out = at::empty(x.sizes(), x.options());
-  run_relu2(x, out);
+  if (out.numel() == 0) return out;
+  run_relu2(rows_view(x), out.view({-1, out.size(-1)}));
   return out;
 }
 
 void relu2_out(const at::Tensor& x, const at::Tensor& out) {
-  check_float("x", x);
-  TORCH_CHECK(x.dim() >= 1, "fastlm: relu2 needs at least one dim");
+  check_relu2_input(x);
   check_out("out", out, x.sizes(), x.scalar_type(), x);
-  run_relu2(x, out);
+  if (out.numel() == 0) return;
+  run_relu2(rows_view(x), out.view({-1, out.size(-1)}));
+}
+
+void relu2_(const at::Tensor& x) {
+  check_relu2_input(x);
+  if (x.numel() == 0) return;
+  at::Tensor x2;
+  if (in_place_rows(x, x2)) {
+    run_relu2(x2, x2);
+  } else {
+    x.copy_(relu2(x));
+  }
 }
 
 }  // namespace fastlm::cpu

@@ -15,6 +15,7 @@
 #endif
 
 #include "fastlm/math.h"
+#include "../rows.h"
 
 namespace fastlm {
 
@@ -147,16 +148,6 @@ inline void convert_row(const S* src, D* dst, int64_t n) {
     IO<D>::store(dst + j, m, a, b);
   }
 }
-
-// 2-D view [rows, N] of a tensor whose last dim is N, without a copy when the leading dims collapse
-// into one row stride (any row stride is fine); copies only when the last dim is not contiguous or
-// the leading dims cannot be collapsed.
-inline at::Tensor rows_view(const at::Tensor& t) {
-  const int64_t n = t.size(-1);
-  at::Tensor c = (t.stride(-1) == 1 || n == 1) ? t : t.contiguous();
-  return c.reshape({-1, n});
-}
-inline int64_t row_stride(const at::Tensor& t2d) { return t2d.size(0) > 1 ? t2d.stride(0) : t2d.size(1); }
 
 // A grain (rows per task) that gives each task at least ~`work` elements.
 inline int64_t grain_for(int64_t elems_per_row, int64_t work = 32768) {

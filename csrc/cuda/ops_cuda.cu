@@ -8,6 +8,7 @@
 
 #include "../checks.h"
 #include "../op_impls.h"
+#include "../rows.h"
 #include "fastlm/activations.cuh"
 #include "fastlm/norm.cuh"
 #include "fastlm/qkv_rope.cuh"
@@ -42,11 +43,9 @@ void check_cuda(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "fastlm: ", what, " failed: ", cudaGetErrorString(err));
 }
 
-at::Tensor rows_view(const at::Tensor& t) {
-  const int64_t n = t.size(-1);
-  return ((t.stride(-1) == 1 || n == 1) ? t : t.contiguous()).reshape({-1, n});
-}
-int64_t row_stride(const at::Tensor& t2) { return t2.size(0) > 1 ? t2.stride(0) : t2.size(1); }
+using fastlm::in_place_rows;
+using fastlm::row_stride;
+using fastlm::rows_view;
 
 void run_norm(bool rms, const at::Tensor& x, const OptT& residual, const at::Tensor& weight, const OptT& bias,
               double eps, bool weight_in_fp32, const at::Tensor& y, const at::Tensor& h) {
@@ -210,15 +209,33 @@ std::vector<int64_t> swiglu_shape(const at::Tensor& g) {
   return s;
 }
 
+// in2 [rows, 2I] and o2 [rows, I], row-strided (o2 may be in2's gate half)
+void run_swiglu(const at::Tensor& in2, const at::Tensor& o2) {
+  const c10::cuda::CUDAGuard guard(in2.device());
+  FASTLM_CUDA_DISPATCH(in2.scalar_type(), "swiglu", [&] {
+    check_cuda(fastlm::cuda::swiglu<T>(cptr<T>(in2), row_stride(in2), mptr<T>(o2), row_stride(o2), in2.size(0),
+                                       in2.size(1) / 2, at::cuda::getCurrentCUDAStream()), "swiglu");
+  });
+}
+
+// in2 and o2 [rows, N], row-strided (o2 may be in2)
+void run_relu2(const at::Tensor& in2, const at::Tensor& o2) {
+  const c10::cuda::CUDAGuard guard(in2.device());
+  FASTLM_CUDA_DISPATCH(in2.scalar_type(), "relu2", [&] {
+    check_cuda(fastlm::cuda::relu2<T>(cptr<T>(in2), row_stride(in2), mptr<T>(o2), row_stride(o2), in2.size(0),
+                                      in2.size(1), at::cuda::getCurrentCUDAStream()), "relu2");
+  });
+}
+
+void check_relu2_input(const at::Tensor& x) {
+  check_float("x", x);
+  TORCH_CHECK(x.dim() >= 1, "fastlm: relu2 needs at least one dim");
+}
+
 void swiglu_out(const at::Tensor& gate_up, const at::Tensor& out) {
   check_out("out", out, swiglu_shape(gate_up), gate_up.scalar_type(), gate_up);
-  if (gate_up.numel() == 0) return;
-  const c10::cuda::CUDAGuard guard(gate_up.device());
-  const at::Tensor in2 = rows_view(gate_up);
-  FASTLM_CUDA_DISPATCH(gate_up.scalar_type(), "swiglu", [&] {
-    check_cuda(fastlm::cuda::swiglu<T>(cptr<T>(in2), row_stride(in2), mptr<T>(out), in2.size(0), in2.size(1) / 2,
-                                       at::cuda::getCurrentCUDAStream()), "swiglu");
-  });
+  if (out.numel() == 0) return;
+  run_swiglu(rows_view(gate_up), out.view({-1, out.size(-1)}));
 }
 
 at::Tensor swiglu(const at::Tensor& gate_up) {
@@ -227,23 +244,39 @@ at::Tensor swiglu(const at::Tensor& gate_up) {
   return out;
 }
 
+void swiglu_(const at::Tensor& gate_up) {
+  swiglu_shape(gate_up);
+  if (gate_up.numel() == 0) return;
+  at::Tensor in2;
+  if (in_place_rows(gate_up, in2)) {
+    run_swiglu(in2, in2.narrow(1, 0, in2.size(1) / 2));
+  } else {  // no row view of the caller's memory: compute aside, then write the gate half
+    gate_up.narrow(-1, 0, gate_up.size(-1) / 2).copy_(swiglu(gate_up));
+  }
+}
+
 void relu2_out(const at::Tensor& x, const at::Tensor& out) {
-  check_float("x", x);
-  TORCH_CHECK(x.dim() >= 1, "fastlm: relu2 needs at least one dim");
+  check_relu2_input(x);
   check_out("out", out, x.sizes(), x.scalar_type(), x);
-  if (x.numel() == 0) return;
-  const c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor in2 = rows_view(x);
-  FASTLM_CUDA_DISPATCH(x.scalar_type(), "relu2", [&] {
-    check_cuda(fastlm::cuda::relu2<T>(cptr<T>(in2), row_stride(in2), mptr<T>(out), in2.size(0), in2.size(1),
-                                      at::cuda::getCurrentCUDAStream()), "relu2");
-  });
+  if (out.numel() == 0) return;
+  run_relu2(rows_view(x), out.view({-1, out.size(-1)}));
 }
 
 at::Tensor relu2(const at::Tensor& x) {
   at::Tensor out = at::empty(x.sizes(), x.options());
   relu2_out(x, out);
   return out;
+}
+
+void relu2_(const at::Tensor& x) {
+  check_relu2_input(x);
+  if (x.numel() == 0) return;
+  at::Tensor x2;
+  if (in_place_rows(x, x2)) {
+    run_relu2(x2, x2);
+  } else {
+    x.copy_(relu2(x));
+  }
 }
 
 }  // namespace

@@ -14,8 +14,8 @@ namespace cuda {
   template cudaError_t add_layer_norm<T>(const T*, const T*, const T*, const T*, T*, T*, NormRows, float,       \
                                          cudaStream_t);                                                         \
   template cudaError_t qkv_rope<T>(const QkvParams<T>&, cudaStream_t);                                          \
-  template cudaError_t swiglu<T>(const T*, int64_t, T*, int64_t, int64_t, cudaStream_t);                        \
-  template cudaError_t relu2<T>(const T*, int64_t, T*, int64_t, int64_t, cudaStream_t);
+  template cudaError_t swiglu<T>(const T*, int64_t, T*, int64_t, int64_t, int64_t, cudaStream_t);               \
+  template cudaError_t relu2<T>(const T*, int64_t, T*, int64_t, int64_t, int64_t, cudaStream_t);
 
 FASTLM_INSTANTIATE(float)
 FASTLM_INSTANTIATE(__half)

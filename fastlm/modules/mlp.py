@@ -1,5 +1,7 @@
 """Fused MLP: SwiGLU over one fused gate/up GEMM, or up -> relu^2 -> down; the residual add folded
-into the down projection (fastlm's ``linear`` op) when the layer passes one.
+into the down projection (fastlm's ``linear`` op) when the layer passes one. The activation runs in
+place on the GEMM output (``swiglu_`` / ``relu2_``): that buffer is ours, and skipping the output
+allocation is most of the activation's cost on CPU at prefill sizes.
 
 ``_fastlm_gate_up_weight`` [2I, hidden] (and bias) is the fused storage the HF gate/up Parameters
 are views of. Activations other than silu (SwiGLU) and relu2 run through HF's ``act_fn`` unfused.
@@ -58,12 +60,12 @@ class FusedMLP:
         if spec.gated:
             gate_up = project(x, self._fastlm_gate_up_weight, self._fastlm_gate_up_bias, self._fastlm_backend)
             if spec.activation == "silu":
-                return dispatch("swiglu", self._fastlm_backend, gate_up.device)(gate_up)
+                return dispatch("swiglu_", self._fastlm_backend, gate_up.device)(gate_up)  # [..., I] view
             gate, up = gate_up.chunk(2, dim=-1)
             return self.act_fn(gate) * up
         h = project_linear(x, getattr(self, spec.up_name), self._fastlm_backend)
         if spec.activation == "relu2":
-            return dispatch("relu2", self._fastlm_backend, h.device)(h)
+            return dispatch("relu2_", self._fastlm_backend, h.device)(h)
         return self.act_fn(h)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:

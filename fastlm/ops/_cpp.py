@@ -137,6 +137,16 @@ def _(x, *, out):
     return None
 
 
+@torch.library.register_fake("fastlm::swiglu_")
+def _(gate_up):
+    return None
+
+
+@torch.library.register_fake("fastlm::relu2_")
+def _(x):
+    return None
+
+
 @torch.library.register_fake("fastlm::decode_attention")
 def _(q, k_cache, v_cache, lengths, scale):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -161,6 +171,8 @@ _qkv_rope = _ops.qkv_rope.default
 _qkv_rope_cache = _ops.qkv_rope_cache.default
 _swiglu = _ops.swiglu.default
 _relu2 = _ops.relu2.default
+_swiglu_inplace = _ops.swiglu_.default
+_relu2_inplace = _ops.relu2_.default
 _decode_attention = _ops.decode_attention.default
 _linear = _ops.linear.default
 
@@ -202,6 +214,18 @@ def swiglu_cpp(gate_up):
 @register("relu2", "cpp")
 def relu2_cpp(x):
     return _relu2(x)
+
+
+@register("swiglu_", "cpp")
+def swiglu_inplace_cpp(gate_up):
+    _swiglu_inplace(gate_up)
+    return gate_up[..., : gate_up.shape[-1] // 2]
+
+
+@register("relu2_", "cpp")
+def relu2_inplace_cpp(x):
+    _relu2_inplace(x)
+    return x
 
 
 @register("decode_attention", "cpp")

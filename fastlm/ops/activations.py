@@ -4,6 +4,12 @@
   ([..., 2I] -> [..., I]): the output of one fused gate/up GEMM. Reads 2I, writes I per row.
 * ``relu2(x)``: ``relu(x) ** 2`` (Arcee, Persimmon). Reads and writes I per row.
 
+In-place forms, which the fused MLP calls on the GEMM output it owns: ``swiglu_(gate_up)`` writes the
+result into the gate half and returns that view ([..., I], row stride 2I, which the down projection's
+GEMM reads as is); ``relu2_(x)`` overwrites x. Same traffic as out of place, minus the allocation: at
+prefill sizes on CPU a fresh output costs page faults worth as much as the kernel (37 MB for one
+Arcee layer at T = 512), and the lines written were just read, so they are still cached.
+
 The references round where HF rounds (silu result, then the product); kernels compute in fp32 and
 round once.
 """
@@ -27,15 +33,48 @@ def relu2_ref(x):
     return torch.square(F.relu(x))
 
 
+@register("swiglu_", "torch")
+def swiglu_inplace_ref(gate_up):
+    gate = gate_up[..., : gate_up.shape[-1] // 2]
+    return gate.copy_(swiglu_ref(gate_up))
+
+
+@register("relu2_", "torch")
+def relu2_inplace_ref(x):
+    return x.copy_(relu2_ref(x))
+
+
+def _check_swiglu(gate_up):
+    check_float("gate_up", gate_up)
+    if gate_up.dim() < 1 or gate_up.shape[-1] % 2:
+        raise ValueError(f"gate_up's last dim must be even ([gate | up]), got shape {tuple(gate_up.shape)}")
+
+
+def _check_relu2(x):
+    check_float("x", x)
+    if x.dim() < 1:
+        raise ValueError("relu2 needs at least one dim, got a 0-d tensor")
+
+
 def swiglu(gate_up: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """``silu(gate_up[..., :I]) * gate_up[..., I:]`` -> [..., I]."""
-    check_float("gate_up", gate_up)
-    if gate_up.shape[-1] % 2:
-        raise ValueError(f"gate_up's last dim must be even ([gate | up]), got {gate_up.shape[-1]}")
+    _check_swiglu(gate_up)
     return dispatch("swiglu", backend, gate_up.device)(gate_up)
+
+
+def swiglu_(gate_up: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    """:func:`swiglu` written into ``gate_up``'s gate half; returns that view, ``gate_up[..., :I]``."""
+    _check_swiglu(gate_up)
+    return dispatch("swiglu_", backend, gate_up.device)(gate_up)
 
 
 def relu2(x: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """``relu(x) ** 2``."""
-    check_float("x", x)
+    _check_relu2(x)
     return dispatch("relu2", backend, x.device)(x)
+
+
+def relu2_(x: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    """:func:`relu2` in place; returns ``x``."""
+    _check_relu2(x)
+    return dispatch("relu2_", backend, x.device)(x)

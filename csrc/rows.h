@@ -1,0 +1,33 @@
+// [rows, N] views of tensors whose last dim is N, shared by the CPU kernels and the CUDA binding.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/TensorUtils.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace fastlm {
+
+// 2-D view [rows, N] without a copy when the leading dims collapse into one row stride (any row
+// stride is fine); copies only when the last dim is not contiguous or the leading dims cannot be
+// collapsed.
+inline at::Tensor rows_view(const at::Tensor& t) {
+  const int64_t n = t.size(-1);
+  at::Tensor c = (t.stride(-1) == 1 || n == 1) ? t : t.contiguous();
+  return c.reshape({-1, n});
+}
+inline int64_t row_stride(const at::Tensor& t2d) { return t2d.size(0) > 1 ? t2d.stride(0) : t2d.size(1); }
+
+// For an in-place kernel: the [rows, N] view of t's own memory (true), or false when t has no such
+// view (last dim strided, or leading dims that do not collapse into one row stride).
+inline bool in_place_rows(const at::Tensor& t, at::Tensor& rows2d) {
+  const int64_t n = t.size(-1);
+  if (t.stride(-1) != 1 && n != 1) return false;
+  const std::vector<int64_t> shape2d{t.numel() / std::max<int64_t>(n, 1), n};
+  if (!at::detail::computeStride(t.sizes(), t.strides(), shape2d)) return false;
+  rows2d = t.view(shape2d);  // the same stride computation: cannot fail now
+  return true;
+}
+
+}  // namespace fastlm
