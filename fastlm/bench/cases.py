@@ -210,10 +210,35 @@ def _build_relu2(case: KernelCase, device, dtype) -> Bound:
     return Bound(relu2_ref, (x,), lambda b: (lambda: ops.relu2(x, backend=b)), 2 * B * T * I * x.element_size())
 
 
+def _build_swiglu_inplace(case: KernelCase, device, dtype) -> Bound:
+    """swiglu_ as the fused MLP calls it, on its GEMM output, against the composition it replaces (HF's
+    out-of-place silu(gate) * up, on the same input). Each backend times its own copy, which every
+    call overwrites, so the input is a fixed point: gate in [-2, -0.05], up = 1 + exp(-gate) makes
+    silu(gate) * up = gate, and the map contracts there (derivative 1 + gate * sigmoid(-gate) in
+    (-1, 1)), so rounding does not drift. Random data would decay into denormals within a few dozen
+    calls, which slow exp ~1.5x on this CPU and are not what a GEMM output holds."""
+    B, T, I = case.shape.batch, case.shape.tokens, case.spec["intermediate"]
+    gen = _gen(4, device)
+    gate = torch.rand((B, T, I), generator=gen) * -1.95 - 0.05
+    gu = torch.cat([gate, 1 + torch.exp(-gate)], dim=-1).to(device=device, dtype=dtype)
+    return Bound(swiglu_ref, (gu,), lambda b: (lambda w: (lambda: ops.swiglu_(w, backend=b)))(gu.clone()),
+                 3 * B * T * I * gu.element_size())
+
+
+def _build_relu2_inplace(case: KernelCase, device, dtype) -> Bound:
+    """relu2_ as the fused MLP calls it, against HF's out-of-place relu then square on the same input.
+    Each backend times its own copy; repeated calls drive every element to 0 or inf within the
+    warm-up calls (no denormals after), and max / multiply cost the same on those."""
+    bound = _build_relu2(case, device, dtype)
+    x = bound.ref_args[0]
+    bound.public = lambda b: (lambda w: (lambda: ops.relu2_(w, backend=b)))(x.clone())
+    return bound
+
+
 def kernel_cases(scale: str = "quick") -> list[KernelCase]:
     """Every fused op at each family's size, for each shape: the family's norm (RMS with its cast
     order, or LayerNorm), its QKV epilogue (plus the cache-writing twin for decode shapes), its MLP
-    activation."""
+    activation out of place and in place (``swiglu_`` / ``relu2_``, the form the fused MLP runs)."""
     cases = []
     fams = family_shapes(scale)
     for shape in kernel_shapes(scale):
@@ -228,8 +253,10 @@ def kernel_cases(scale: str = "quick") -> list[KernelCase]:
                 cases.append(KernelCase("qkv_rope_cache", fam, shape, s, _build_qkv_cache))
             if s["mlp"] == "swiglu":
                 cases.append(KernelCase("swiglu", fam, shape, s, _build_swiglu))
+                cases.append(KernelCase("swiglu_", fam, shape, s, _build_swiglu_inplace))
             else:
                 cases.append(KernelCase("relu2", fam, shape, s, _build_relu2))
+                cases.append(KernelCase("relu2_", fam, shape, s, _build_relu2_inplace))
     return cases
 
 
