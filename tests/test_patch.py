@@ -229,3 +229,29 @@ def test_unknown_backend_rejected():
     model = build_model("helium_gqa")
     with pytest.raises(ValueError, match="backend must be one of"):
         fastlm.patch(model, backend="cuda")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("variant", ["helium_gqa", "arcee_gqa_bias_yarn"])
+def test_mlp_activation_in_place_beyond_decode_sizes(variant, backend, monkeypatch):
+    """The fused MLP runs relu2_ always and swiglu_ from INPLACE_SWIGLU_MIN_ROWS rows (out of place
+    below): both paths are exercised here and match HF."""
+    import fastlm.modules.mlp as mlp_mod
+
+    called = []
+    real_dispatch = mlp_mod.dispatch
+    monkeypatch.setattr(mlp_mod, "dispatch", lambda op, *a: called.append(op) or real_dispatch(op, *a))
+    model = build_model(variant)
+    gated = model.config.model_type == "helium"
+    rows_in_place = mlp_mod.INPLACE_SWIGLU_MIN_ROWS
+    for batch, tokens in ((1, 1), (1, rows_in_place - 1), (1, rows_in_place), (3, 9)):
+        ids = random_ids(batch, tokens)
+        called.clear()
+        with torch.no_grad():
+            ref = model(ids).logits
+            fastlm.patch(model, backend=backend)
+            out = model(ids).logits
+            fastlm.unpatch(model)
+        assert rel_err(out, ref) <= 1e-4, (batch, tokens)
+        want = ("swiglu_" if batch * tokens >= rows_in_place else "swiglu") if gated else "relu2_"
+        assert called and set(called) == {want}, (batch, tokens, called)

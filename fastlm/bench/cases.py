@@ -238,7 +238,8 @@ def _build_relu2_inplace(case: KernelCase, device, dtype) -> Bound:
 def kernel_cases(scale: str = "quick") -> list[KernelCase]:
     """Every fused op at each family's size, for each shape: the family's norm (RMS with its cast
     order, or LayerNorm), its QKV epilogue (plus the cache-writing twin for decode shapes), its MLP
-    activation out of place and in place (``swiglu_`` / ``relu2_``, the form the fused MLP runs)."""
+    activation out of place and in place (``swiglu_`` / ``relu2_``, the forms the fused MLP runs:
+    ``relu2_`` always, ``swiglu_`` beyond decode sizes)."""
     cases = []
     fams = family_shapes(scale)
     for shape in kernel_shapes(scale):
@@ -253,7 +254,8 @@ def kernel_cases(scale: str = "quick") -> list[KernelCase]:
                 cases.append(KernelCase("qkv_rope_cache", fam, shape, s, _build_qkv_cache))
             if s["mlp"] == "swiglu":
                 cases.append(KernelCase("swiglu", fam, shape, s, _build_swiglu))
-                cases.append(KernelCase("swiglu_", fam, shape, s, _build_swiglu_inplace))
+                if not shape.decode:  # the fused MLP calls swiglu_ beyond decode sizes only (fastlm.modules.mlp)
+                    cases.append(KernelCase("swiglu_", fam, shape, s, _build_swiglu_inplace))
             else:
                 cases.append(KernelCase("relu2", fam, shape, s, _build_relu2))
                 cases.append(KernelCase("relu2_", fam, shape, s, _build_relu2_inplace))

@@ -1,7 +1,10 @@
 """Fused MLP: SwiGLU over one fused gate/up GEMM, or up -> relu^2 -> down; the residual add folded
 into the down projection (fastlm's ``linear`` op) when the layer passes one. The activation runs in
 place on the GEMM output (``swiglu_`` / ``relu2_``): that buffer is ours, and skipping the output
-allocation is most of the activation's cost on CPU at prefill sizes.
+allocation is most of the activation's cost on CPU at prefill sizes. At decode sizes (fewer
+than ``INPLACE_SWIGLU_MIN_ROWS`` rows) SwiGLU stays out of place: its output is small and cheap to
+allocate, while the in-place form's returned gate-half view costs ~1.5 us of host time (measured:
+8.7 us against 6.8 us a call at batch 1 on CPU).
 
 ``_fastlm_gate_up_weight`` [2I, hidden] (and bias) is the fused storage the HF gate/up Parameters
 are views of. Activations other than silu (SwiGLU) and relu2 run through HF's ``act_fn`` unfused.
@@ -16,6 +19,9 @@ from fastlm.ops._backend import dispatch
 from fastlm.modules._fused_storage import fuse_parameters, unfuse_parameters
 from fastlm.modules._linear import project, project_linear
 from fastlm.modules._swap import swap_in
+
+
+INPLACE_SWIGLU_MIN_ROWS = 17  # beyond the decode-sized row counts (fastlm.ops.linear's streaming kernel: <= 16)
 
 
 @dataclass
@@ -60,7 +66,9 @@ class FusedMLP:
         if spec.gated:
             gate_up = project(x, self._fastlm_gate_up_weight, self._fastlm_gate_up_bias, self._fastlm_backend)
             if spec.activation == "silu":
-                return dispatch("swiglu_", self._fastlm_backend, gate_up.device)(gate_up)  # [..., I] view
+                rows = gate_up.numel() // max(gate_up.shape[-1], 1)
+                op = "swiglu_" if rows >= INPLACE_SWIGLU_MIN_ROWS else "swiglu"  # swiglu_: an [..., I] view
+                return dispatch(op, self._fastlm_backend, gate_up.device)(gate_up)
             gate, up = gate_up.chunk(2, dim=-1)
             return self.act_fn(gate) * up
         h = project_linear(x, getattr(self, spec.up_name), self._fastlm_backend)
