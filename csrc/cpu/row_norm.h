@@ -36,11 +36,10 @@ inline float add_and_sum(const T* x, const T* r, T* h, int64_t n, float* row32 =
   return hsum(acc0 + acc1);
 }
 
-// LayerNorm of a row of n elements whose mean is known: the centred sum of squares (second sweep, no
-// E[x^2] - E[x]^2 cancellation), then dst = (src - mean) * rstd * w (+ bias) (third sweep). src and
-// dst may be the same buffer (each chunk is read before it is written).
-template <typename S, typename W, typename Y>
-inline void layer_norm_row(const S* src, float mean, const W* w, const W* bias, Y* dst, int64_t n, float eps) {
+// The centred sum of squares of a row whose mean is known (a second sweep: no E[x^2] - E[x]^2
+// cancellation).
+template <typename S>
+inline float centred_sum_squares(const S* src, float mean, int64_t n) {
   const fVec vm(mean);
   fVec acc0(0.f), acc1(0.f);
   for (int64_t j = 0; j < n; j += kChunk) {
@@ -53,7 +52,14 @@ inline void layer_norm_row(const S* src, float mean, const W* w, const W* bias, 
     acc0 = at::vec::fmadd(a, a, acc0);
     acc1 = at::vec::fmadd(b, b, acc1);
   }
-  const fVec vr(layer_norm_rstd(hsum(acc0 + acc1), n, eps));
+  return hsum(acc0 + acc1);
+}
+
+// dst = (src - mean) * rstd * w (+ bias). src and dst may be the same buffer (each chunk is read
+// before it is written).
+template <typename S, typename W, typename Y>
+inline void layer_norm_affine(const S* src, float mean, float rstd, const W* w, const W* bias, Y* dst, int64_t n) {
+  const fVec vm(mean), vr(rstd);
   for (int64_t j = 0; j < n; j += kChunk) {
     const int64_t m = std::min(kChunk, n - j);
     fVec a, b, wa, wb;
@@ -70,6 +76,12 @@ inline void layer_norm_row(const S* src, float mean, const W* w, const W* bias, 
     }
     IO<Y>::store(dst + j, m, a, b);
   }
+}
+
+// LayerNorm of a row of n elements whose mean is known: centred variance, then the affine.
+template <typename S, typename W, typename Y>
+inline void layer_norm_row(const S* src, float mean, const W* w, const W* bias, Y* dst, int64_t n, float eps) {
+  layer_norm_affine(src, mean, layer_norm_rstd(centred_sum_squares(src, mean, n), n, eps), w, bias, dst, n);
 }
 
 }  // namespace fastlm::cpu
