@@ -85,6 +85,10 @@ def write_summary(path, rows: list[Row], machine: dict, copy_bw: float, meta: di
         L.append("- large CPU tensors on transparent huge pages (`THP_MEM_ALLOC_ENABLE=1`, set by the `fastlm` "
                  "command; applies to every provider): " + ("yes" if machine["thp_alloc"] else
                                                            "no (each large output pays 4 KiB page faults)"))
+    if machine.get("device") == "cpu" and "malloc_keep" in machine:
+        L.append("- freed CPU memory reused by glibc malloc instead of unmapped (set by the `fastlm` command; applies to "
+                 "every provider): " + ("yes" if machine["malloc_keep"] else
+                                        "no (large outputs get fresh, zero-filled pages on every call)"))
     if "loadavg" in machine:
         L.append(f"- load average at start: {machine['loadavg']} (other work on the machine skews timings)")
     L.append(f"- measured memory copy bandwidth: **{copy_bw:.1f} GB/s** (`dst.copy_(src)` on "
