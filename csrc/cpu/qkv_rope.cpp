@@ -6,6 +6,9 @@
 #include "../ops.h"
 #include "row_norm.h"
 
+#include <cstring>
+#include <type_traits>
+
 namespace fastlm::cpu {
 namespace {
 
@@ -41,29 +44,61 @@ struct QkvArgs {
   int64_t pos_sb = 0, pos_ss = 0, tmax = 0;
 };
 
-// RoPE on buf[0:R] with fp32 tables cs/sn of R/2 entries.
-inline void rope_inplace(float* buf, int64_t R, const float* cs, const float* sn, bool interleaved) {
+// Up to kF elements of S as one fp32 register (lanes past m zero), and back to T.
+template <typename S>
+inline fVec load_f32(const S* p, int64_t m) {
+  if constexpr (std::is_same_v<S, float>) {
+    return fVec::loadu(p, m);
+  } else {
+    return std::get<0>(at::vec::convert_to_float<S>(at::vec::Vectorized<S>::loadu(p, m)));
+  }
+}
+template <typename T>
+inline void store_f32(T* p, int64_t m, const fVec& v) {
+  if constexpr (std::is_same_v<T, float>) {
+    v.store(p, m);
+  } else {
+    pack_from_float<T>(v, fVec(0.f)).store(p, m);
+  }
+}
+
+// dst[0:D] = RoPE(src[0:D]): the first R dims rotated with the fp32 tables cs/sn (R/2 entries), the
+// rest copied; fp32 math, one rounding to T. src is the head vector in storage (no qk-norm) or the
+// fp32 buffer of a normalised one: either way the head goes from src to dst in one sweep.
+template <typename S, typename T>
+inline void rope_store(const S* src, T* dst, int64_t D, int64_t R, const float* cs, const float* sn,
+                       bool interleaved) {
   const int64_t half = R / 2;
   if (!interleaved) {
     for (int64_t i = 0; i < half; i += kF) {
       const int64_t m = std::min(kF, half - i);
-      fVec x0 = fVec::loadu(buf + i, m), x1 = fVec::loadu(buf + half + i, m);
-      const fVec c = fVec::loadu(cs + i, m), s = fVec::loadu(sn + i, m);
-      rope_rotate(x0, x1, c, s);
-      x0.store(buf + i, m);
-      x1.store(buf + half + i, m);
+      fVec x0 = load_f32(src + i, m), x1 = load_f32(src + half + i, m);
+      rope_rotate(x0, x1, fVec::loadu(cs + i, m), fVec::loadu(sn + i, m));
+      store_f32(dst + i, m, x0);
+      store_f32(dst + half + i, m, x1);
     }
-    return;
+  } else {
+    int64_t i = 0;
+    for (; i + kF <= half; i += kF) {  // pairs (2i, 2i+1): de-interleave, rotate, re-interleave
+      fVec a, b;
+      IO<S>::load(src + 2 * i, a, b);
+      auto [x0, x1] = at::vec::deinterleave2(a, b);
+      rope_rotate(x0, x1, fVec::loadu(cs + i), fVec::loadu(sn + i));
+      auto [o0, o1] = at::vec::interleave2(x0, x1);
+      IO<T>::store(dst + 2 * i, kChunk, o0, o1);
+    }
+    for (; i < half; ++i) {
+      float x0 = IO<S>::to_float(src[2 * i]), x1 = IO<S>::to_float(src[2 * i + 1]);
+      rope_rotate(x0, x1, cs[i], sn[i]);
+      dst[2 * i] = static_cast<T>(x0);
+      dst[2 * i + 1] = static_cast<T>(x1);
+    }
   }
-  int64_t i = 0;
-  for (; i + kF <= half; i += kF) {  // pairs (2i, 2i+1): de-interleave, rotate, re-interleave
-    auto [x0, x1] = at::vec::deinterleave2(fVec::loadu(buf + 2 * i), fVec::loadu(buf + 2 * i + kF));
-    rope_rotate(x0, x1, fVec::loadu(cs + i), fVec::loadu(sn + i));
-    auto [o0, o1] = at::vec::interleave2(x0, x1);
-    o0.store(buf + 2 * i);
-    o1.store(buf + 2 * i + kF);
+  if constexpr (std::is_same_v<S, T>) {
+    std::memcpy(dst + R, src + R, (D - R) * sizeof(T));
+  } else {
+    convert_row(src + R, dst + R, D - R);
   }
-  for (; i < half; ++i) rope_rotate(buf[2 * i], buf[2 * i + 1], cs[i], sn[i]);
 }
 
 // Tokens per task. Work goes token block by token block, and inside a block head by head, so each
@@ -146,12 +181,9 @@ void qkv_kernel(const QkvArgs& a) {
           for (int64_t t = 0; t < n; ++t) mean[t] = layer_norm_mean(mean[t], D);
           for (int64_t t = 0; t < n; ++t) rstd[t] = layer_norm_rstd(centred_sum_squares(buf[t], mean[t], D), D, a.eps);
           for (int64_t t = 0; t < n; ++t) layer_norm_affine(buf[t], mean[t], rstd[t], w, bias, buf[t], D);
+          for (int64_t t = 0; t < n; ++t) rope_store(buf[t], dst[t], D, R, cs[t], sn[t], a.interleaved);
         } else {
-          for (int64_t t = 0; t < n; ++t) convert_row(src[t], buf[t], D);
-        }
-        for (int64_t t = 0; t < n; ++t) {
-          if (R > 0) rope_inplace(buf[t], R, cs[t], sn[t], a.interleaved);
-          convert_row(buf[t], dst[t], D);
+          for (int64_t t = 0; t < n; ++t) rope_store(src[t], dst[t], D, R, cs[t], sn[t], a.interleaved);
         }
       }
     }
