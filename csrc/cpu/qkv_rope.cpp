@@ -62,17 +62,41 @@ inline void store_f32(T* p, int64_t m, const fVec& v) {
   }
 }
 
-// dst[0:D] = RoPE(src[0:D]): the first R dims rotated with the fp32 tables cs/sn (R/2 entries), the
-// rest copied; fp32 math, one rounding to T. src is the head vector in storage (no qk-norm) or the
-// fp32 buffer of a normalised one: either way the head goes from src to dst in one sweep.
-template <typename S, typename T>
+// Identity, or the qk-LayerNorm affine (x - mean) * rstd * w (+ b) of element j onwards: applied by
+// rope_store to each value as it is loaded, so a normalised head needs no extra sweep.
+struct NoAffine {
+  static constexpr bool kIdentity = true;
+  fVec operator()(const fVec& x, int64_t, int64_t) const { return x; }
+  float operator()(float x, int64_t) const { return x; }
+};
+struct LayerNormAffine {
+  static constexpr bool kIdentity = false;
+  fVec vm, vr;
+  float mean, rstd;
+  const float* w;
+  const float* b;  // may be null
+  LayerNormAffine(float mean_, float rstd_, const float* w_, const float* b_)
+      : vm(mean_), vr(rstd_), mean(mean_), rstd(rstd_), w(w_), b(b_) {}
+  fVec operator()(const fVec& x, int64_t j, int64_t m) const {  // lanes j .. j + m
+    const fVec wv = fVec::loadu(w + j, m);
+    return b ? layer_norm_apply(x, vm, vr, wv, fVec::loadu(b + j, m)) : layer_norm_apply(x, vm, vr, wv);
+  }
+  float operator()(float x, int64_t j) const {
+    return b ? layer_norm_apply(x, mean, rstd, w[j], b[j]) : layer_norm_apply(x, mean, rstd, w[j]);
+  }
+};
+
+// dst[0:D] = RoPE(pre(src[0:D])): the first R dims rotated with the fp32 tables cs/sn (R/2 entries),
+// the rest copied; fp32 math, one rounding to T. src is the head vector in storage (no qk-norm) or the
+// fp32 buffer of a head being normalised (pre = its affine): either way one sweep from src to dst.
+template <typename S, typename T, typename Pre>
 inline void rope_store(const S* src, T* dst, int64_t D, int64_t R, const float* cs, const float* sn,
-                       bool interleaved) {
+                       bool interleaved, const Pre& pre) {
   const int64_t half = R / 2;
   if (!interleaved) {
     for (int64_t i = 0; i < half; i += kF) {
       const int64_t m = std::min(kF, half - i);
-      fVec x0 = load_f32(src + i, m), x1 = load_f32(src + half + i, m);
+      fVec x0 = pre(load_f32(src + i, m), i, m), x1 = pre(load_f32(src + half + i, m), half + i, m);
       rope_rotate(x0, x1, fVec::loadu(cs + i, m), fVec::loadu(sn + i, m));
       store_f32(dst + i, m, x0);
       store_f32(dst + half + i, m, x1);
@@ -82,22 +106,27 @@ inline void rope_store(const S* src, T* dst, int64_t D, int64_t R, const float* 
     for (; i + kF <= half; i += kF) {  // pairs (2i, 2i+1): de-interleave, rotate, re-interleave
       fVec a, b;
       IO<S>::load(src + 2 * i, a, b);
-      auto [x0, x1] = at::vec::deinterleave2(a, b);
+      auto [x0, x1] = at::vec::deinterleave2(pre(a, 2 * i, kF), pre(b, 2 * i + kF, kF));
       rope_rotate(x0, x1, fVec::loadu(cs + i), fVec::loadu(sn + i));
       auto [o0, o1] = at::vec::interleave2(x0, x1);
       IO<T>::store(dst + 2 * i, kChunk, o0, o1);
     }
     for (; i < half; ++i) {
-      float x0 = IO<S>::to_float(src[2 * i]), x1 = IO<S>::to_float(src[2 * i + 1]);
+      float x0 = pre(IO<S>::to_float(src[2 * i]), 2 * i), x1 = pre(IO<S>::to_float(src[2 * i + 1]), 2 * i + 1);
       rope_rotate(x0, x1, cs[i], sn[i]);
       dst[2 * i] = static_cast<T>(x0);
       dst[2 * i + 1] = static_cast<T>(x1);
     }
   }
-  if constexpr (std::is_same_v<S, T>) {
+  if constexpr (Pre::kIdentity && std::is_same_v<S, T>) {
     std::memcpy(dst + R, src + R, (D - R) * sizeof(T));
   } else {
-    convert_row(src + R, dst + R, D - R);
+    for (int64_t j = R; j < D; j += kChunk) {
+      const int64_t m = std::min(kChunk, D - j);
+      fVec a, b;
+      IO<S>::load(src + j, m, a, b);
+      IO<T>::store(dst + j, m, pre(a, j, std::min(kF, m)), pre(b, j + kF, std::max<int64_t>(0, m - kF)));
+    }
   }
 }
 
@@ -180,10 +209,11 @@ void qkv_kernel(const QkvArgs& a) {
           for (int64_t t = 0; t < n; ++t) mean[t] = add_and_sum<T, false>(src[t], nullptr, nullptr, D, buf[t]);
           for (int64_t t = 0; t < n; ++t) mean[t] = layer_norm_mean(mean[t], D);
           for (int64_t t = 0; t < n; ++t) rstd[t] = layer_norm_rstd(centred_sum_squares(buf[t], mean[t], D), D, a.eps);
-          for (int64_t t = 0; t < n; ++t) layer_norm_affine(buf[t], mean[t], rstd[t], w, bias, buf[t], D);
-          for (int64_t t = 0; t < n; ++t) rope_store(buf[t], dst[t], D, R, cs[t], sn[t], a.interleaved);
+          for (int64_t t = 0; t < n; ++t) {
+            rope_store(buf[t], dst[t], D, R, cs[t], sn[t], a.interleaved, LayerNormAffine(mean[t], rstd[t], w, bias));
+          }
         } else {
-          for (int64_t t = 0; t < n; ++t) rope_store(src[t], dst[t], D, R, cs[t], sn[t], a.interleaved);
+          for (int64_t t = 0; t < n; ++t) rope_store(src[t], dst[t], D, R, cs[t], sn[t], a.interleaved, NoAffine{});
         }
       }
     }
