@@ -1,5 +1,6 @@
-"""Decode tokens/s: fastlm's engine vs ``transformers`` ``generate`` on ~100M-parameter random-weight
-models of each family, CPU, batch 1, 32-token prompt, 64 new tokens, fp32 and bf16.
+"""Decode tokens/s: fastlm's engine vs ``transformers`` ``generate`` on the random-weight models of the
+``fastlm bench`` decode suite on CPU (``fastlm.bench.cases.E2E_SMALL``: each family's real head layout,
+4-7 layers), batch 1, 32-token prompt, 64 new tokens, fp32 and bf16.
 
 Decode rate = (new tokens - 1) / (time for N new tokens - time for 1 new token) for ``transformers``
 (prefill and setup subtracted), and the engine's own synced decode timer (same definition) for fastlm.
@@ -13,31 +14,17 @@ import argparse
 import time
 
 import torch
-from transformers import AutoModelForCausalLM, ArceeConfig, HeliumConfig, PersimmonConfig, StableLmConfig
 
 import fastlm
+from fastlm.bench.cases import E2E_SMALL, build_model
 
 PROMPT, NEW = 32, 64
-_COMMON = dict(vocab_size=32000, hidden_size=768, num_hidden_layers=12, max_position_embeddings=2048,
-               pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
-CONFIGS = {  # realistic head layouts per family, ~100-135M parameters (half of it embeddings)
-    "arcee": lambda: ArceeConfig(**_COMMON, intermediate_size=3072, num_attention_heads=12,
-                                 num_key_value_heads=4, head_dim=64),
-    "stablelm": lambda: StableLmConfig(**_COMMON, intermediate_size=2048, num_attention_heads=12,
-                                       num_key_value_heads=12, partial_rotary_factor=0.25),
-    "persimmon": lambda: PersimmonConfig(**_COMMON, intermediate_size=3072, num_attention_heads=12,
-                                         qk_layernorm=True, partial_rotary_factor=0.5),
-    "helium": lambda: HeliumConfig(**_COMMON, intermediate_size=2048, num_attention_heads=12,
-                                   num_key_value_heads=4, head_dim=64),
-}
+FAMILIES = list(E2E_SMALL)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def build(family: str, dtype: torch.dtype):
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(CONFIGS[family](), attn_implementation="sdpa").to(dtype).eval()
-    model.generation_config.eos_token_id = None  # always 64 tokens
-    return model
+    return build_model(family, E2E_SMALL[family], "cpu", dtype)  # eos disabled: always NEW tokens
 
 
 def prompt_ids() -> torch.Tensor:
@@ -70,7 +57,7 @@ def engine_decode_rate(model, ids, backend: str = "auto", compile=False, repeats
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--families", default=",".join(CONFIGS))
+    parser.add_argument("--families", default=",".join(FAMILIES))
     parser.add_argument("--dtypes", default=",".join(DTYPES))
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--compile", action="store_true", help="also time the torch.compile'd decode step")
@@ -109,7 +96,7 @@ except ImportError:  # running as a script without pytest
 
 if pytest is not None:
     @pytest.mark.parametrize("dtype", list(DTYPES))
-    @pytest.mark.parametrize("family", list(CONFIGS))
+    @pytest.mark.parametrize("family", FAMILIES)
     @pytest.mark.parametrize("impl", ["transformers", "fastlm"])
     def test_decode(benchmark, impl, family, dtype):
         model, ids = build(family, DTYPES[dtype]), prompt_ids()
