@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <vector>
 
 namespace fastlm {
 
@@ -39,6 +40,21 @@ inline void check_out(const char* name, const at::Tensor& out, at::IntArrayRef s
               out.scalar_type());
   TORCH_CHECK(out.sizes() == shape, "fastlm: ", name, " must have shape ", shape, ", got ", out.sizes());
   TORCH_CHECK(out.is_contiguous(), "fastlm: ", name, " must be contiguous");
+}
+
+// swiglu's output shape ([..., 2I] -> [..., I]), after checking gate_up.
+inline std::vector<int64_t> swiglu_out_shape(const at::Tensor& gate_up) {
+  check_float("gate_up", gate_up);
+  TORCH_CHECK(gate_up.dim() >= 1 && gate_up.size(-1) % 2 == 0,
+              "fastlm: gate_up's last dim must be even ([gate | up]), got ", gate_up.sizes());
+  std::vector<int64_t> shape(gate_up.sizes().begin(), gate_up.sizes().end());
+  shape.back() /= 2;
+  return shape;
+}
+
+inline void check_relu2_input(const at::Tensor& x) {
+  check_float("x", x);
+  TORCH_CHECK(x.dim() >= 1, "fastlm: relu2 needs at least one dim");
 }
 
 // Output dtype of add_rms_norm: Helium order (weight in fp32) rounds to x's dtype; Arcee order

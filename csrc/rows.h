@@ -19,15 +19,18 @@ inline at::Tensor rows_view(const at::Tensor& t) {
 }
 inline int64_t row_stride(const at::Tensor& t2d) { return t2d.size(0) > 1 ? t2d.stride(0) : t2d.size(1); }
 
-// For an in-place kernel: the [rows, N] view of t's own memory (true), or false when t has no such
-// view (last dim strided, or leading dims that do not collapse into one row stride).
-inline bool in_place_rows(const at::Tensor& t, at::Tensor& rows2d) {
+// An elementwise row kernel in place: run(rows2d) on t's own [rows, N] memory; where t has no such
+// view (last dim strided, or leading dims that do not collapse into one row stride), dst.copy_(aside())
+// instead, with aside() computing the result out of place (dst: the part of t the result replaces).
+template <typename Run, typename Aside>
+inline void run_in_place(const at::Tensor& t, const at::Tensor& dst, const Run& run, const Aside& aside) {
   const int64_t n = t.size(-1);
-  if (t.stride(-1) != 1 && n != 1) return false;
   const std::vector<int64_t> shape2d{t.numel() / std::max<int64_t>(n, 1), n};
-  if (!at::detail::computeStride(t.sizes(), t.strides(), shape2d)) return false;
-  rows2d = t.view(shape2d);  // the same stride computation: cannot fail now
-  return true;
+  if ((t.stride(-1) == 1 || n == 1) && at::detail::computeStride(t.sizes(), t.strides(), shape2d)) {
+    run(t.view(shape2d));  // the same stride computation as the check: a view of t's memory
+  } else {
+    dst.copy_(aside());
+  }
 }
 
 }  // namespace fastlm

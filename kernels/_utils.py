@@ -47,21 +47,26 @@ def check_device(*tensors: torch.Tensor | None) -> None:
         raise RuntimeError(f"fastlm.kernels: Triton kernels do not support device type {dev!r}")
 
 
+def own_rows(t: torch.Tensor) -> torch.Tensor | None:
+    """``t`` [..., N] as a 2D [rows, N] view of its own memory (unit last-dim stride, one row stride),
+    or None where no such view exists (what in-place kernels need to know)."""
+    n = t.shape[-1]
+    if t.stride(-1) != 1 and n > 1:
+        return None
+    try:
+        return t.view(-1, n)
+    except RuntimeError:
+        return None
+
+
 def rows_view(t: torch.Tensor) -> torch.Tensor:
     """``t`` [..., N] as a 2D [rows, N] view with unit last-dim stride and one row stride.
 
     Row-strided inputs (slices along a leading dim, a narrowed last dim) come back as views, no copy;
     only layouts that cannot be expressed with a single row stride are copied.
     """
-    n = t.shape[-1]
-    if t.dim() == 1:
-        t = t.unsqueeze(0)
-    if t.stride(-1) != 1 and n > 1:
-        t = t.contiguous()
-    try:
-        return t.view(-1, n)
-    except RuntimeError:
-        return t.contiguous().view(-1, n)
+    view = own_rows(t)
+    return view if view is not None else t.contiguous().view(-1, t.shape[-1])
 
 
 def num_warps_for(block: int) -> int:

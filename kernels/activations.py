@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import cast_out, check_device, launch, register_op, rows_view
+from ._utils import cast_out, check_device, launch, own_rows, register_op, rows_view
 
 
 @triton.jit
@@ -91,24 +91,13 @@ def _(x):
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
-def _own_rows(t: torch.Tensor) -> torch.Tensor | None:
-    """t's [rows, N] view of its own memory, or None where there is none (rows_view would copy)."""
-    n = t.shape[-1]
-    if t.stride(-1) != 1 and n > 1:
-        return None
-    try:
-        return t.view(-1, n)
-    except RuntimeError:
-        return None
-
-
 @register_op("triton_swiglu_inplace", mutates_args=("gate_up",))
 def triton_swiglu_inplace(gate_up: torch.Tensor) -> None:
     check_device(gate_up)
     n = gate_up.shape[-1] // 2
     if gate_up.numel() == 0:
         return
-    x2 = _own_rows(gate_up)
+    x2 = own_rows(gate_up)
     if x2 is None:
         gate_up[..., :n].copy_(triton_swiglu(gate_up))
         return
@@ -120,7 +109,7 @@ def triton_relu2_inplace(x: torch.Tensor) -> None:
     check_device(x)
     if x.numel() == 0:
         return
-    x2 = _own_rows(x)
+    x2 = own_rows(x)
     if x2 is None:
         x.copy_(triton_relu2(x))
         return

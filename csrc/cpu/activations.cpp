@@ -77,43 +77,26 @@ void run_relu2(const at::Tensor& in2, const at::Tensor& o2) {
   });
 }
 
-void check_relu2_input(const at::Tensor& x) {
-  check_float("x", x);
-  TORCH_CHECK(x.dim() >= 1, "fastlm: relu2 needs at least one dim");
-}
-
-std::vector<int64_t> swiglu_shape(const at::Tensor& gate_up) {
-  check_float("gate_up", gate_up);
-  TORCH_CHECK(gate_up.dim() >= 1 && gate_up.size(-1) % 2 == 0,
-              "fastlm: gate_up's last dim must be even ([gate | up]), got ", gate_up.sizes());
-  std::vector<int64_t> shape(gate_up.sizes().begin(), gate_up.sizes().end());
-  shape.back() /= 2;
-  return shape;
-}
-
 }  // namespace
 
 at::Tensor swiglu(const at::Tensor& gate_up) {
-  at::Tensor out = at::empty(swiglu_shape(gate_up), gate_up.options());
+  at::Tensor out = at::empty(swiglu_out_shape(gate_up), gate_up.options());
   swiglu_out(gate_up, out);
   return out;
 }
 
 void swiglu_out(const at::Tensor& gate_up, const at::Tensor& out) {
-  check_out("out", out, swiglu_shape(gate_up), gate_up.scalar_type(), gate_up);
+  check_out("out", out, swiglu_out_shape(gate_up), gate_up.scalar_type(), gate_up);
   if (out.numel() == 0) return;
   run_swiglu(rows_view(gate_up), out.view({-1, out.size(-1)}));
 }
 
 void swiglu_(const at::Tensor& gate_up) {
-  swiglu_shape(gate_up);
+  swiglu_out_shape(gate_up);
   if (gate_up.numel() == 0) return;
-  at::Tensor in2;
-  if (in_place_rows(gate_up, in2)) {
-    run_swiglu(in2, in2.narrow(1, 0, in2.size(1) / 2));
-  } else {  // no row view of the caller's memory: compute aside, then write the gate half
-    gate_up.narrow(-1, 0, gate_up.size(-1) / 2).copy_(swiglu(gate_up));
-  }
+  run_in_place(gate_up, gate_up.narrow(-1, 0, gate_up.size(-1) / 2),
+               [](const at::Tensor& in2) { run_swiglu(in2, in2.narrow(1, 0, in2.size(1) / 2)); },
+               [&] { return swiglu(gate_up); });
 }
 
 at::Tensor relu2(const at::Tensor& x) {
@@ -134,12 +117,7 @@ void relu2_out(const at::Tensor& x, const at::Tensor& out) {
 void relu2_(const at::Tensor& x) {
   check_relu2_input(x);
   if (x.numel() == 0) return;
-  at::Tensor x2;
-  if (in_place_rows(x, x2)) {
-    run_relu2(x2, x2);
-  } else {
-    x.copy_(relu2(x));
-  }
+  run_in_place(x, x, [](const at::Tensor& x2) { run_relu2(x2, x2); }, [&] { return relu2(x); });
 }
 
 }  // namespace fastlm::cpu
