@@ -164,6 +164,8 @@ QKV_CONFIGS = {
     "odd_d40": (4, 2, 40, 20, True, False, "per_head_bias"),
     "d64_rot32_interleaved_shared": (2, 2, 64, 32, True, True, "shared"),
     "no_rope": (2, 1, 64, 0, False, False, "shared_bias"),
+    # head_dim over the register-resident qk-norm's limit (8 registers): the buffer-sweeping path
+    "wide_d136": (2, 1, 136, 68, False, False, "per_head_bias"),
 }
 
 
@@ -225,6 +227,29 @@ def test_qkv_rope_non_contiguous(name, dtype):
     refs_lo = qkv_rope_ref(*qkv_args(qkv, cos1, sin1, nw, cfg))
     for o, r32, rlo in zip(outs_b, refs_b, refs_lo):
         check(o, r32, rlo, dtype, f"{name} broadcast tables", scale=4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cfg", [(32, 16, 80, 20, False, False, "per_head"), (24, 24, 64, 32, False, True, "shared_bias")],
+                         ids=["stablelm_gqa", "persimmon"])
+def test_qkv_rope_large_outputs_streamed(cfg, dtype):
+    """Outputs of 16 MiB and more are written through a stage with non-temporal stores (kStreamOutBytes in
+    csrc/cpu/qkv_rope.cpp). The per-token math is the same either way, so the result must equal, bit for
+    bit, the op run on slices of the sequence small enough for ordinary stores; the odd slice length puts
+    the runs at unaligned addresses, so the partial cache lines at both ends of a run are covered."""
+    H, Hkv, D = cfg[:3]
+    S = 1027 if dtype == torch.float32 else 2053
+    assert S * (H + 2 * Hkv) * D * torch.finfo(dtype).bits // 8 >= 16 << 20
+    qkv, cos, sin, nw = make_qkv(cfg, 1, S, dtype, seed=11)
+    outs = _cpp.qkv_rope_cpp(*qkv_args(qkv, cos, sin, nw, cfg))
+    step = 257
+    pieces = [_cpp.qkv_rope_cpp(*qkv_args(qkv[:, i:i + step], cos[:, i:i + step], sin[:, i:i + step], nw, cfg))
+              for i in range(0, S, step)]
+    for label, o, parts in zip("qkv", outs, zip(*pieces)):
+        assert torch.equal(o, torch.cat(parts, dim=2)), label
+    args = qkv_args(qkv[:, :64], cos[:, :64], sin[:, :64], nw, cfg)
+    for label, o, r32, rlo in zip("qkv", outs, qkv_rope_ref(*up(args)), qkv_rope_ref(*args)):
+        check(o[:, :, :64], r32, rlo, dtype, f"streamed:{label}", scale=4)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -10,7 +10,7 @@
 #include <cstring>
 #include <type_traits>
 
-#if defined(FASTLM_AVX512_BF16)
+#if defined(CPU_CAPABILITY_AVX512)
 #include <immintrin.h>
 #endif
 
@@ -137,6 +137,61 @@ inline float hmax(const fVec& v) {
   return at::vec::vec_reduce_all<float>([](fVec& x, fVec& y) { return at::vec::maximum(x, y); }, v);
 }
 
+// out[t] = hsum(v[t]) for t < n <= kF. AVX-512: a transpose-and-add tree that puts token t's sum in
+// lane t, ~3 instructions per row instead of a dependent 8-instruction chain per row (each qk-norm
+// head's statistics waited on two such chains plus a divide and a sqrt). Same additions as hsum's
+// tree, in a different order: results may differ from hsum in the last bit.
+inline fVec hsum_lanes(const fVec* v, int64_t n) {
+#if defined(CPU_CAPABILITY_AVX512)
+  auto at = [&](int64_t t) -> __m512 { return t < n ? static_cast<__m512>(v[t]) : _mm512_setzero_ps(); };
+  __m512 quads[4];  // quads[g]: 128-bit lane l holds a partial of rows 4g .. 4g+3 (one per position)
+  for (int64_t g = 0; g < 4; ++g) {
+    if (4 * g >= n) { quads[g] = _mm512_setzero_ps(); continue; }
+    __m512 pair[2];  // rows (4g, 4g+1) and (4g+2, 4g+3) interleaved [a, b, a, b] per 128-bit lane
+    for (int64_t p = 0; p < 2; ++p) {
+      const __m512 a = at(4 * g + 2 * p), b = at(4 * g + 2 * p + 1);
+      pair[p] = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+    }
+    const __m512d lo = _mm512_unpacklo_pd(_mm512_castps_pd(pair[0]), _mm512_castps_pd(pair[1]));
+    const __m512d hi = _mm512_unpackhi_pd(_mm512_castps_pd(pair[0]), _mm512_castps_pd(pair[1]));
+    quads[g] = _mm512_add_ps(_mm512_castpd_ps(lo), _mm512_castpd_ps(hi));
+  }
+  auto fold = [](__m512 x, __m512 y) {  // [x.L0+x.L1, x.L2+x.L3, y.L0+y.L1, y.L2+y.L3]
+    return _mm512_add_ps(_mm512_shuffle_f32x4(x, y, _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(x, y, _MM_SHUFFLE(3, 1, 3, 1)));
+  };
+  return fVec(fold(fold(quads[0], quads[1]), fold(quads[2], quads[3])));
+#else
+  alignas(64) float out[kF] = {};
+  for (int64_t t = 0; t < n; ++t) out[t] = hsum(v[t]);
+  return fVec::loadu(out);
+#endif
+}
+
+// Copy `bytes` from src to dst, the whole 64-byte lines of dst with non-temporal stores (no
+// read-for-ownership, and the lines do not stay in the cache), the partial lines at either end with
+// ordinary stores. Call stream_fence before other threads read dst.
+inline void stream_copy(void* dst, const void* src, int64_t bytes) {
+#if defined(CPU_CAPABILITY_AVX512)
+  char* d = static_cast<char*>(dst);
+  const char* s = static_cast<const char*>(src);
+  const int64_t head = std::min<int64_t>(bytes, (64 - reinterpret_cast<uintptr_t>(d) % 64) % 64);
+  std::memcpy(d, s, head);
+  int64_t o = head;
+  for (; o + 64 <= bytes; o += 64) {
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(d + o), _mm512_loadu_si512(s + o));
+  }
+  std::memcpy(d + o, s + o, bytes - o);
+#else
+  std::memcpy(dst, src, bytes);
+#endif
+}
+inline void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX512)
+  _mm_sfence();
+#endif
+}
+
 // Convert n elements from S to D storage through fp32 registers: with D = float, load a row as fp32;
 // with S = float, store an fp32 row as D.
 template <typename S, typename D>
@@ -148,6 +203,8 @@ inline void convert_row(const S* src, D* dst, int64_t n) {
     IO<D>::store(dst + j, m, a, b);
   }
 }
+
+inline int64_t round_up(int64_t n, int64_t multiple) { return (n + multiple - 1) / multiple * multiple; }
 
 // A grain (rows per task) that gives each task at least ~`work` elements.
 inline int64_t grain_for(int64_t elems_per_row, int64_t work = 32768) {
