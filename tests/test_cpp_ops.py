@@ -309,6 +309,65 @@ def test_qkv_out_variants():
     assert torch.equal(q2, q) and torch.equal(kc[:, :, :5], k) and torch.equal(vc[:, :, :5], v)
 
 
+# -------------------------------------------------------------------------------- streamed outputs
+
+
+def _rows_for_streaming(n, bytes_per_element):
+    """Rows of width n whose outputs reach kStreamOutBytes (16 MiB, csrc/cpu/vec_util.h), and a slice
+    length whose outputs stay far below it."""
+    rows = -(-(16 << 20) // (n * bytes_per_element)) + 5
+    return rows, 97
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_norms_large_outputs_streamed(dtype, with_residual):
+    """Norm outputs of 16 MiB and more are written with non-temporal stores (store_chunk), and the fp32 path
+    then keeps h in its scratch row instead of reading it back. The per-row math is the same either way, so
+    the result must equal, bit for bit, the op run on slices of rows small enough for ordinary stores.
+    Width 3000: rows start at addresses that are not 64-byte aligned, so streamed and ordinary chunks mix."""
+    n, es = 3000, torch.finfo(dtype).bits // 8
+    rows, step = _rows_for_streaming(n, 2 * es if with_residual else es)
+    g = torch.Generator().manual_seed(7)
+    x = (torch.randn(rows, n, generator=g) + 1).to(dtype)
+    r = (2 * torch.randn(rows, n, generator=g)).to(dtype) if with_residual else None
+    w, b = (1 + 0.5 * torch.randn(n, generator=g)).to(dtype), torch.randn(n, generator=g).to(dtype)
+    w32 = w.float()
+    calls = [lambda x_, r_: _cpp.add_rms_norm_cpp(x_, r_, w, 1e-5, False),
+             lambda x_, r_: _cpp.add_rms_norm_cpp(x_, r_, w32, 1e-8, True),
+             lambda x_, r_: _cpp.add_layer_norm_cpp(x_, r_, w, b, 1e-5)]
+    for i, call in enumerate(calls):
+        y, h = call(x, r)
+        parts = [call(x[j:j + step], None if r is None else r[j:j + step]) for j in range(0, rows, step)]
+        assert torch.equal(y, torch.cat([p[0] for p in parts])), f"call {i}: y"
+        if with_residual:
+            assert torch.equal(h, torch.cat([p[1] for p in parts])), f"call {i}: h"
+    y32, _ = add_layer_norm_ref(f32(x[:64]), f32(None if r is None else r[:64]), f32(w), f32(b), 1e-5)
+    ylo, _ = add_layer_norm_ref(x[:64], None if r is None else r[:64], w, b, 1e-5)
+    check(y[:64], y32, ylo, dtype, "streamed layer norm")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_activations_large_outputs_streamed(dtype):
+    """swiglu / relu2 outputs of 16 MiB and more are written with non-temporal stores; bit for bit the
+    same as on slices of rows, and as the in-place forms (which never stream)."""
+    n, es = 3000, torch.finfo(dtype).bits // 8
+    rows, step = _rows_for_streaming(n, es)
+    g = torch.Generator().manual_seed(8)
+    gu = (3 * torch.randn(rows, 2 * n, generator=g)).to(dtype)
+    x = gu[:, :n].contiguous()
+    gu_in_place, x_in_place = gu.clone(), x.clone()
+    ops.swiglu_(gu_in_place)
+    ops.relu2_(x_in_place)
+    for name, out, sliced, in_place in (
+        ("swiglu", _cpp.swiglu_cpp(gu), lambda j: _cpp.swiglu_cpp(gu[j:j + step]), gu_in_place[:, :n]),
+        ("relu2", _cpp.relu2_cpp(x), lambda j: _cpp.relu2_cpp(x[j:j + step]), x_in_place),
+    ):
+        assert torch.equal(out, torch.cat([sliced(j) for j in range(0, rows, step)])), name
+        assert torch.equal(out, in_place), name
+    check(_cpp.swiglu_cpp(gu)[:64], swiglu_ref(gu[:64].float()), swiglu_ref(gu[:64]), dtype, "streamed swiglu")
+
+
 # ---------------------------------------------------------------------------------------- activations
 
 

@@ -23,7 +23,7 @@ struct RoundedExpOps {
 template <typename T>
 using SiluOps = std::conditional_t<std::is_same_v<T, float>, MathOps<fVec>, RoundedExpOps>;
 
-template <typename T>
+template <bool kStream, typename T>
 void swiglu_rows(const T* in, int64_t is, T* out, int64_t os, int64_t rows, int64_t inter) {
   at::parallel_for(0, rows, grain_for(3 * inter), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
@@ -35,13 +35,14 @@ void swiglu_rows(const T* in, int64_t is, T* out, int64_t os, int64_t rows, int6
         fVec ga, gb, ua, ub;
         IO<T>::load(g + j, m, ga, gb);
         IO<T>::load(u + j, m, ua, ub);
-        IO<T>::store(o + j, m, silu_mul<fVec, SiluOps<T>>(ga, ua), silu_mul<fVec, SiluOps<T>>(gb, ub));
+        store_chunk<kStream>(o + j, m, silu_mul<fVec, SiluOps<T>>(ga, ua), silu_mul<fVec, SiluOps<T>>(gb, ub));
       }
     }
+    if constexpr (kStream) stream_fence();
   });
 }
 
-template <typename T>
+template <bool kStream, typename T>
 void relu2_rows(const T* in, int64_t is, T* out, int64_t os, int64_t rows, int64_t n) {
   at::parallel_for(0, rows, grain_for(2 * n), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
@@ -51,10 +52,17 @@ void relu2_rows(const T* in, int64_t is, T* out, int64_t os, int64_t rows, int64
         const int64_t m = std::min(kChunk, n - j);
         fVec a, b;
         IO<T>::load(x + j, m, a, b);
-        IO<T>::store(o + j, m, fastlm::relu2(a), fastlm::relu2(b));
+        store_chunk<kStream>(o + j, m, fastlm::relu2(a), fastlm::relu2(b));
       }
     }
+    if constexpr (kStream) stream_fence();
   });
+}
+
+// Out-of-place outputs of kStreamOutBytes and more are streamed (store_chunk). In place, the lines
+// written were just read, so they are in the cache already: no read-for-ownership to save.
+inline bool stream_output(const at::Tensor& in2, const at::Tensor& o2) {
+  return o2.data_ptr() != in2.data_ptr() && o2.numel() * o2.element_size() >= kStreamOutBytes;
 }
 
 // in2 [rows, 2I] and o2 [rows, I]: row-strided views (o2 may be in2's gate half).
@@ -62,8 +70,11 @@ void run_swiglu(const at::Tensor& in2, const at::Tensor& o2) {
   const int64_t rows = in2.size(0), inter = in2.size(1) / 2;
   if (rows == 0 || inter == 0) return;
   FASTLM_DISPATCH_FLOAT(in2.scalar_type(), "swiglu", [&] {
-    swiglu_rows<scalar_t>(reinterpret_cast<const scalar_t*>(in2.const_data_ptr()), row_stride(in2),
-                          reinterpret_cast<scalar_t*>(o2.data_ptr()), row_stride(o2), rows, inter);
+    auto run = [&](auto stream) {
+      swiglu_rows<decltype(stream)::value>(reinterpret_cast<const scalar_t*>(in2.const_data_ptr()), row_stride(in2),
+                                           reinterpret_cast<scalar_t*>(o2.data_ptr()), row_stride(o2), rows, inter);
+    };
+    stream_output(in2, o2) ? run(std::true_type{}) : run(std::false_type{});
   });
 }
 
@@ -72,8 +83,11 @@ void run_relu2(const at::Tensor& in2, const at::Tensor& o2) {
   const int64_t rows = in2.size(0), n = in2.size(1);
   if (rows == 0 || n == 0) return;
   FASTLM_DISPATCH_FLOAT(in2.scalar_type(), "relu2", [&] {
-    relu2_rows<scalar_t>(reinterpret_cast<const scalar_t*>(in2.const_data_ptr()), row_stride(in2),
-                         reinterpret_cast<scalar_t*>(o2.data_ptr()), row_stride(o2), rows, n);
+    auto run = [&](auto stream) {
+      relu2_rows<decltype(stream)::value>(reinterpret_cast<const scalar_t*>(in2.const_data_ptr()), row_stride(in2),
+                                          reinterpret_cast<scalar_t*>(o2.data_ptr()), row_stride(o2), rows, n);
+    };
+    stream_output(in2, o2) ? run(std::true_type{}) : run(std::false_type{});
   });
 }
 

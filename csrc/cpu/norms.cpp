@@ -11,33 +11,46 @@ namespace fastlm::cpu {
 namespace {
 
 // For each row (in parallel): sweep 1 of row_norm.h (h = x + residual, stored; sum of h, or of h^2
-// when kSquares), then f(src, sum, y_row) with src the fp32 row of h (of x without a residual). For
-// 16-bit T the row is kept in a per-task fp32 scratch buffer (L1-resident at these widths), so the
-// later sweeps pay no conversions; for fp32 they read the h / x row itself.
+// when kSquares), then f(stream, src, sum, y_row) with src the fp32 row of h (of x without a
+// residual). For 16-bit T the row is kept in a per-task fp32 scratch buffer (L1-resident at these
+// widths), so the later sweeps pay no conversions; for fp32 they read the h / x row itself, unless the
+// outputs are streamed (kStreamOutBytes): a streamed h is not in the cache to be read back. f gets
+// std::true_type / std::false_type for its stores (store_chunk).
 template <bool kSquares, typename T, typename Y, typename F>
 void for_each_row(const T* x, int64_t xs, const T* r, int64_t rs, Y* y, int64_t ys, T* h, int64_t hs, int64_t rows,
                   int64_t n, const F& f) {
-  at::parallel_for(0, rows, grain_for(n), [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(std::is_same_v<T, float> ? 0 : n);
-    for (int64_t i = begin; i < end; ++i) {
-      const T* xr = x + i * xs;
-      const T* rr = r ? r + i * rs : nullptr;
-      T* hr = r ? h + i * hs : nullptr;
-      if constexpr (std::is_same_v<T, float>) {
-        const float sum = add_and_sum<T, kSquares>(xr, rr, hr, n);
-        f(r ? hr : xr, sum, y + i * ys);
-      } else {
-        const float sum = add_and_sum<T, kSquares>(xr, rr, hr, n, scratch.data());
-        f(scratch.data(), sum, y + i * ys);
+  const int64_t out_bytes = rows * n * (static_cast<int64_t>(sizeof(Y)) + (r ? sizeof(T) : 0));
+  auto run = [&](auto stream) {
+    constexpr bool kStream = decltype(stream)::value;
+    constexpr bool kScratch = kStream || !std::is_same_v<T, float>;
+    at::parallel_for(0, rows, grain_for(n), [&](int64_t begin, int64_t end) {
+      std::vector<float> scratch(kScratch ? n : 0);
+      for (int64_t i = begin; i < end; ++i) {
+        const T* xr = x + i * xs;
+        const T* rr = r ? r + i * rs : nullptr;
+        T* hr = r ? h + i * hs : nullptr;
+        if constexpr (kScratch) {
+          const float sum = add_and_sum<T, kSquares, kStream>(xr, rr, hr, n, scratch.data());
+          f(stream, scratch.data(), sum, y + i * ys);
+        } else {
+          const float sum = add_and_sum<T, kSquares>(xr, rr, hr, n);
+          f(stream, reinterpret_cast<const float*>(r ? hr : xr), sum, y + i * ys);
+        }
       }
-    }
-  });
+      if constexpr (kStream) stream_fence();
+    });
+  };
+  if (out_bytes >= kStreamOutBytes) {
+    run(std::true_type{});
+  } else {
+    run(std::false_type{});
+  }
 }
 
 template <typename T, typename W, typename Y>
 void rms_rows(const T* x, int64_t xs, const T* r, int64_t rs, const W* w, Y* y, int64_t ys, T* h, int64_t hs,
               int64_t rows, int64_t n, float eps, bool weight_in_fp32) {
-  for_each_row<true>(x, xs, r, rs, y, ys, h, hs, rows, n, [&](const float* src, float sum_sq, Y* yr) {
+  for_each_row<true>(x, xs, r, rs, y, ys, h, hs, rows, n, [&](auto stream, const float* src, float sum_sq, Y* yr) {
     const fVec vr(rms_rstd(sum_sq, n, eps));
     for (int64_t j = 0; j < n; j += kChunk) {
       const int64_t m = std::min(kChunk, n - j);
@@ -54,7 +67,7 @@ void rms_rows(const T* x, int64_t xs, const T* r, int64_t rs, const W* w, Y* y, 
         a = a * wa;
         b = b * wb;
       }
-      IO<Y>::store(yr + j, m, a, b);
+      store_chunk<decltype(stream)::value>(yr + j, m, a, b);
     }
   });
 }
@@ -62,8 +75,8 @@ void rms_rows(const T* x, int64_t xs, const T* r, int64_t rs, const W* w, Y* y, 
 template <typename T, typename W>
 void ln_rows(const T* x, int64_t xs, const T* r, int64_t rs, const W* w, const W* bias, T* y, int64_t ys, T* h,
              int64_t hs, int64_t rows, int64_t n, float eps) {
-  for_each_row<false>(x, xs, r, rs, y, ys, h, hs, rows, n, [&](const float* src, float sum, T* yr) {
-    layer_norm_row(src, layer_norm_mean(sum, n), w, bias, yr, n, eps);
+  for_each_row<false>(x, xs, r, rs, y, ys, h, hs, rows, n, [&](auto stream, const float* src, float sum, T* yr) {
+    layer_norm_row<decltype(stream)::value>(src, layer_norm_mean(sum, n), w, bias, yr, n, eps);
   });
 }
 

@@ -135,15 +135,6 @@ inline void rope_store(const S* src, T* dst, int64_t D, int64_t R, const float* 
   }
 }
 
-// Dense outputs of at least this many bytes (q, k and v together) are written with non-temporal
-// stores: ordinary stores first read every output line from memory (read-for-ownership), a third of
-// the kernel's DRAM traffic, and outputs this large do not stay in the cache for the attention that
-// reads them next anyway. StableLM bf16 T=2048, two threads: 3390 -> 2250 us (software prefetches of
-// the next block's output lines got it to 2950 us; they did nothing for outputs that fit in L3). Smaller outputs keep
-// ordinary stores so that attention finds them in L3: streamed, T=512 bf16 (8 MB) ran ~10% faster
-// in isolation, but every later read of q, k and v would go to DRAM. Half of a 32 MiB L3 (the CPUs
-// report the whole socket's L3 inside VMs, so this is not read at run time).
-constexpr int64_t kStreamOutBytes = 16ll << 20;
 
 // Tokens per task. Work goes token block by token block, and inside a block head by head, so each
 // head's outputs for the block are written as one contiguous run ([B, H, S, D] rows s0..s0+n). Token
@@ -291,8 +282,10 @@ void qkv_kernel(const QkvArgs& a) {
             dst[t] = static_cast<T*>(kind == 1 ? a.k_out : a.v_out) + ((b * Hkv + h) * S + s) * D;
           }
         }
-        // A dense output's rows for the block are one run; streamed, they are produced in the stage
-        // and copied out in whole cache lines with non-temporal stores (see kStreamOutBytes).
+        // A dense output's rows for the block are one run; streamed (kStreamOutBytes), they are
+        // produced in the stage and copied out in whole cache lines with non-temporal stores
+        // (StableLM bf16 T=2048, two threads: 3390 -> 2250 us; software prefetches of the next
+        // block's output lines had got it to 2950 us, and did nothing for outputs that fit in L3).
         T* const run = dst[0];
         if (stream_out) {
           for (int64_t t = 0; t < n; ++t) dst[t] = stage + t * D;

@@ -8,8 +8,8 @@ namespace fastlm::cpu {
 
 // Sweep 1: h = x (+ residual), rounded to T and stored to h when there is a residual (r non-null),
 // and the fp32 value of that row also stored to row32 when given; returns sum(h) (or sum(h^2) when
-// kSquares).
-template <typename T, bool kSquares>
+// kSquares). kStream: h is stored with store_chunk<true> (see kStreamOutBytes).
+template <typename T, bool kSquares, bool kStream = false>
 inline float add_and_sum(const T* x, const T* r, T* h, int64_t n, float* row32 = nullptr) {
   fVec acc0(0.f), acc1(0.f);
   for (int64_t j = 0; j < n; j += kChunk) {
@@ -21,7 +21,7 @@ inline float add_and_sum(const T* x, const T* r, T* h, int64_t n, float* row32 =
       IO<T>::load(r + j, m, c, d);
       a = a + c;
       b = b + d;
-      IO<T>::store_round(h + j, m, a, b);
+      store_round_chunk<kStream>(h + j, m, a, b);
     }
     if (row32 != nullptr) IO<float>::store(row32 + j, m, a, b);
     mask_tail(m, a, b);
@@ -57,7 +57,7 @@ inline float centred_sum_squares(const S* src, float mean, int64_t n) {
 
 // dst = (src - mean) * rstd * w (+ bias). src and dst may be the same buffer (each chunk is read
 // before it is written).
-template <typename S, typename W, typename Y>
+template <bool kStream = false, typename S, typename W, typename Y>
 inline void layer_norm_affine(const S* src, float mean, float rstd, const W* w, const W* bias, Y* dst, int64_t n) {
   const fVec vm(mean), vr(rstd);
   for (int64_t j = 0; j < n; j += kChunk) {
@@ -74,14 +74,14 @@ inline void layer_norm_affine(const S* src, float mean, float rstd, const W* w, 
       a = layer_norm_apply(a, vm, vr, wa);
       b = layer_norm_apply(b, vm, vr, wb);
     }
-    IO<Y>::store(dst + j, m, a, b);
+    store_chunk<kStream>(dst + j, m, a, b);
   }
 }
 
 // LayerNorm of a row of n elements whose mean is known: centred variance, then the affine.
-template <typename S, typename W, typename Y>
+template <bool kStream = false, typename S, typename W, typename Y>
 inline void layer_norm_row(const S* src, float mean, const W* w, const W* bias, Y* dst, int64_t n, float eps) {
-  layer_norm_affine(src, mean, layer_norm_rstd(centred_sum_squares(src, mean, n), n, eps), w, bias, dst, n);
+  layer_norm_affine<kStream>(src, mean, layer_norm_rstd(centred_sum_squares(src, mean, n), n, eps), w, bias, dst, n);
 }
 
 }  // namespace fastlm::cpu

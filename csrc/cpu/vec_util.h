@@ -119,6 +119,70 @@ struct IO<float> {
   static inline float to_float(float v) { return v; }
 };
 
+// Outputs of at least this many bytes (all of a call's outputs together) are written with
+// non-temporal stores (store_chunk<true>, stream_copy). Ordinary stores first read every output line
+// from memory (read-for-ownership), a third of an out-of-place kernel's DRAM traffic, and outputs
+// this large do not stay in the cache for the op that reads them next anyway. Smaller outputs keep
+// ordinary stores so that the next op finds them in L3: streamed, outputs of a few MB ran faster in
+// isolation, but every later read of them would go to DRAM. Half of a 32 MiB L3 (inside VMs the CPU
+// reports the whole socket's L3, so this is not read at run time).
+constexpr int64_t kStreamOutBytes = 16ll << 20;
+
+// IO<T>::store, except that with kStream a whole chunk at a 64-byte aligned address goes out with
+// non-temporal stores (AVX-512 builds; partial and unaligned chunks use ordinary stores). A kernel
+// that streams calls stream_fence() before its task ends, so other threads see the data.
+template <bool kStream>
+inline bool streams_chunk(const void* p, int64_t n) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return kStream && n == kChunk && reinterpret_cast<uintptr_t>(p) % 64 == 0;
+#else
+  return false;
+#endif
+}
+template <bool kStream, typename T>
+inline void store_packed(T* p, int64_t n, const at::vec::Vectorized<T>& v) {  // 16-bit T
+#if defined(CPU_CAPABILITY_AVX512)
+  if (streams_chunk<kStream>(p, n)) {
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(p), static_cast<__m512i>(v));
+    return;
+  }
+#endif
+  if (n == kChunk) v.store(p); else v.store(p, n);
+}
+template <bool kStream, typename T>
+inline void store_chunk(T* p, int64_t n, const fVec& a, const fVec& b) {
+  if constexpr (std::is_same_v<T, float>) {
+#if defined(CPU_CAPABILITY_AVX512)
+    if (streams_chunk<kStream>(p, n)) {
+      _mm512_stream_ps(p, a);
+      _mm512_stream_ps(p + kF, b);
+      return;
+    }
+#endif
+    IO<float>::store(p, n, a, b);
+  } else {
+    store_packed<kStream>(p, n, pack_from_float<T>(a, b));
+  }
+}
+// store_chunk, replacing (a, b) with the values stored (rounded to T), as IO<T>::store_round.
+template <bool kStream, typename T>
+inline void store_round_chunk(T* p, int64_t n, fVec& a, fVec& b) {
+  if constexpr (std::is_same_v<T, float>) {
+    store_chunk<kStream>(p, n, a, b);
+  } else {
+    const auto v = pack_from_float<T>(a, b);
+    store_packed<kStream>(p, n, v);
+    auto ab = at::vec::convert_to_float<T>(v);
+    a = std::get<0>(ab);
+    b = std::get<1>(ab);
+  }
+}
+inline void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX512)
+  _mm_sfence();
+#endif
+}
+
 // Zero the lanes at and past n (n < kChunk) so tails do not pollute reductions.
 inline void mask_tail(int64_t n, fVec& a, fVec& b) {
   if (n == kChunk) return;
@@ -170,7 +234,7 @@ inline fVec hsum_lanes(const fVec* v, int64_t n) {
 
 // Copy `bytes` from src to dst, the whole 64-byte lines of dst with non-temporal stores (no
 // read-for-ownership, and the lines do not stay in the cache), the partial lines at either end with
-// ordinary stores. Call stream_fence before other threads read dst.
+// ordinary stores (see kStreamOutBytes). Call stream_fence before other threads read dst.
 inline void stream_copy(void* dst, const void* src, int64_t bytes) {
 #if defined(CPU_CAPABILITY_AVX512)
   char* d = static_cast<char*>(dst);
@@ -186,12 +250,6 @@ inline void stream_copy(void* dst, const void* src, int64_t bytes) {
   std::memcpy(dst, src, bytes);
 #endif
 }
-inline void stream_fence() {
-#if defined(CPU_CAPABILITY_AVX512)
-  _mm_sfence();
-#endif
-}
-
 // Convert n elements from S to D storage through fp32 registers: with D = float, load a row as fp32;
 // with S = float, store an fp32 row as D.
 template <typename S, typename D>
