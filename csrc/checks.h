@@ -12,41 +12,44 @@ inline bool is_float_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
 }
 
+// Errors raise the Python exception types fastlm.ops' Python checks raise (TypeError for a dtype,
+// ValueError for a shape or device): the public ops leave the checks to these helpers when the C++
+// backend runs them.
 inline void check_float(const char* name, const at::Tensor& t) {
-  TORCH_CHECK(is_float_dtype(t.scalar_type()), "fastlm: ", name, " must be float32, bfloat16 or float16, got ",
-              t.scalar_type());
+  TORCH_CHECK_TYPE(is_float_dtype(t.scalar_type()), "fastlm: ", name, " must be float32, bfloat16 or float16, got ",
+                   t.scalar_type());
 }
 
 inline void check_like(const char* name, const at::Tensor& t, const at::Tensor& ref, const char* ref_name,
                        bool same_dtype = true) {
-  TORCH_CHECK(t.device() == ref.device(), "fastlm: ", name, " is on ", t.device(), " but ", ref_name, " is on ",
-              ref.device());
+  TORCH_CHECK_VALUE(t.device() == ref.device(), "fastlm: ", name, " is on ", t.device(), " but ", ref_name,
+                    " is on ", ref.device());
   if (same_dtype) {
-    TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "fastlm: ", name, " has dtype ", t.scalar_type(), " but ",
-                ref_name, " has dtype ", ref.scalar_type());
+    TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), "fastlm: ", name, " has dtype ", t.scalar_type(), " but ",
+                     ref_name, " has dtype ", ref.scalar_type());
   }
 }
 
 inline void check_shape(const char* name, const at::Tensor& t, at::IntArrayRef shape) {
-  TORCH_CHECK(t.sizes() == shape, "fastlm: ", name, " must have shape ", shape, ", got ", t.sizes());
+  TORCH_CHECK_VALUE(t.sizes() == shape, "fastlm: ", name, " must have shape ", shape, ", got ", t.sizes());
 }
 
 // An out= buffer: right shape, dtype and device, contiguous (the kernels write it densely).
 inline void check_out(const char* name, const at::Tensor& out, at::IntArrayRef shape, at::ScalarType dtype,
                       const at::Tensor& ref) {
-  TORCH_CHECK(out.device() == ref.device(), "fastlm: ", name, " is on ", out.device(), " but must be on ",
-              ref.device());
-  TORCH_CHECK(out.scalar_type() == dtype, "fastlm: ", name, " must have dtype ", dtype, ", got ",
-              out.scalar_type());
-  TORCH_CHECK(out.sizes() == shape, "fastlm: ", name, " must have shape ", shape, ", got ", out.sizes());
-  TORCH_CHECK(out.is_contiguous(), "fastlm: ", name, " must be contiguous");
+  TORCH_CHECK_VALUE(out.device() == ref.device(), "fastlm: ", name, " is on ", out.device(), " but must be on ",
+                    ref.device());
+  TORCH_CHECK_TYPE(out.scalar_type() == dtype, "fastlm: ", name, " must have dtype ", dtype, ", got ",
+                   out.scalar_type());
+  TORCH_CHECK_VALUE(out.sizes() == shape, "fastlm: ", name, " must have shape ", shape, ", got ", out.sizes());
+  TORCH_CHECK_VALUE(out.is_contiguous(), "fastlm: ", name, " must be contiguous");
 }
 
 // swiglu's output shape ([..., 2I] -> [..., I]), after checking gate_up.
 inline std::vector<int64_t> swiglu_out_shape(const at::Tensor& gate_up) {
   check_float("gate_up", gate_up);
-  TORCH_CHECK(gate_up.dim() >= 1 && gate_up.size(-1) % 2 == 0,
-              "fastlm: gate_up's last dim must be even ([gate | up]), got ", gate_up.sizes());
+  TORCH_CHECK_VALUE(gate_up.dim() >= 1 && gate_up.size(-1) % 2 == 0,
+                    "fastlm: gate_up's last dim must be even ([gate | up]), got ", gate_up.sizes());
   std::vector<int64_t> shape(gate_up.sizes().begin(), gate_up.sizes().end());
   shape.back() /= 2;
   return shape;
@@ -54,7 +57,7 @@ inline std::vector<int64_t> swiglu_out_shape(const at::Tensor& gate_up) {
 
 inline void check_relu2_input(const at::Tensor& x) {
   check_float("x", x);
-  TORCH_CHECK(x.dim() >= 1, "fastlm: relu2 needs at least one dim");
+  TORCH_CHECK_VALUE(x.dim() >= 1, "fastlm: relu2 needs at least one dim, got a 0-d tensor");
 }
 
 // Output dtype of add_rms_norm: Helium order (weight in fp32) rounds to x's dtype; Arcee order
@@ -66,7 +69,7 @@ inline at::ScalarType rms_out_dtype(const at::Tensor& x, const at::Tensor& weigh
 inline void check_norm_args(const at::Tensor& x, const std::optional<at::Tensor>& residual, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias, bool weight_any_float) {
   check_float("x", x);
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) > 0, "fastlm: x must be [..., N] with N > 0, got ", x.sizes());
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) > 0, "fastlm: x must be [..., N] with N > 0, got ", x.sizes());
   const int64_t n = x.size(-1);
   if (residual.has_value()) {
     check_like("residual", *residual, x, "x");
@@ -74,8 +77,8 @@ inline void check_norm_args(const at::Tensor& x, const std::optional<at::Tensor>
   }
   check_like("weight", weight, x, "x", /*same_dtype=*/!weight_any_float);
   if (weight_any_float) {
-    TORCH_CHECK(weight.scalar_type() == x.scalar_type() || weight.scalar_type() == at::kFloat,
-                "fastlm: weight must have x's dtype or float32, got ", weight.scalar_type());
+    TORCH_CHECK_TYPE(weight.scalar_type() == x.scalar_type() || weight.scalar_type() == at::kFloat,
+                     "fastlm: weight must have x's dtype or float32, got ", weight.scalar_type());
   }
   check_shape("weight", weight, {n});
   if (bias.has_value()) {
@@ -90,8 +93,8 @@ inline void check_norm_outs(const char* op, const at::Tensor& x, const std::opti
                             at::ScalarType out_dtype, const at::Tensor& out,
                             const std::optional<at::Tensor>& residual_out) {
   check_out("out", out, x.sizes(), out_dtype, x);
-  TORCH_CHECK(residual.has_value() == residual_out.has_value(), "fastlm: ", op,
-              " needs residual_out exactly when residual is given");
+  TORCH_CHECK_VALUE(residual.has_value() == residual_out.has_value(), "fastlm: ", op,
+                    " needs residual_out exactly when residual is given");
   if (residual_out) check_out("residual_out", *residual_out, x.sizes(), x.scalar_type(), x);
 }
 
@@ -104,18 +107,19 @@ inline QkvDims check_qkv_args(const at::Tensor& qkv, const at::Tensor& cos, cons
                               const std::optional<at::Tensor>& kw, const std::optional<at::Tensor>& kb,
                               int64_t H, int64_t Hkv, int64_t D, int64_t R, bool per_head_layout) {
   check_float("qkv", qkv);
-  TORCH_CHECK(qkv.dim() == 3, "fastlm: qkv must be [B, S, W], got ", qkv.sizes());
-  TORCH_CHECK(H > 0 && Hkv > 0 && D > 0, "fastlm: num_heads, num_kv_heads and head_dim must be positive");
-  TORCH_CHECK(H % Hkv == 0, "fastlm: num_heads (", H, ") must be a multiple of num_kv_heads (", Hkv, ")");
-  TORCH_CHECK(!per_head_layout || H == Hkv, "fastlm: the per-head [H, 3, D] layout needs num_kv_heads == num_heads");
-  TORCH_CHECK(qkv.size(2) == (H + 2 * Hkv) * D, "fastlm: qkv's last dim must be (H + 2*Hkv) * D = ",
-              (H + 2 * Hkv) * D, ", got ", qkv.size(2));
-  TORCH_CHECK(R % 2 == 0 && R >= 0 && R <= D, "fastlm: rotary_dim must be even and in [0, head_dim], got ", R);
+  TORCH_CHECK_VALUE(qkv.dim() == 3, "fastlm: qkv must be [B, S, W], got ", qkv.sizes());
+  TORCH_CHECK_VALUE(H > 0 && Hkv > 0 && D > 0, "fastlm: num_heads, num_kv_heads and head_dim must be positive");
+  TORCH_CHECK_VALUE(H % Hkv == 0, "fastlm: num_heads (", H, ") must be a multiple of num_kv_heads (", Hkv, ")");
+  TORCH_CHECK_VALUE(!per_head_layout || H == Hkv,
+                    "fastlm: the per-head [H, 3, D] layout needs num_kv_heads == num_heads");
+  TORCH_CHECK_VALUE(qkv.size(2) == (H + 2 * Hkv) * D, "fastlm: qkv's last dim must be (H + 2*Hkv) * D = ",
+                    (H + 2 * Hkv) * D, ", got ", qkv.size(2));
+  TORCH_CHECK_VALUE(R % 2 == 0 && R >= 0 && R <= D, "fastlm: rotary_dim must be even and in [0, head_dim], got ", R);
   const int64_t B = qkv.size(0), S = qkv.size(1);
   for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"cos", &cos}, {"sin", &sin}}) {
     check_like(name, *t, qkv, "qkv");
-    TORCH_CHECK(t->dim() == 3 && (t->size(0) == 1 || t->size(0) == B) && t->size(1) == S && t->size(2) >= R,
-                "fastlm: ", name, " must be [B or 1, S, rotary_dim], got ", t->sizes());
+    TORCH_CHECK_VALUE(t->dim() == 3 && (t->size(0) == 1 || t->size(0) == B) && t->size(1) == S && t->size(2) >= R,
+                      "fastlm: ", name, " must be [B or 1, S, rotary_dim], got ", t->sizes());
   }
   const std::optional<at::Tensor>* norms[4] = {&qw, &qb, &kw, &kb};
   const char* names[4] = {"q_norm_weight", "q_norm_bias", "k_norm_weight", "k_norm_bias"};
@@ -124,11 +128,11 @@ inline QkvDims check_qkv_args(const at::Tensor& qkv, const at::Tensor& cos, cons
     const at::Tensor& t = **norms[i];
     const int64_t heads = i < 2 ? H : Hkv;
     check_like(names[i], t, qkv, "qkv");
-    TORCH_CHECK((t.dim() == 1 && t.size(0) == D) || (t.dim() == 2 && t.size(0) == heads && t.size(1) == D),
-                "fastlm: ", names[i], " must be [D] or [heads, D], got ", t.sizes());
+    TORCH_CHECK_VALUE((t.dim() == 1 && t.size(0) == D) || (t.dim() == 2 && t.size(0) == heads && t.size(1) == D),
+                      "fastlm: ", names[i], " must be [D] or [heads, D], got ", t.sizes());
   }
-  TORCH_CHECK(!qb.has_value() || qw.has_value(), "fastlm: q_norm_bias needs q_norm_weight");
-  TORCH_CHECK(!kb.has_value() || kw.has_value(), "fastlm: k_norm_bias needs k_norm_weight");
+  TORCH_CHECK_VALUE(!qb.has_value() || qw.has_value(), "fastlm: q_norm_bias needs q_norm_weight");
+  TORCH_CHECK_VALUE(!kb.has_value() || kw.has_value(), "fastlm: k_norm_bias needs k_norm_weight");
   return {B, S, H, Hkv, D, R};
 }
 
@@ -136,16 +140,16 @@ inline void check_caches(const at::Tensor& qkv, const at::Tensor& k_cache, const
                          const at::Tensor& pos, const QkvDims& d) {
   for (auto [name, c] : {std::pair<const char*, const at::Tensor*>{"k_cache", &k_cache}, {"v_cache", &v_cache}}) {
     check_like(name, *c, qkv, "qkv");
-    TORCH_CHECK(c->dim() == 4 && c->size(0) == d.B && c->size(1) == d.Hkv && c->size(3) == d.D, "fastlm: ", name,
-                " must be [B, Hkv, Tmax, D] = [", d.B, ", ", d.Hkv, ", Tmax, ", d.D, "], got ", c->sizes());
-    TORCH_CHECK(c->stride(3) == 1, "fastlm: ", name, "'s last dim must be contiguous");
+    TORCH_CHECK_VALUE(c->dim() == 4 && c->size(0) == d.B && c->size(1) == d.Hkv && c->size(3) == d.D, "fastlm: ", name,
+                      " must be [B, Hkv, Tmax, D] = [", d.B, ", ", d.Hkv, ", Tmax, ", d.D, "], got ", c->sizes());
+    TORCH_CHECK_VALUE(c->stride(3) == 1, "fastlm: ", name, "'s last dim must be contiguous");
   }
-  TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "fastlm: k_cache and v_cache differ in shape");
-  TORCH_CHECK(pos.scalar_type() == at::kInt || pos.scalar_type() == at::kLong,
-              "fastlm: cache_positions must be int32 or int64, got ", pos.scalar_type());
-  TORCH_CHECK(pos.dim() == 2 && pos.size(0) == d.B && pos.size(1) == d.S,
-              "fastlm: cache_positions must be [B, S], got ", pos.sizes());
-  TORCH_CHECK(pos.device() == qkv.device(), "fastlm: cache_positions must be on ", qkv.device());
+  TORCH_CHECK_VALUE(k_cache.sizes() == v_cache.sizes(), "fastlm: k_cache and v_cache differ in shape");
+  TORCH_CHECK_TYPE(pos.scalar_type() == at::kInt || pos.scalar_type() == at::kLong,
+                   "fastlm: cache_positions must be int32 or int64, got ", pos.scalar_type());
+  TORCH_CHECK_VALUE(pos.dim() == 2 && pos.size(0) == d.B && pos.size(1) == d.S,
+                    "fastlm: cache_positions must be [B, S], got ", pos.sizes());
+  TORCH_CHECK_VALUE(pos.device() == qkv.device(), "fastlm: cache_positions must be on ", qkv.device());
 }
 
 // qkv_rope_out: the qkv_rope arguments and the dense out= buffers q [B, H, S, D], k and v [B, Hkv, S, D].
@@ -177,18 +181,19 @@ inline QkvDims check_qkv_cache_out_args(const at::Tensor& qkv, const at::Tensor&
 inline void check_decode_args(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                               const at::Tensor& lengths) {
   check_float("q", q);
-  TORCH_CHECK(q.dim() == 3, "fastlm: q must be [B, H, D], got ", q.sizes());
+  TORCH_CHECK_VALUE(q.dim() == 3, "fastlm: q must be [B, H, D], got ", q.sizes());
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
   for (auto [name, c] : {std::pair<const char*, const at::Tensor*>{"k_cache", &k_cache}, {"v_cache", &v_cache}}) {
     check_like(name, *c, q, "q");
-    TORCH_CHECK(c->dim() == 4 && c->size(0) == B && c->size(3) == D && c->size(1) > 0 && H % c->size(1) == 0,
-                "fastlm: ", name, " must be [B, Hkv, Tmax, D] with Hkv dividing H, got ", c->sizes());
+    TORCH_CHECK_VALUE(c->dim() == 4 && c->size(0) == B && c->size(3) == D && c->size(1) > 0 && H % c->size(1) == 0,
+                      "fastlm: ", name, " must be [B, Hkv, Tmax, D] with Hkv dividing H, got ", c->sizes());
   }
-  TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "fastlm: k_cache and v_cache differ in shape");
-  TORCH_CHECK((lengths.scalar_type() == at::kInt || lengths.scalar_type() == at::kLong) && lengths.dim() == 1 &&
-                  lengths.size(0) == B,
-              "fastlm: lengths must be an int32/int64 [B] tensor, got ", lengths.scalar_type(), " ", lengths.sizes());
-  TORCH_CHECK(lengths.device() == q.device(), "fastlm: lengths must be on ", q.device());
+  TORCH_CHECK_VALUE(k_cache.sizes() == v_cache.sizes(), "fastlm: k_cache and v_cache differ in shape");
+  TORCH_CHECK_VALUE((lengths.scalar_type() == at::kInt || lengths.scalar_type() == at::kLong) &&
+                        lengths.dim() == 1 && lengths.size(0) == B,
+                    "fastlm: lengths must be an int32/int64 [B] tensor, got ", lengths.scalar_type(), " ",
+                    lengths.sizes());
+  TORCH_CHECK_VALUE(lengths.device() == q.device(), "fastlm: lengths must be on ", q.device());
 }
 
 }  // namespace fastlm

@@ -85,6 +85,32 @@ int64_t parallel_threads_used(int64_t tasks) {
   return std::count(seen.begin(), seen.end(), 1);
 }
 
+// An unboxed call of the registered op `kOp` through the dispatcher, as ATen's own Python bindings make:
+// every dispatch key still applies (CPU / CUDA kernels, autograd, TorchDispatchModes, fake tensors),
+// without torch.ops' Python OpOverload layer, which boxes each argument against the schema (~2 us a
+// call, as much as a decode-sized kernel). The handle is looked up once.
+template <const char* kOp, typename Sig>
+struct DispatchCall;
+template <const char* kOp, typename R, typename... Args>
+struct DispatchCall<kOp, R(Args...)> {
+  static R call(Args... args) {
+    static const auto handle = c10::Dispatcher::singleton().findSchemaOrThrow(kOp, "").template typed<R(Args...)>();
+    return handle.call(args...);
+  }
+};
+#define FASTLM_OP_NAME(op) constexpr char k_##op[] = "fastlm::" #op;
+FASTLM_OP_NAME(add_rms_norm)
+FASTLM_OP_NAME(add_layer_norm)
+FASTLM_OP_NAME(qkv_rope)
+FASTLM_OP_NAME(qkv_rope_cache)
+FASTLM_OP_NAME(swiglu)
+FASTLM_OP_NAME(relu2)
+FASTLM_OP_NAME(swiglu_)
+FASTLM_OP_NAME(relu2_)
+FASTLM_OP_NAME(linear)
+FASTLM_OP_NAME(decode_attention)
+#undef FASTLM_OP_NAME
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -96,4 +122,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // Direct pybind entry points (no dispatcher): used only to measure the torch.ops dispatch overhead.
   m.def("_direct_add_rms_norm", &fastlm::cpu::add_rms_norm);
   m.def("_direct_relu2", &fastlm::cpu::relu2);
+  // Dispatcher calls without torch.ops' Python layer (see DispatchCall), for fastlm.ops' eager path:
+  // call_<op> for each functional op of the contract.
+#define FASTLM_DEF_CALL(op)                                                                  \
+  m.def("call_" #op, &DispatchCall<k_##op, decltype(fastlm::cpu::op)>::call,                 \
+        py::call_guard<py::gil_scoped_release>())
+  FASTLM_DEF_CALL(add_rms_norm);
+  FASTLM_DEF_CALL(add_layer_norm);
+  FASTLM_DEF_CALL(qkv_rope);
+  FASTLM_DEF_CALL(qkv_rope_cache);
+  FASTLM_DEF_CALL(swiglu);
+  FASTLM_DEF_CALL(relu2);
+  FASTLM_DEF_CALL(swiglu_);
+  FASTLM_DEF_CALL(relu2_);
+  FASTLM_DEF_CALL(linear);
+  FASTLM_DEF_CALL(decode_attention);
+#undef FASTLM_DEF_CALL
 }

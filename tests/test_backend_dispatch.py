@@ -54,6 +54,20 @@ def test_env_override_applies_to_auto_only(monkeypatch, fresh_auto):
     assert _backend.resolve("torch", "cpu") == "torch"
 
 
+def test_dispatch_follows_fastlm_backend_set_at_run_time(monkeypatch):
+    # dispatch() reads FASTLM_BACKEND from os.environ's own dict (the mapping's get() costs ~0.6 us)
+    from fastlm.ops.rms_norm import add_rms_norm_ref
+
+    monkeypatch.delenv("FASTLM_BACKEND", raising=False)
+    cpu = torch.device("cpu")
+    auto = _backend.dispatch("add_rms_norm", "auto", cpu)
+    monkeypatch.setenv("FASTLM_BACKEND", "torch")
+    assert _backend.dispatch("add_rms_norm", "auto", cpu) is add_rms_norm_ref
+    monkeypatch.delenv("FASTLM_BACKEND")
+    assert _backend.dispatch("add_rms_norm", "auto", cpu) is auto
+    assert _backend.dispatch("add_rms_norm", "torch", "cpu") is add_rms_norm_ref  # a device string works too
+
+
 def test_reference_used_for_ops_a_backend_does_not_implement(monkeypatch):
     monkeypatch.setattr(_backend, "_LOADED", _backend._LOADED | {"cpp"})
     monkeypatch.setitem(_backend._IMPLS, "add_rms_norm", {"torch": fastlm.ops.rms_norm.add_rms_norm_ref})

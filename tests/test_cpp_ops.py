@@ -28,6 +28,7 @@ from fastlm.ops.layer_norm import add_layer_norm_ref
 from fastlm.ops.qkv_rope import qkv_rope_cache_ref, qkv_rope_ref
 from fastlm.ops.rms_norm import add_rms_norm_ref
 from _tolerance import assert_close_to_ref
+import fastlm.ops as fops
 
 ops = torch.ops.fastlm
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -421,6 +422,66 @@ def test_linear_strided(dtype):
     ref32 = (x.double() @ w.double().t()).float()
     check(out, ref32, x @ w.t(), dtype, "linear strided", scale=10)
     assert out.is_contiguous() and out.shape == (3, 5, 40)
+
+
+BAD_INPUTS = [  # (exception, message, call): the C++ op raises the Python checks' exception types
+    (ValueError, "weight must have shape", lambda b: fops.add_rms_norm(torch.randn(4, 64), None, torch.ones(32), 1e-5,
+                                                                       backend=b)),
+    (TypeError, "residual has dtype", lambda b: fops.add_rms_norm(torch.randn(4, 64), torch.randn(4, 64).double(),
+                                                                  torch.ones(64), 1e-5, backend=b)),
+    (ValueError, "residual must have shape", lambda b: fops.add_layer_norm(torch.randn(4, 64), torch.randn(4, 32),
+                                                                           torch.ones(64), None, 1e-5, backend=b)),
+    (TypeError, "x must be float32", lambda b: fops.add_layer_norm(torch.ones(4, 64, dtype=torch.long), None,
+                                                                   torch.ones(64), None, 1e-5, backend=b)),
+    (TypeError, "bias has dtype", lambda b: fops.add_layer_norm(torch.randn(4, 64), None, torch.ones(64),
+                                                                torch.zeros(64).half(), 1e-5, backend=b)),
+    (TypeError, "x must be a torch.Tensor", lambda b: fops.add_layer_norm([1.0], None, torch.ones(1), None, 1e-5,
+                                                                          backend=b)),
+    (ValueError, "last dim must be even", lambda b: fops.swiglu(torch.randn(2, 5), backend=b)),
+    (ValueError, "last dim must be even", lambda b: fops.swiglu_(torch.randn(2, 5), backend=b)),
+    (TypeError, "gate_up must be float32", lambda b: fops.swiglu(torch.ones(2, 4, dtype=torch.int32), backend=b)),
+    (ValueError, "0-d", lambda b: fops.relu2(torch.tensor(1.0), backend=b)),
+    (TypeError, "x must be float32", lambda b: fops.relu2_(torch.ones(3, dtype=torch.int32), backend=b)),
+]
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("case", range(len(BAD_INPUTS)))
+def test_public_ops_raise_the_same_errors_on_every_backend(case, backend):
+    """The C++ backend's ops check their own arguments (checks_args): the public op skips its Python
+    checks there, so csrc/checks.h must raise the same exception type, naming the same argument."""
+    exc, message, call = BAD_INPUTS[case]
+    with pytest.raises(exc, match=message):
+        call(backend)
+
+
+def test_eager_calls_are_dispatcher_calls():
+    """Eager, the C++ backend calls fastlm._C.call_<op> (an unboxed dispatcher call), not the OpOverload:
+    modes still see the fastlm op, fake tensors still get the fake implementation, and torch.compile
+    (which traces the OpOverload) still captures the op in one graph."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x, r, w, b = torch.randn(2, 64), torch.randn(2, 64), 1 + torch.randn(64), torch.randn(64)
+    with Seen() as seen:
+        fops.add_layer_norm(x, r, w, b, 1e-5, backend="cpp")
+        fops.relu2(x, backend="cpp")
+    assert seen.ops == ["fastlm.add_layer_norm.default", "fastlm.relu2.default"]
+    with FakeTensorMode():
+        y, h = fops.add_rms_norm(torch.randn(3, 64), torch.randn(3, 64), torch.ones(64), 1e-5, backend="cpp")
+    assert type(y).__name__ == "FakeTensor" and y.shape == (3, 64) and h.shape == (3, 64)
+    compiled = torch.compile(lambda a, c: fops.add_layer_norm(a, c, w, b, 1e-5, backend="cpp")[0] * 2,
+                             fullgraph=True, backend="eager")
+    assert torch.equal(compiled(x, r), fops.add_layer_norm(x, r, w, b, 1e-5, backend="cpp")[0] * 2)
 
 
 def test_linear_bad_input():

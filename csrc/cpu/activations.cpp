@@ -61,33 +61,33 @@ void relu2_rows(const T* in, int64_t is, T* out, int64_t os, int64_t rows, int64
 
 // Out-of-place outputs of kStreamOutBytes and more are streamed (store_chunk). In place, the lines
 // written were just read, so they are in the cache already: no read-for-ownership to save.
-inline bool stream_output(const at::Tensor& in2, const at::Tensor& o2) {
-  return o2.data_ptr() != in2.data_ptr() && o2.numel() * o2.element_size() >= kStreamOutBytes;
+inline bool stream_output(const Rows& in, const void* out, int64_t out_bytes) {
+  return out != in.data.const_data_ptr() && out_bytes >= kStreamOutBytes;
 }
 
-// in2 [rows, 2I] and o2 [rows, I]: row-strided views (o2 may be in2's gate half).
-void run_swiglu(const at::Tensor& in2, const at::Tensor& o2) {
-  const int64_t rows = in2.size(0), inter = in2.size(1) / 2;
+// in: [rows, 2I]; out: [rows, I] at out_stride (may be in's gate half).
+void run_swiglu(const Rows& in, void* out, int64_t out_stride) {
+  const int64_t rows = in.rows, inter = in.n / 2;
   if (rows == 0 || inter == 0) return;
-  FASTLM_DISPATCH_FLOAT(in2.scalar_type(), "swiglu", [&] {
+  FASTLM_DISPATCH_FLOAT(in.data.scalar_type(), "swiglu", [&] {
     auto run = [&](auto stream) {
-      swiglu_rows<decltype(stream)::value>(reinterpret_cast<const scalar_t*>(in2.const_data_ptr()), row_stride(in2),
-                                           reinterpret_cast<scalar_t*>(o2.data_ptr()), row_stride(o2), rows, inter);
+      swiglu_rows<decltype(stream)::value>(reinterpret_cast<const scalar_t*>(in.data.const_data_ptr()), in.stride,
+                                           static_cast<scalar_t*>(out), out_stride, rows, inter);
     };
-    stream_output(in2, o2) ? run(std::true_type{}) : run(std::false_type{});
+    stream_output(in, out, rows * inter * in.data.element_size()) ? run(std::true_type{}) : run(std::false_type{});
   });
 }
 
-// in2 and o2 [rows, N], row-strided (o2 may be in2).
-void run_relu2(const at::Tensor& in2, const at::Tensor& o2) {
-  const int64_t rows = in2.size(0), n = in2.size(1);
+// in and out: [rows, N] (out at out_stride; may be in).
+void run_relu2(const Rows& in, void* out, int64_t out_stride) {
+  const int64_t rows = in.rows, n = in.n;
   if (rows == 0 || n == 0) return;
-  FASTLM_DISPATCH_FLOAT(in2.scalar_type(), "relu2", [&] {
+  FASTLM_DISPATCH_FLOAT(in.data.scalar_type(), "relu2", [&] {
     auto run = [&](auto stream) {
-      relu2_rows<decltype(stream)::value>(reinterpret_cast<const scalar_t*>(in2.const_data_ptr()), row_stride(in2),
-                                          reinterpret_cast<scalar_t*>(o2.data_ptr()), row_stride(o2), rows, n);
+      relu2_rows<decltype(stream)::value>(reinterpret_cast<const scalar_t*>(in.data.const_data_ptr()), in.stride,
+                                          static_cast<scalar_t*>(out), out_stride, rows, n);
     };
-    stream_output(in2, o2) ? run(std::true_type{}) : run(std::false_type{});
+    stream_output(in, out, rows * n * in.data.element_size()) ? run(std::true_type{}) : run(std::false_type{});
   });
 }
 
@@ -102,14 +102,14 @@ at::Tensor swiglu(const at::Tensor& gate_up) {
 void swiglu_out(const at::Tensor& gate_up, const at::Tensor& out) {
   check_out("out", out, swiglu_out_shape(gate_up), gate_up.scalar_type(), gate_up);
   if (out.numel() == 0) return;
-  run_swiglu(rows_view(gate_up), out.view({-1, out.size(-1)}));
+  run_swiglu(rows_of(gate_up), out.data_ptr(), out.size(-1));
 }
 
 void swiglu_(const at::Tensor& gate_up) {
   swiglu_out_shape(gate_up);
   if (gate_up.numel() == 0) return;
   run_in_place(gate_up, gate_up.narrow(-1, 0, gate_up.size(-1) / 2),
-               [](const at::Tensor& in2) { run_swiglu(in2, in2.narrow(1, 0, in2.size(1) / 2)); },
+               [](const at::Tensor& in2) { run_swiglu(rows_of(in2), in2.data_ptr(), row_stride(in2)); },
                [&] { return swiglu(gate_up); });
 }
 
@@ -117,7 +117,7 @@ at::Tensor relu2(const at::Tensor& x) {
   check_relu2_input(x);
   at::Tensor out = at::empty(x.sizes(), x.options());
   if (out.numel() == 0) return out;
-  run_relu2(rows_view(x), out.view({-1, out.size(-1)}));
+  run_relu2(rows_of(x), out.data_ptr(), out.size(-1));
   return out;
 }
 
@@ -125,13 +125,14 @@ void relu2_out(const at::Tensor& x, const at::Tensor& out) {
   check_relu2_input(x);
   check_out("out", out, x.sizes(), x.scalar_type(), x);
   if (out.numel() == 0) return;
-  run_relu2(rows_view(x), out.view({-1, out.size(-1)}));
+  run_relu2(rows_of(x), out.data_ptr(), out.size(-1));
 }
 
 void relu2_(const at::Tensor& x) {
   check_relu2_input(x);
   if (x.numel() == 0) return;
-  run_in_place(x, x, [](const at::Tensor& x2) { run_relu2(x2, x2); }, [&] { return relu2(x); });
+  run_in_place(x, x, [](const at::Tensor& x2) { run_relu2(rows_of(x2), x2.data_ptr(), row_stride(x2)); },
+               [&] { return relu2(x); });
 }
 
 }  // namespace fastlm::cpu

@@ -99,50 +99,48 @@ bool widen_weights(const at::Tensor& weight, int64_t rows) {
   return weight.scalar_type() != c10::CppTypeToScalarType<T>::value || rows >= kWidenWeightRows;
 }
 
-// y2d / h2d: [rows, N] views of the outputs (h2d undefined without residual).
+// y, h: contiguous outputs of x's shape (h undefined without residual).
 void run_rms(const at::Tensor& x, const OptT& residual, const at::Tensor& weight, double eps, bool weight_in_fp32,
-             const at::Tensor& y2d, const at::Tensor& h2d) {
-  const at::Tensor x2 = rows_view(x);
-  const at::Tensor r2 = residual ? rows_view(*residual) : at::Tensor();
-  const int64_t rows = x2.size(0), n = x2.size(1);
+             const at::Tensor& y, const at::Tensor& h) {
+  const Rows xr = rows_of(x);
+  const Rows rr = residual ? rows_of(*residual) : Rows{};
+  const int64_t rows = xr.rows, n = xr.n;
   if (rows == 0) return;
-  const bool y32 = y2d.scalar_type() == at::kFloat;
+  const bool y32 = y.scalar_type() == at::kFloat;
   FASTLM_DISPATCH_FLOAT(x.scalar_type(), "add_rms_norm", [&] {
     using T = scalar_t;
-    const T* rp = residual ? ptr<T>(r2) : nullptr;
-    T* hp = residual ? mptr<T>(h2d) : nullptr;
-    const int64_t rs = residual ? row_stride(r2) : 0, hs = residual ? row_stride(h2d) : 0;
+    const T* rp = residual ? ptr<T>(rr.data) : nullptr;
+    T* hp = residual ? mptr<T>(h) : nullptr;
     // W: float (widened) or T; Y: float (y32) or T
-    auto run = [&](auto* w, auto* y) {
-      rms_rows<T>(ptr<T>(x2), row_stride(x2), rp, rs, w, y, row_stride(y2d), hp, hs, rows, n,
-                  static_cast<float>(eps), weight_in_fp32);
+    auto run = [&](auto* w, auto* yp) {
+      rms_rows<T>(ptr<T>(xr.data), xr.stride, rp, rr.stride, w, yp, n, hp, n, rows, n, static_cast<float>(eps),
+                  weight_in_fp32);
     };
     const bool widen = widen_weights<T>(weight, rows);
     const at::Tensor w = widen ? weight.to(at::kFloat).contiguous() : weight.contiguous();
     if (widen && y32) {
-      run(ptr<float>(w), mptr<float>(y2d));
+      run(ptr<float>(w), mptr<float>(y));
     } else if (widen) {
-      run(ptr<float>(w), mptr<T>(y2d));
+      run(ptr<float>(w), mptr<T>(y));
     } else if (y32) {
-      run(ptr<T>(w), mptr<float>(y2d));
+      run(ptr<T>(w), mptr<float>(y));
     } else {
-      run(ptr<T>(w), mptr<T>(y2d));
+      run(ptr<T>(w), mptr<T>(y));
     }
   });
 }
 
 void run_ln(const at::Tensor& x, const OptT& residual, const at::Tensor& weight, const OptT& bias, double eps,
-            const at::Tensor& y2d, const at::Tensor& h2d) {
-  const at::Tensor x2 = rows_view(x);
-  const at::Tensor r2 = residual ? rows_view(*residual) : at::Tensor();
-  const int64_t rows = x2.size(0), n = x2.size(1);
+            const at::Tensor& y, const at::Tensor& h) {
+  const Rows xr = rows_of(x);
+  const Rows rr = residual ? rows_of(*residual) : Rows{};
+  const int64_t rows = xr.rows, n = xr.n;
   if (rows == 0) return;
   FASTLM_DISPATCH_FLOAT(x.scalar_type(), "add_layer_norm", [&] {
     using T = scalar_t;
     auto run = [&](auto* w, auto* b) {
-      ln_rows<T>(ptr<T>(x2), row_stride(x2), residual ? ptr<T>(r2) : nullptr, residual ? row_stride(r2) : 0, w, b,
-                 mptr<T>(y2d), row_stride(y2d), residual ? mptr<T>(h2d) : nullptr, residual ? row_stride(h2d) : 0,
-                 rows, n, static_cast<float>(eps));
+      ln_rows<T>(ptr<T>(xr.data), xr.stride, residual ? ptr<T>(rr.data) : nullptr, rr.stride, w, b, mptr<T>(y), n,
+                 residual ? mptr<T>(h) : nullptr, n, rows, n, static_cast<float>(eps));
     };
     // weight and bias have x's dtype (checked): widened together or not at all
     if (widen_weights<T>(weight, rows)) {
@@ -164,10 +162,9 @@ void run_ln(const at::Tensor& x, const OptT& residual, const at::Tensor& weight,
 std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const OptT& residual, const at::Tensor& weight,
                                                 double eps, bool weight_in_fp32) {
   check_norm_args(x, residual, weight, std::nullopt, /*weight_any_float=*/true);
-  const int64_t n = x.size(-1);
   at::Tensor y = at::empty(x.sizes(), x.options().dtype(rms_out_dtype(x, weight, weight_in_fp32)));
   at::Tensor h = residual ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
-  run_rms(x, residual, weight, eps, weight_in_fp32, y.view({-1, n}), residual ? h.view({-1, n}) : at::Tensor());
+  run_rms(x, residual, weight, eps, weight_in_fp32, y, residual ? h : at::Tensor());
   return {y, h};
 }
 
@@ -175,18 +172,15 @@ void add_rms_norm_out(const at::Tensor& x, const OptT& residual, const at::Tenso
                       bool weight_in_fp32, const at::Tensor& out, const OptT& residual_out) {
   check_norm_args(x, residual, weight, std::nullopt, true);
   check_norm_outs("add_rms_norm_out", x, residual, rms_out_dtype(x, weight, weight_in_fp32), out, residual_out);
-  const int64_t n = x.size(-1);
-  run_rms(x, residual, weight, eps, weight_in_fp32, out.view({-1, n}),
-          residual_out ? residual_out->view({-1, n}) : at::Tensor());
+  run_rms(x, residual, weight, eps, weight_in_fp32, out, residual_out ? *residual_out : at::Tensor());
 }
 
 std::tuple<at::Tensor, at::Tensor> add_layer_norm(const at::Tensor& x, const OptT& residual, const at::Tensor& weight,
                                                   const OptT& bias, double eps) {
   check_norm_args(x, residual, weight, bias, /*weight_any_float=*/false);
-  const int64_t n = x.size(-1);
   at::Tensor y = at::empty(x.sizes(), x.options());
   at::Tensor h = residual ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
-  run_ln(x, residual, weight, bias, eps, y.view({-1, n}), residual ? h.view({-1, n}) : at::Tensor());
+  run_ln(x, residual, weight, bias, eps, y, residual ? h : at::Tensor());
   return {y, h};
 }
 
@@ -194,8 +188,7 @@ void add_layer_norm_out(const at::Tensor& x, const OptT& residual, const at::Ten
                         double eps, const at::Tensor& out, const OptT& residual_out) {
   check_norm_args(x, residual, weight, bias, false);
   check_norm_outs("add_layer_norm_out", x, residual, x.scalar_type(), out, residual_out);
-  const int64_t n = x.size(-1);
-  run_ln(x, residual, weight, bias, eps, out.view({-1, n}), residual_out ? residual_out->view({-1, n}) : at::Tensor());
+  run_ln(x, residual, weight, bias, eps, out, residual_out ? *residual_out : at::Tensor());
 }
 
 }  // namespace fastlm::cpu

@@ -5,9 +5,11 @@ Importing this module imports ``fastlm._C``, which registers the ``TORCH_LIBRARY
 and their CPU kernels (plus CUDA kernels when the build has them). If the extension is not built (or
 cannot load), the import raises ImportError and the backend reports itself unavailable.
 
-The entry points keep the ``*_ref`` signatures and call the ``OpOverload`` objects directly
-(``torch.ops.fastlm.<op>.default``): the packet lookup costs another ~1 us per call, which matters
-for CPU decode. ``add_*_norm`` ops return an empty ``h`` when ``residual`` is None (a functional op
+The entry points keep the ``*_ref`` signatures. Eager, they call ``fastlm._C.call_<op>``: the op
+through the dispatcher, unboxed, as ATen's own bindings call it; under torch.compile, the
+``OpOverload`` (``torch.ops.fastlm.<op>.default``). Those registered with ``checks_args`` leave the
+argument checks to the C++ op (csrc/checks.h raises the Python checks' TypeError / ValueError), so
+the public op skips its own. ``add_*_norm`` ops return an empty ``h`` when ``residual`` is None (a functional op
 may not return an alias of its input); the wrappers return ``x`` there, as the references do.
 """
 from __future__ import annotations
@@ -165,27 +167,32 @@ def _(x, weight, bias=None, residual=None):
 # ---------------------------------------------------------------------------------------------------
 # Entry points for fastlm's dispatch table (signatures of the *_ref functions).
 
-_add_rms_norm = _ops.add_rms_norm.default
-_add_layer_norm = _ops.add_layer_norm.default
-_qkv_rope = _ops.qkv_rope.default
-_qkv_rope_cache = _ops.qkv_rope_cache.default
-_swiglu = _ops.swiglu.default
-_relu2 = _ops.relu2.default
-_swiglu_inplace = _ops.swiglu_.default
-_relu2_inplace = _ops.relu2_.default
-_decode_attention = _ops.decode_attention.default
-_linear = _ops.linear.default
+# Each op twice: the OpOverload (torch.ops.fastlm.<op>.default), which torch.compile traces through its
+# fake implementation, and fastlm._C.call_<op> (csrc/ops.cpp, DispatchCall), which eager calls use: the
+# same op through the same dispatcher, without the OpOverload's Python boxing of every argument (~2 us
+# a call, as much as a decode-sized kernel: at B=1 it decided whether add + LayerNorm beat eager).
+_is_compiling = torch.compiler.is_compiling
+_add_rms_norm, _add_rms_norm_eager = _ops.add_rms_norm.default, _C.call_add_rms_norm
+_add_layer_norm, _add_layer_norm_eager = _ops.add_layer_norm.default, _C.call_add_layer_norm
+_qkv_rope, _qkv_rope_eager = _ops.qkv_rope.default, _C.call_qkv_rope
+_qkv_rope_cache, _qkv_rope_cache_eager = _ops.qkv_rope_cache.default, _C.call_qkv_rope_cache
+_swiglu, _swiglu_eager = _ops.swiglu.default, _C.call_swiglu
+_relu2, _relu2_eager = _ops.relu2.default, _C.call_relu2
+_swiglu_inplace, _swiglu_inplace_eager = _ops.swiglu_.default, _C.call_swiglu_
+_relu2_inplace, _relu2_inplace_eager = _ops.relu2_.default, _C.call_relu2_
+_decode_attention, _decode_attention_eager = _ops.decode_attention.default, _C.call_decode_attention
+_linear, _linear_eager = _ops.linear.default, _C.call_linear
 
 
-@register("add_rms_norm", "cpp")
+@register("add_rms_norm", "cpp", checks_args=True)
 def add_rms_norm_cpp(x, residual, weight, eps: float, weight_in_fp32: bool = False):
-    y, h = _add_rms_norm(x, residual, weight, eps, weight_in_fp32)
+    y, h = (_add_rms_norm if _is_compiling() else _add_rms_norm_eager)(x, residual, weight, eps, weight_in_fp32)
     return y, (x if residual is None else h)
 
 
-@register("add_layer_norm", "cpp")
+@register("add_layer_norm", "cpp", checks_args=True)
 def add_layer_norm_cpp(x, residual, weight, bias, eps: float):
-    y, h = _add_layer_norm(x, residual, weight, bias, eps)
+    y, h = (_add_layer_norm if _is_compiling() else _add_layer_norm_eager)(x, residual, weight, bias, eps)
     return y, (x if residual is None else h)
 
 
@@ -193,38 +200,39 @@ def add_layer_norm_cpp(x, residual, weight, bias, eps: float):
 def qkv_rope_cpp(qkv, cos, sin, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias, num_heads: int,
                  num_kv_heads: int, head_dim: int, rotary_dim: int, interleaved: bool, per_head_layout: bool,
                  qk_norm_eps: float):
-    return _qkv_rope(qkv, cos, sin, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias, num_heads, num_kv_heads,
-                     head_dim, rotary_dim, interleaved, per_head_layout, qk_norm_eps)
+    return (_qkv_rope if _is_compiling() else _qkv_rope_eager)(
+        qkv, cos, sin, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias, num_heads, num_kv_heads, head_dim,
+        rotary_dim, interleaved, per_head_layout, qk_norm_eps)
 
 
 @register("qkv_rope_cache", "cpp")
 def qkv_rope_cache_cpp(qkv, cos, sin, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias, k_cache, v_cache,
                        cache_positions, num_heads: int, num_kv_heads: int, head_dim: int, rotary_dim: int,
                        interleaved: bool, per_head_layout: bool, qk_norm_eps: float):
-    return _qkv_rope_cache(qkv, cos, sin, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias, k_cache, v_cache,
-                           cache_positions, num_heads, num_kv_heads, head_dim, rotary_dim, interleaved,
-                           per_head_layout, qk_norm_eps)
+    return (_qkv_rope_cache if _is_compiling() else _qkv_rope_cache_eager)(
+        qkv, cos, sin, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias, k_cache, v_cache, cache_positions,
+        num_heads, num_kv_heads, head_dim, rotary_dim, interleaved, per_head_layout, qk_norm_eps)
 
 
-@register("swiglu", "cpp")
+@register("swiglu", "cpp", checks_args=True)
 def swiglu_cpp(gate_up):
-    return _swiglu(gate_up)
+    return (_swiglu if _is_compiling() else _swiglu_eager)(gate_up)
 
 
-@register("relu2", "cpp")
+@register("relu2", "cpp", checks_args=True)
 def relu2_cpp(x):
-    return _relu2(x)
+    return (_relu2 if _is_compiling() else _relu2_eager)(x)
 
 
-@register("swiglu_", "cpp")
+@register("swiglu_", "cpp", checks_args=True)
 def swiglu_inplace_cpp(gate_up):
-    _swiglu_inplace(gate_up)
+    (_swiglu_inplace if _is_compiling() else _swiglu_inplace_eager)(gate_up)
     return gate_up[..., : gate_up.shape[-1] // 2]
 
 
-@register("relu2_", "cpp")
+@register("relu2_", "cpp", checks_args=True)
 def relu2_inplace_cpp(x):
-    _relu2_inplace(x)
+    (_relu2_inplace if _is_compiling() else _relu2_inplace_eager)(x)
     return x
 
 
@@ -236,7 +244,7 @@ def decode_attention_cpp(q, k_cache, v_cache, lengths, scale: float):
         from fastlm.ops.attention import decode_attention_ref
 
         return decode_attention_ref(q, k_cache, v_cache, lengths, scale)
-    return _decode_attention(q, k_cache, v_cache, lengths, scale)
+    return (_decode_attention if _is_compiling() else _decode_attention_eager)(q, k_cache, v_cache, lengths, scale)
 
 
 @register("linear", "cpp")
@@ -245,4 +253,4 @@ def linear_cpp(x, weight, bias=None, residual=None):
         from fastlm.ops.linear import linear_ref
 
         return linear_ref(x, weight, bias, residual)
-    return _linear(x, weight, bias, residual)
+    return (_linear if _is_compiling() else _linear_eager)(x, weight, bias, residual)

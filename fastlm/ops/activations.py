@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from fastlm.ops._backend import dispatch, register
-from fastlm.ops._checks import check_float
+from fastlm.ops._checks import check_float, device_of
 
 
 @register("swiglu", "torch")
@@ -58,23 +58,31 @@ def _check_relu2(x):
 
 def swiglu(gate_up: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """``silu(gate_up[..., :I]) * gate_up[..., I:]`` -> [..., I]."""
-    _check_swiglu(gate_up)
-    return dispatch("swiglu", backend, gate_up.device)(gate_up)
+    fn = dispatch("swiglu", backend, device_of("gate_up", gate_up))
+    if not fn.checks_args:
+        _check_swiglu(gate_up)
+    return fn(gate_up)
 
 
 def swiglu_(gate_up: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """:func:`swiglu` written into ``gate_up``'s gate half; returns that view, ``gate_up[..., :I]``."""
-    _check_swiglu(gate_up)
-    return dispatch("swiglu_", backend, gate_up.device)(gate_up)
+    fn = dispatch("swiglu_", backend, device_of("gate_up", gate_up))
+    if not fn.checks_args:
+        _check_swiglu(gate_up)
+    return fn(gate_up)
 
 
 def relu2(x: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """``relu(x) ** 2``."""
-    _check_relu2(x)
-    return dispatch("relu2", backend, x.device)(x)
+    fn = dispatch("relu2", backend, device_of("x", x))
+    if not fn.checks_args:
+        _check_relu2(x)
+    return fn(x)
 
 
 def relu2_(x: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """:func:`relu2` in place; returns ``x``."""
-    _check_relu2(x)
-    return dispatch("relu2_", backend, x.device)(x)
+    fn = dispatch("relu2_", backend, device_of("x", x))
+    if not fn.checks_args:
+        _check_relu2(x)
+    return fn(x)

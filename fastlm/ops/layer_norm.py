@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from fastlm.ops._backend import dispatch, register
-from fastlm.ops._checks import check_float, check_same, check_shape
+from fastlm.ops._checks import check_norm_args, device_of
 
 
 @register("add_layer_norm", "torch")
@@ -22,11 +22,7 @@ def add_layer_norm_ref(x, residual, weight, bias, eps: float):
 def add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
                    bias: torch.Tensor | None, eps: float, *, backend: str = "auto"):
     """``(layer_norm(x + residual), x + residual)``; x, residual: [..., N], weight, bias: [N]."""
-    check_float("x", x)
-    check_same("residual", residual, x, "x")
-    if residual is not None:
-        check_shape("residual", residual, x.shape)
-    for name, t in (("weight", weight), ("bias", bias)):
-        check_same(name, t, x, "x")
-        check_shape(name, t, (x.shape[-1],))
-    return dispatch("add_layer_norm", backend, x.device)(x, residual, weight, bias, float(eps))
+    fn = dispatch("add_layer_norm", backend, device_of("x", x))
+    if not fn.checks_args:
+        check_norm_args(x, residual, {"weight": weight, "bias": bias})
+    return fn(x, residual, weight, bias, float(eps))

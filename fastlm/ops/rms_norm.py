@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from fastlm.ops._backend import dispatch, register
-from fastlm.ops._checks import check_float, check_same, check_shape
+from fastlm.ops._checks import check_norm_args, device_of
 
 
 @register("add_rms_norm", "torch")
@@ -35,10 +35,7 @@ def add_rms_norm_ref(x, residual, weight, eps: float, weight_in_fp32: bool = Fal
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
                  weight_in_fp32: bool = False, *, backend: str = "auto"):
     """``(rmsnorm(x + residual) * weight, x + residual)``; x, residual: [..., N], weight: [N]."""
-    check_float("x", x)
-    check_same("residual", residual, x, "x")
-    if residual is not None:
-        check_shape("residual", residual, x.shape)
-    check_same("weight", weight, x, "x", dtype=False)
-    check_shape("weight", weight, (x.shape[-1],))
-    return dispatch("add_rms_norm", backend, x.device)(x, residual, weight, float(eps), bool(weight_in_fp32))
+    fn = dispatch("add_rms_norm", backend, device_of("x", x))
+    if not fn.checks_args:
+        check_norm_args(x, residual, {"weight": weight}, params_dtype=False)
+    return fn(x, residual, weight, float(eps), bool(weight_in_fp32))
