@@ -119,9 +119,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_isa", &cpu_isa, "the SIMD level the CPU kernels were compiled for");
   m.def("parallel_threads_used", &parallel_threads_used,
         "threads that one at::parallel_for over `tasks` tasks ran on (1 means the build lost OpenMP)");
-  // Direct pybind entry points (no dispatcher): used only to measure the torch.ops dispatch overhead.
-  m.def("_direct_add_rms_norm", &fastlm::cpu::add_rms_norm);
-  m.def("_direct_relu2", &fastlm::cpu::relu2);
   // Dispatcher calls without torch.ops' Python layer (see DispatchCall), for fastlm.ops' eager path:
   // call_<op> for each functional op of the contract.
 #define FASTLM_DEF_CALL(op)                                                                  \

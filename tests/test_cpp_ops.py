@@ -231,8 +231,8 @@ def test_qkv_rope_non_contiguous(name, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("cfg", [(32, 16, 80, 20, False, False, "per_head"), (24, 24, 64, 32, False, True, "shared_bias")],
-                         ids=["stablelm_gqa", "persimmon"])
+@pytest.mark.parametrize("cfg", [(32, 16, 80, 20, False, False, "per_head"),
+                                 (24, 24, 64, 32, False, True, "shared_bias")], ids=["stablelm_gqa", "persimmon"])
 def test_qkv_rope_large_outputs_streamed(cfg, dtype):
     """Outputs of 16 MiB and more are written through a stage with non-temporal stores (kStreamOutBytes in
     csrc/cpu/qkv_rope.cpp). The per-token math is the same either way, so the result must equal, bit for
