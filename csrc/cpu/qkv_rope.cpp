@@ -155,9 +155,9 @@ inline void layer_norm_heads(const T* const* src, float* const* buf, int64_t n, 
   static_assert(kTokBlock <= kF, "one lane per token");
   const int64_t tail = D - (V - 1) * kF;  // lanes of the last register, 1..kF
   const fVec zero(0.f), vD(static_cast<float>(D));
-  fVec acc[kTokBlock];
+  fVec acc[kTokBlock];  // rows past n stay zero for hsum_lanes
+  for (int64_t t = 0; t < kTokBlock; ++t) acc[t] = zero;
   for (int64_t t = 0; t < n; ++t) {
-    acc[t] = zero;
     for (int i = 0; i < V; ++i) {
       const fVec x = load_f32(src[t] + i * kF, i == V - 1 ? tail : kF);
       x.store(buf[t] + i * kF);
@@ -165,7 +165,7 @@ inline void layer_norm_heads(const T* const* src, float* const* buf, int64_t n, 
     }
   }
   alignas(64) float mean[kF], rstd[kF];
-  (hsum_lanes(acc, n) / vD).store(mean);  // layer_norm_mean, lane by lane
+  (hsum_lanes<kTokBlock>(acc) / vD).store(mean);  // layer_norm_mean, lane by lane
   for (int64_t t = 0; t < n; ++t) {
     const fVec vm(mean[t]);
     acc[t] = zero;
@@ -175,7 +175,7 @@ inline void layer_norm_heads(const T* const* src, float* const* buf, int64_t n, 
       acc[t] = at::vec::fmadd(c, c, acc[t]);
     }
   }
-  (fVec(1.f) / (hsum_lanes(acc, n) / vD + fVec(eps)).sqrt()).store(rstd);  // layer_norm_rstd
+  (fVec(1.f) / (hsum_lanes<kTokBlock>(acc) / vD + fVec(eps)).sqrt()).store(rstd);  // layer_norm_rstd
   fVec wv[V], bv[V];
   for (int i = 0; i < V; ++i) {
     const int64_t m = i == V - 1 ? tail : kF;

@@ -201,19 +201,22 @@ inline float hmax(const fVec& v) {
   return at::vec::vec_reduce_all<float>([](fVec& x, fVec& y) { return at::vec::maximum(x, y); }, v);
 }
 
-// out[t] = hsum(v[t]) for t < n <= kF. AVX-512: a transpose-and-add tree that puts token t's sum in
-// lane t, ~3 instructions per row instead of a dependent 8-instruction chain per row (each qk-norm
+// Lane t = hsum(v[t]) for the kRows rows v[0..kRows) (kRows <= kF). AVX-512: a transpose-and-add
+// tree, ~3 instructions per row instead of a dependent 8-instruction chain per row (each qk-norm
 // head's statistics waited on two such chains plus a divide and a sqrt). Same additions as hsum's
-// tree, in a different order: results may differ from hsum in the last bit.
-inline fVec hsum_lanes(const fVec* v, int64_t n) {
+// tree, in a different order: results may differ from hsum in the last bit. Inlined with kRows fixed,
+// the tree has no branches (~10% of the Persimmon QKV epilogue's time when it was an out-of-line call
+// on a run-time row count).
+template <int kRows>
+__attribute__((always_inline)) inline fVec hsum_lanes(const fVec* v) {
+  static_assert(kRows >= 1 && kRows <= kF, "one lane per row");
 #if defined(CPU_CAPABILITY_AVX512)
-  auto at = [&](int64_t t) -> __m512 { return t < n ? static_cast<__m512>(v[t]) : _mm512_setzero_ps(); };
-  __m512 quads[4];  // quads[g]: 128-bit lane l holds a partial of rows 4g .. 4g+3 (one per position)
-  for (int64_t g = 0; g < 4; ++g) {
-    if (4 * g >= n) { quads[g] = _mm512_setzero_ps(); continue; }
-    __m512 pair[2];  // rows (4g, 4g+1) and (4g+2, 4g+3) interleaved [a, b, a, b] per 128-bit lane
-    for (int64_t p = 0; p < 2; ++p) {
-      const __m512 a = at(4 * g + 2 * p), b = at(4 * g + 2 * p + 1);
+  static_assert(kRows % 4 == 0, "rows in groups of four");
+  __m512 quads[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+  for (int g = 0; g < kRows / 4; ++g) {  // quads[g]: each 128-bit lane holds a partial of rows 4g .. 4g+3
+    __m512 pair[2];                      // rows (4g, 4g+1) and (4g+2, 4g+3) interleaved [a, b, a, b]
+    for (int p = 0; p < 2; ++p) {
+      const __m512 a = v[4 * g + 2 * p], b = v[4 * g + 2 * p + 1];
       pair[p] = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
     }
     const __m512d lo = _mm512_unpacklo_pd(_mm512_castps_pd(pair[0]), _mm512_castps_pd(pair[1]));
@@ -227,7 +230,7 @@ inline fVec hsum_lanes(const fVec* v, int64_t n) {
   return fVec(fold(fold(quads[0], quads[1]), fold(quads[2], quads[3])));
 #else
   alignas(64) float out[kF] = {};
-  for (int64_t t = 0; t < n; ++t) out[t] = hsum(v[t]);
+  for (int t = 0; t < kRows; ++t) out[t] = hsum(v[t]);
   return fVec::loadu(out);
 #endif
 }
