@@ -70,11 +70,10 @@ void run_swiglu(const Rows& in, void* out, int64_t out_stride) {
   const int64_t rows = in.rows, inter = in.n / 2;
   if (rows == 0 || inter == 0) return;
   FASTLM_DISPATCH_FLOAT(in.data.scalar_type(), "swiglu", [&] {
-    auto run = [&](auto stream) {
+    with_stream(stream_output(in, out, rows * inter * in.data.element_size()), [&](auto stream) {
       swiglu_rows<decltype(stream)::value>(reinterpret_cast<const scalar_t*>(in.data.const_data_ptr()), in.stride,
                                            static_cast<scalar_t*>(out), out_stride, rows, inter);
-    };
-    stream_output(in, out, rows * inter * in.data.element_size()) ? run(std::true_type{}) : run(std::false_type{});
+    });
   });
 }
 
@@ -83,11 +82,10 @@ void run_relu2(const Rows& in, void* out, int64_t out_stride) {
   const int64_t rows = in.rows, n = in.n;
   if (rows == 0 || n == 0) return;
   FASTLM_DISPATCH_FLOAT(in.data.scalar_type(), "relu2", [&] {
-    auto run = [&](auto stream) {
+    with_stream(stream_output(in, out, rows * n * in.data.element_size()), [&](auto stream) {
       relu2_rows<decltype(stream)::value>(reinterpret_cast<const scalar_t*>(in.data.const_data_ptr()), in.stride,
                                           static_cast<scalar_t*>(out), out_stride, rows, n);
-    };
-    stream_output(in, out, rows * n * in.data.element_size()) ? run(std::true_type{}) : run(std::false_type{});
+    });
   });
 }
 
@@ -109,7 +107,10 @@ void swiglu_(const at::Tensor& gate_up) {
   swiglu_out_shape(gate_up);
   if (gate_up.numel() == 0) return;
   run_in_place(gate_up, gate_up.narrow(-1, 0, gate_up.size(-1) / 2),
-               [](const at::Tensor& in2) { run_swiglu(rows_of(in2), in2.data_ptr(), row_stride(in2)); },
+               [](const at::Tensor& in2) {
+                 const Rows r = rows_of(in2);
+                 run_swiglu(r, r.data.data_ptr(), r.stride);  // into the gate half: same start and stride
+               },
                [&] { return swiglu(gate_up); });
 }
 
@@ -131,8 +132,13 @@ void relu2_out(const at::Tensor& x, const at::Tensor& out) {
 void relu2_(const at::Tensor& x) {
   check_relu2_input(x);
   if (x.numel() == 0) return;
-  run_in_place(x, x, [](const at::Tensor& x2) { run_relu2(rows_of(x2), x2.data_ptr(), row_stride(x2)); },
-               [&] { return relu2(x); });
+  run_in_place(
+      x, x,
+      [](const at::Tensor& x2) {
+        const Rows r = rows_of(x2);
+        run_relu2(r, r.data.data_ptr(), r.stride);
+      },
+      [&] { return relu2(x); });
 }
 
 }  // namespace fastlm::cpu

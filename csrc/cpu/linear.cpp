@@ -175,10 +175,11 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const OptT& bia
     check_like("residual", *residual, x, "x");
     check_shape("residual", *residual, out_shape);
   }
-  const at::Tensor x2 = rows_view(x);
-  const int64_t M = x2.size(0);
+  const Rows xr = rows_of(x);  // no view on the decode path (see rows_of)
+  const int64_t M = xr.rows;
   const int64_t max_rows = x.scalar_type() == at::kFloat ? kMaxGemvRowsFp32 : kMaxGemvRows16;
   if (M > max_rows || M == 0 || K == 0) {  // a real GEMM (or nothing to stream): ATen's
+    const at::Tensor x2 = xr.data.as_strided({M, K}, {xr.stride, 1});
     at::Tensor y;
     if (residual && !bias) {
       y = at::addmm(residual->reshape({-1, N}), x2, weight.t());
@@ -191,13 +192,13 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const OptT& bia
   at::Tensor y = at::empty(out_shape, x.options().memory_format(at::MemoryFormat::Contiguous));
   const at::Tensor w = weight.stride(1) == 1 ? weight : weight.contiguous();
   const at::Tensor b = bias ? bias->contiguous() : at::Tensor();
-  const at::Tensor r2 = residual ? rows_view(*residual) : at::Tensor();
+  const Rows rr = residual ? rows_of(*residual) : Rows{};
   FASTLM_DISPATCH_FLOAT(x.scalar_type(), "linear", [&] {
     using T = scalar_t;
-    gemv<T>(reinterpret_cast<const T*>(x2.const_data_ptr()), row_stride(x2),
+    gemv<T>(reinterpret_cast<const T*>(xr.data.const_data_ptr()), xr.stride,
             reinterpret_cast<const T*>(w.const_data_ptr()), N > 1 ? w.stride(0) : K,
             bias ? reinterpret_cast<const T*>(b.const_data_ptr()) : nullptr,
-            residual ? reinterpret_cast<const T*>(r2.const_data_ptr()) : nullptr, residual ? row_stride(r2) : 0,
+            residual ? reinterpret_cast<const T*>(rr.data.const_data_ptr()) : nullptr, rr.stride,
             reinterpret_cast<T*>(y.data_ptr()), N, M, N, K);
   });
   return y;

@@ -20,7 +20,7 @@ template <bool kSquares, typename T, typename Y, typename F>
 void for_each_row(const T* x, int64_t xs, const T* r, int64_t rs, Y* y, int64_t ys, T* h, int64_t hs, int64_t rows,
                   int64_t n, const F& f) {
   const int64_t out_bytes = rows * n * (static_cast<int64_t>(sizeof(Y)) + (r ? sizeof(T) : 0));
-  auto run = [&](auto stream) {
+  with_stream(out_bytes >= kStreamOutBytes, [&](auto stream) {
     constexpr bool kStream = decltype(stream)::value;
     constexpr bool kScratch = kStream || !std::is_same_v<T, float>;
     at::parallel_for(0, rows, grain_for(n), [&](int64_t begin, int64_t end) {
@@ -39,12 +39,7 @@ void for_each_row(const T* x, int64_t xs, const T* r, int64_t rs, Y* y, int64_t 
       }
       if constexpr (kStream) stream_fence();
     });
-  };
-  if (out_bytes >= kStreamOutBytes) {
-    run(std::true_type{});
-  } else {
-    run(std::false_type{});
-  }
+  });
 }
 
 template <typename T, typename W, typename Y>

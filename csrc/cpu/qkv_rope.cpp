@@ -135,7 +135,6 @@ inline void rope_store(const S* src, T* dst, int64_t D, int64_t R, const float* 
   }
 }
 
-
 // Tokens per task. Work goes token block by token block, and inside a block head by head, so each
 // head's outputs for the block are written as one contiguous run ([B, H, S, D] rows s0..s0+n). Token
 // by token, the q/k/v rows of a token land H apart at a stride of S * D elements, a power of two for
@@ -191,8 +190,7 @@ inline void layer_norm_heads(const T* const* src, float* const* buf, int64_t n, 
   }
 }
 
-// layer_norm_heads for the register count D needs; false when D is over kMaxRegisterHead.
-constexpr int64_t kMaxRegisterHeadVecs = 8;
+// layer_norm_heads for the register count D needs; false when D is over 8 registers (8 * kF).
 template <typename T>
 inline bool layer_norm_heads_in_registers(const T* const* src, float* const* buf, int64_t n, int64_t D, float eps,
                                           const float* w, const float* b) {
@@ -208,7 +206,6 @@ inline bool layer_norm_heads_in_registers(const T* const* src, float* const* buf
     default: return false;
   }
 }
-
 
 template <typename T>
 void qkv_kernel(const QkvArgs& a) {
@@ -299,7 +296,7 @@ void qkv_kernel(const QkvArgs& a) {
           const float* bias = nw.b ? nw.b + h * nw.b_head_stride : nullptr;
           if (layer_norm_heads_in_registers(src, buf, n, D, a.eps, w, bias)) {
             for (int64_t t = 0; t < n; ++t) rope_store(buf[t], dst[t], D, R, cs[t], sn[t], a.interleaved, NoAffine{});
-          } else {  // D > kMaxRegisterHeadVecs * kF: token by token, sweeping the fp32 buffer
+          } else {  // D > 8 * kF: token by token, sweeping the fp32 buffer
             for (int64_t t = 0; t < n; ++t) {
               const float mean = layer_norm_mean(add_and_sum<T, false>(src[t], nullptr, nullptr, D, buf[t]), D);
               const float rstd = layer_norm_rstd(centred_sum_squares(buf[t], mean, D), D, a.eps);

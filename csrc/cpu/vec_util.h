@@ -177,6 +177,16 @@ inline void store_round_chunk(T* p, int64_t n, fVec& a, fVec& b) {
     b = std::get<1>(ab);
   }
 }
+// f(std::true_type{}) when stream, else f(std::false_type{}): the kStream template argument of the
+// store_chunk calls inside f, picked at run time once per call.
+template <typename F>
+inline void with_stream(bool stream, const F& f) {
+  if (stream) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
 inline void stream_fence() {
 #if defined(CPU_CAPABILITY_AVX512)
   _mm_sfence();
