@@ -30,9 +30,9 @@ _IMPLS: dict[str, dict[str, Callable]] = {}
 _LOAD_ERRORS: dict[str, str] = {}
 _LOADED: set[str] = set()
 _AUTO_CACHE: dict[str, str] = {}
-# (requested backend, device type) -> implementation table of the concrete backend; the hot path of
-# every op call (decode on CPU pays for each microsecond), filled on first use.
-_DISPATCH_CACHE: dict[tuple[str, str, str], Callable] = {}
+# (op, requested backend, device, FASTLM_BACKEND for auto) -> the concrete backend's implementation; the
+# hot path of every op call (decode on CPU pays for each microsecond), filled on first use.
+_DISPATCH_CACHE: dict[tuple, Callable] = {}
 _BACKEND_MODULES = {"triton": "fastlm.kernels", "cpp": "fastlm.ops._cpp"}
 
 
