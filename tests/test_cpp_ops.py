@@ -389,6 +389,33 @@ def test_swiglu_relu2(dtype, shape, strided):
     assert torch.equal(out, _cpp.relu2_cpp(x))
 
 
+def test_swiglu_fp32_silu_within_torchs_ulps():
+    """The CPU kernels' own exp (vec_util.h exp_u1) in silu: every 997th fp32 bit pattern of [-104, 89]
+    against silu in fp64, in units in the last place of the fp32 result. ATen's silu (1-ulp Sleef exp)
+    is at most 2.26 ulp off there; ours must be within 2.5. Below -88.7, 1 + exp(-x) overflows fp32 in
+    both, giving -0 for a true value under 1e-36 in magnitude."""
+    def floats(hi_bits, negative):  # fp32 values whose bit patterns are every 997th of [0, hi_bits)
+        b = torch.arange(0, hi_bits, 997, dtype=torch.int64)
+        return ((b | 0x80000000) - (1 << 32) if negative else b).to(torch.int32).view(torch.float32)
+    specials = torch.tensor([float("inf"), -float("inf"), float("nan"), 0.0, -0.0, 88.72, 88.73, -88.72, -103.9,
+                             1e-45, -1e-45, 3e38, -3e38])
+    g = torch.cat([floats(0x42D00000, True), floats(0x42B20000, False), specials])  # [-104, 89]
+    out = _cpp.swiglu_cpp(torch.stack([g, torch.ones_like(g)], 1)).squeeze(1)
+    g64 = g.double()
+    ref = g64 / (1 + torch.exp(-g64))
+    ref32 = ref.float().abs()
+    ulp = (torch.nextafter(ref32, torch.tensor(float("inf"))) - ref32).double()
+    finite = torch.isfinite(ref) & (g > -88.7)
+    err_ulp = ((out.double() - ref).abs() / ulp)[finite]
+    torch_ulp = ((F.silu(g).double() - ref).abs() / ulp)[finite]
+    assert err_ulp.max() <= 2.5, f"silu: {err_ulp.max():.2f} ulp at x = {g[finite][err_ulp.argmax()]}"
+    assert torch_ulp.max() >= 1.0  # the measure itself sees torch's rounding
+    tail = (g <= -88.7) & torch.isfinite(g)
+    assert (out[tail].double() - ref[tail]).abs().max() < 1e-36
+    same_class = torch.isnan(out) == torch.isnan(F.silu(g))
+    assert same_class.all() and torch.equal(torch.isinf(out), torch.isinf(F.silu(g)))
+
+
 # ------------------------------------------------------------------------------------------ linear
 
 

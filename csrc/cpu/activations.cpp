@@ -14,15 +14,6 @@
 namespace fastlm::cpu {
 namespace {
 
-// exp for outputs rounded to 16 bits: ATen's exp_u20 (within 20 fp32 ulp, i.e. 2^-19 relative) is
-// below half a bf16/fp16 ulp by 2^9 / 2^6, so it changes a rounded result only at near-ties, and costs
-// about half the 1-ulp exp that silu is bound by. fp32 outputs keep the 1-ulp exp.
-struct RoundedExpOps {
-  static inline fVec exp(const fVec& x) { return x.exp_u20(); }
-};
-template <typename T>
-using SiluOps = std::conditional_t<std::is_same_v<T, float>, MathOps<fVec>, RoundedExpOps>;
-
 template <bool kStream, typename T>
 void swiglu_rows(const T* in, int64_t is, T* out, int64_t os, int64_t rows, int64_t inter) {
   at::parallel_for(0, rows, grain_for(3 * inter), [&](int64_t begin, int64_t end) {
@@ -35,7 +26,7 @@ void swiglu_rows(const T* in, int64_t is, T* out, int64_t os, int64_t rows, int6
         fVec ga, gb, ua, ub;
         IO<T>::load(g + j, m, ga, gb);
         IO<T>::load(u + j, m, ua, ub);
-        store_chunk<kStream>(o + j, m, silu_mul<fVec, SiluOps<T>>(ga, ua), silu_mul<fVec, SiluOps<T>>(gb, ub));
+        store_chunk<kStream>(o + j, m, silu_mul(ga, ua), silu_mul(gb, ub));
       }
     }
     if constexpr (kStream) stream_fence();

@@ -76,7 +76,7 @@ void decode_kernel(const T* q, int64_t q_sb, int64_t q_sh, const T* kc, const in
           const fVec vm(new_max);
           for (int64_t t = 0; t < tb; t += kF) {
             const int64_t m = std::min(kF, tb - t);
-            fVec p = (fVec::loadu(sc + t, m) - vm).exp();
+            fVec p = exp_u1(fVec::loadu(sc + t, m) - vm);
             p = fVec::set(fVec(0.f), p, m);
             p.store(sc + t, m);
             vsum = vsum + p;

@@ -23,7 +23,9 @@ void for_each_row(const T* x, int64_t xs, const T* r, int64_t rs, Y* y, int64_t 
   with_stream(out_bytes >= kStreamOutBytes, [&](auto stream) {
     constexpr bool kStream = decltype(stream)::value;
     constexpr bool kScratch = kStream || !std::is_same_v<T, float>;
-    at::parallel_for(0, rows, grain_for(n), [&](int64_t begin, int64_t end) {
+    // A second thread pays for itself from ~16K elements each (8 rows of 4096: 12.5 -> 8.8 us; 8 rows of
+    // 2560 split in two ran no faster).
+    at::parallel_for(0, rows, grain_for_rows(rows, n, 16384), [&](int64_t begin, int64_t end) {
       std::vector<float> scratch(kScratch ? n : 0);
       for (int64_t i = begin; i < end; ++i) {
         const T* xr = x + i * xs;

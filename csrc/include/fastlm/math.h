@@ -79,14 +79,13 @@ FASTLM_HD FASTLM_INLINE void rope_rotate(F& x0, F& x1, const F& c, const F& s) {
 }
 
 // ---- activations (fp32) ----------------------------------------------------------------------------
-// Ops supplies exp: a caller whose result is rounded to 16 bits may pass a cheaper, less exact one.
-template <typename F, typename Ops = MathOps<F>>
+template <typename F>
 FASTLM_HD FASTLM_INLINE F silu(F x) {
-  return x / (F(1.0f) + Ops::exp(F(0.0f) - x));
+  return x / (F(1.0f) + MathOps<F>::exp(F(0.0f) - x));
 }
-template <typename F, typename Ops = MathOps<F>>
+template <typename F>
 FASTLM_HD FASTLM_INLINE F silu_mul(F gate, F up) {
-  return silu<F, Ops>(gate) * up;
+  return silu(gate) * up;
 }
 template <typename F>
 FASTLM_HD FASTLM_INLINE F relu2(F x) {
