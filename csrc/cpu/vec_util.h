@@ -24,12 +24,12 @@ using fVec = at::vec::Vectorized<float>;
 namespace cpu {
 
 // exp(x) in fp32 to within 1.01 ulp over the normal range (checked against double exp on every float
-// in [-87.3, 88.7]: 22 values above 1 ulp, none above 1.02), in 13 instructions, where ATen's
-// Sleef_expf16_u10 (<= 1 ulp) takes about twice that and bounded SwiGLU at fp32: n = rint(x / ln2),
-// r = x - n ln2 with ln2 split in two (Cody-Waite: n * ln2_hi is exact), e^r = 1 + r + r^2 P(r) with
-// Cephes' degree-5 expf polynomial on |r| <= ln2 / 2, and 2^n applied by vscalefps, which rounds
-// subnormal results once and saturates to 0 / inf. The clamp keeps n finite for +-inf (and passes
-// NaN through: maxps / minps return their second operand when either is NaN).
+// in [-87.3, 88.7]: 22 values above 1 ulp, none above 1.02), in 15 vector instructions. ATen's
+// Sleef_expf16_u10 (<= 1 ulp) bounded SwiGLU at fp32: 0.45 ns per element on one thread, against 0.29
+// with this one. n = rint(x / ln2); r = x - n ln2 with ln2 split in two (Cody-Waite: n * ln2_hi is
+// exact); e^r = 1 + r + r^2 P(r) with Cephes' degree-5 expf polynomial on |r| <= ln2 / 2; 2^n applied
+// by vscalefps, which rounds subnormal results once and saturates to 0 / inf. The clamp keeps n finite
+// for +-inf, and passes NaN through (maxps / minps return their second operand when either is NaN).
 inline fVec exp_u1(const fVec& v) {
 #if defined(CPU_CAPABILITY_AVX512)
   const __m512 x = _mm512_min_ps(_mm512_set1_ps(88.8f), _mm512_max_ps(_mm512_set1_ps(-104.0f), v));
