@@ -110,7 +110,7 @@ void gemv(const T* x, int64_t xs, const T* w, int64_t ws, const T* bias, const T
           int64_t M, int64_t N, int64_t K) {
   // x as fp32 (and, for the bf16 tile, as bf16), each row zero-padded to a whole number of 32-element
   // chunks so the tile loads of x need no masks.
-  const int64_t xk = (K + 31) / 32 * 32;
+  const int64_t xk = round_up(K, 32);
   constexpr bool kBf16Tile = kHasBf16Tile && std::is_same_v<T, at::BFloat16>;
   std::vector<float> xf(kBf16Tile ? 0 : M * xk, 0.f);
   std::vector<T> xt(kBf16Tile ? M * xk : 0, T(0.f));
@@ -123,7 +123,7 @@ void gemv(const T* x, int64_t xs, const T* w, int64_t ws, const T* bias, const T
   }
 
   const int64_t blocks = (N + kRowsPerStep - 1) / kRowsPerStep;
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1));  // >= ~64 KB of W per task
+  const int64_t grain = grain_for(K, 16384);  // >= ~64 KB of W per task
   at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
     float out[kRowsPerStep][kMaxXRows];
     for (int64_t blk = begin; blk < end; ++blk) {
