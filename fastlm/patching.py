@@ -7,15 +7,26 @@ forward, so training and gradients are exactly HF's.
 """
 from __future__ import annotations
 
+import itertools
+
 import torch.nn as nn
 
 from fastlm.errors import UnsupportedModelError
 from fastlm.families import FAMILY_ADAPTERS
+from fastlm.modules import refresh_fused_weights
 from fastlm.modules._swap import restore_class
 from fastlm.ops._backend import BACKEND_CHOICES, resolve
 
 SUPPORTED_MODEL_TYPES = tuple(FAMILY_ADAPTERS)
 _BACKEND_ATTR = "_fastlm_backend"
+_PATCH_ID_ATTR = "_fastlm_patch_id"
+_PATCH_IDS = itertools.count(1)  # one id per patch() that swapped modules: what the engine cache keys on
+
+
+def _check_module(model, fn: str) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fastlm.{fn}: model must be a torch.nn.Module (a transformers model), "
+                        f"got {type(model).__name__}")
 
 
 def _base_model(model: nn.Module):
@@ -34,6 +45,7 @@ def _base_model(model: nn.Module):
 
 
 def is_patched(model: nn.Module) -> bool:
+    _check_module(model, "is_patched")
     base = getattr(model, "base_model", model)
     return _BACKEND_ATTR in base.__dict__
 
@@ -43,28 +55,38 @@ def patch(model: nn.Module, backend: str = "auto") -> nn.Module:
 
     Raises :class:`fastlm.UnsupportedModelError` for a model outside the four families and
     :class:`fastlm.BackendUnavailableError` when an explicitly named backend cannot run here."""
-    if backend not in BACKEND_CHOICES:
+    _check_module(model, "patch")
+    if not isinstance(backend, str) or backend not in BACKEND_CHOICES:
         raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
     base, model_type = _base_model(model)
     param = next(model.parameters(), None)
     resolve(backend, param.device.type if param is not None else "cpu")  # fail now, not mid-forward
     if is_patched(model):
         if base.__dict__[_BACKEND_ATTR] == backend:
+            refresh_fused_weights(model)  # re-fuse what was replaced since (a no-op when nothing was)
             return model
         unpatch(model)
     FAMILY_ADAPTERS[model_type](base, backend)
     base.__dict__[_BACKEND_ATTR] = backend
+    base.__dict__[_PATCH_ID_ATTR] = next(_PATCH_IDS)
     return model
 
 
 def unpatch(model: nn.Module) -> nn.Module:
     """Restore the HF modules (bit-identical behaviour; Parameters get their own storage back)."""
+    _check_module(model, "unpatch")
     base = getattr(model, "base_model", model)
     for module in base.modules():
         restore_class(module)
     base.__dict__.pop(_BACKEND_ATTR, None)
+    base.__dict__.pop(_PATCH_ID_ATTR, None)
     base.__dict__.pop("_fastlm_final_norm", None)
     return model
+
+
+def patch_id(model: nn.Module) -> int | None:
+    """A number unique to the ``patch()`` that put the current fused modules in place (None: unpatched)."""
+    return getattr(model, "base_model", model).__dict__.get(_PATCH_ID_ATTR)
 
 
 def patched_backend(model: nn.Module) -> str | None:

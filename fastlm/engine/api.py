@@ -33,6 +33,7 @@ checks of the on-device "all finished" flag (the only syncs of a non-streaming d
 """
 from __future__ import annotations
 
+import operator
 from typing import Iterator, Sequence
 
 import torch
@@ -42,35 +43,87 @@ from fastlm.engine.runner import NO_TOKEN
 from fastlm.engine.sampling import SamplingConfig
 
 
+def _int_arg(name: str, value, *, minimum: int | None = None, optional: bool = False) -> int | None:
+    """``value`` as a Python int (anything with ``__index__``, not bool), or one ValueError/TypeError naming ``name``."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not hasattr(type(value), "__index__"):
+        raise TypeError(f"{name} must be an int{' (or None)' if optional else ''}, got {type(value).__name__} "
+                        f"{value!r}")
+    value = operator.index(value)
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _float_arg(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) and not (
+            isinstance(value, torch.Tensor) and value.numel() == 1 and value.dtype.is_floating_point):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    return float(value)
+
+
+def _id_rows(name: str, value) -> list[list[int]]:
+    """A 1-D/2-D integer tensor or (nested) list of ints -> rows of Python ints (one error naming ``name``)."""
+    if isinstance(value, torch.Tensor):
+        if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
+            raise TypeError(f"{name} must hold integer token ids, got a {value.dtype} tensor")
+        if value.dim() not in (1, 2):
+            raise ValueError(f"{name} must be 1-D [S] or 2-D [B, S], got shape {tuple(value.shape)}")
+        rows = value.tolist()
+        return [rows] if value.dim() == 1 else rows
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"{name} must be a tensor or a list of ints, got {type(value).__name__}")
+    if all(not isinstance(v, (list, tuple, torch.Tensor)) for v in value):
+        value = [value]
+    rows = []
+    for r in value:
+        if isinstance(r, torch.Tensor):
+            if r.dim() != 1:
+                raise ValueError(f"each sequence in {name} must be 1-D, got shape {tuple(r.shape)}")
+            rows.extend(_id_rows(name, r))
+            continue
+        if not isinstance(r, (list, tuple)):
+            raise TypeError(f"{name} must be a list of ints or a list of lists of ints, got an element "
+                            f"{type(r).__name__} {r!r}")
+        for t in r:
+            if isinstance(t, (bool, float)) or not hasattr(type(t), "__index__"):
+                raise TypeError(f"{name} must hold integer token ids, got {type(t).__name__} {t!r}")
+        rows.append([operator.index(t) for t in r])
+    return rows
+
+
 def _as_prompts(inputs, tokenizer, attention_mask) -> tuple[list[list[int]], bool]:
     """-> (prompts as lists of ids, whether the input was a single sequence)."""
     if isinstance(inputs, str) or (isinstance(inputs, (list, tuple)) and inputs and isinstance(inputs[0], str)):
         if tokenizer is None:
             raise ValueError("text prompts need a tokenizer (pass tokenizer=...)")
+        if attention_mask is not None:
+            raise ValueError("attention_mask applies to token ids; text prompts are tokenised without padding")
+        if not isinstance(inputs, str) and not all(isinstance(t, str) for t in inputs):
+            raise TypeError("a list of prompts must be all strings or all token ids")
         single = isinstance(inputs, str)
         texts = [inputs] if single else list(inputs)
         return [list(tokenizer(t)["input_ids"]) for t in texts], single
-    if isinstance(inputs, torch.Tensor):
-        if inputs.dim() == 1:
-            return [inputs.tolist()], True
-        if inputs.dim() != 2:
-            raise ValueError(f"input_ids must be 1-D or 2-D, got shape {tuple(inputs.shape)}")
-        rows = inputs.tolist()
-        if attention_mask is not None:
-            mask = torch.as_tensor(attention_mask).bool().tolist()
-            rows = [[t for t, m in zip(r, mr) if m] for r, mr in zip(rows, mask)]
-        return rows, False
-    if isinstance(inputs, (list, tuple)):
-        if not inputs:
-            raise ValueError("no prompts given")
-        if all(isinstance(t, int) for t in inputs):
-            return [list(inputs)], True
-        rows = [list(r.tolist() if isinstance(r, torch.Tensor) else r) for r in inputs]
-        if attention_mask is not None:
-            mask = torch.as_tensor(attention_mask).bool().tolist()
-            rows = [[t for t, m in zip(r, mr) if m] for r, mr in zip(rows, mask)]
-        return rows, False
-    raise TypeError(f"unsupported prompt type {type(inputs).__name__}")
+    if isinstance(inputs, (list, tuple)) and not inputs:
+        raise ValueError("input_ids is empty: no prompts given")
+    single = (isinstance(inputs, torch.Tensor) and inputs.dim() == 1) or (
+        isinstance(inputs, (list, tuple)) and all(not isinstance(v, (list, tuple, torch.Tensor)) for v in inputs))
+    rows = _id_rows("input_ids", inputs)
+    if attention_mask is not None:
+        mask = _id_rows("attention_mask", attention_mask.long() if isinstance(attention_mask, torch.Tensor)
+                        and attention_mask.dtype == torch.bool else attention_mask)
+        shape = [len(r) for r in rows]
+        if [len(r) for r in mask] != shape:
+            got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else [len(r) for r in mask]
+            want = tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else shape
+            raise ValueError(f"attention_mask must have input_ids' shape {want}, got {got}")
+        if any(m not in (0, 1) for r in mask for m in r):
+            raise ValueError("attention_mask must hold only 0 and 1")
+        rows = [[t for t, m in zip(r, mr) if m] for r, mr in zip(rows, mask)]
+        if any(not r for r in rows):
+            raise ValueError("attention_mask masks out every token of a prompt")
+    return rows, single
 
 
 def _stop_ids(model, tokenizer, eos_token_id, ignore_eos: bool) -> list[int]:
@@ -86,14 +139,16 @@ def _stop_ids(model, tokenizer, eos_token_id, ignore_eos: bool) -> list[int]:
         ids = tokenizer.eos_token_id
     if ids is None:
         return []
-    return [int(i) for i in (ids if isinstance(ids, (list, tuple)) else [ids])]
+    if isinstance(ids, torch.Tensor):
+        ids = ids.tolist()
+    return [_int_arg("eos_token_id", i, minimum=0) for i in (ids if isinstance(ids, (list, tuple)) else [ids])]
 
 
 def _prepare_model(model, backend: str):
     from fastlm.ops._backend import resolve
     from fastlm.patching import is_patched, patch, patched_backend
 
-    if not hasattr(model, "lm_head") or not hasattr(model, "base_model"):
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "lm_head") or not hasattr(model, "base_model"):
         raise TypeError(f"fastlm.generate needs a *ForCausalLM model, got {type(model).__name__}")
     want = patched_backend(model) if (backend == "auto" and is_patched(model)) else backend
     concrete = resolve(want, model.lm_head.weight.device.type)
@@ -104,27 +159,44 @@ def _prepare_model(model, backend: str):
 
 def _start(model, input_ids_or_prompts, *, tokenizer, max_new_tokens, temperature, top_k, top_p, seed,
            eos_token_id, ignore_eos, attention_mask, backend, cuda_graph, compile, max_cache_len, check_every):
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    """Check every argument, patch the model if needed, and return the engine's (not yet started) steps."""
+    from fastlm.ops._backend import BACKEND_CHOICES
+
+    max_new_tokens = _int_arg("max_new_tokens", max_new_tokens, minimum=0)
+    max_cache_len = _int_arg("max_cache_len", max_cache_len, minimum=1, optional=True)
+    check_every = _int_arg("check_every", check_every, minimum=1, optional=True)
+    seed = _int_arg("seed", seed, minimum=0, optional=True)
+    if seed is not None and seed >= 2**63:
+        raise ValueError(f"seed must be < 2**63, got {seed}")
+    config = SamplingConfig(_float_arg("temperature", 0.0 if temperature is None else temperature),
+                            _int_arg("top_k", top_k, minimum=1, optional=True),
+                            None if top_p is None else _float_arg("top_p", top_p))
+    if not isinstance(backend, str) or backend not in BACKEND_CHOICES:
+        raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
+    if not isinstance(compile, (bool, str)):
+        raise TypeError(f"compile must be a bool or a torch.compile backend name, got {type(compile).__name__}")
     prompts, single = _as_prompts(input_ids_or_prompts, tokenizer, attention_mask)
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
-    vocab = model.get_input_embeddings().weight.shape[0]
-    if any(t < 0 or t >= vocab for p in prompts for t in p):
-        raise ValueError(f"prompt token ids must be in [0, {vocab})")
-    config = SamplingConfig(float(temperature or 0.0), top_k, top_p)
     _prepare_model(model, backend)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    bad = next((t for p in prompts for t in p if t < 0 or t >= vocab), None)
+    if bad is not None:
+        raise ValueError(f"prompt token ids must be in [0, {vocab}), got {bad}")
     context = getattr(model.config, "max_position_embeddings", None) or 1 << 30
-    limit = int(max_cache_len) if max_cache_len else context  # an explicit cache length may exceed the context
+    limit = max_cache_len or context  # an explicit cache length may exceed the context
     longest = max(len(p) for p in prompts)
     if longest > limit:
         raise ValueError(f"a prompt of {longest} tokens is longer than the model's context of {limit} tokens")
     if seed is None:
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
     stop_ids = _stop_ids(model, tokenizer, eos_token_id, ignore_eos)
-    result = GenerationResult(tokens=[], finish_reasons=[], prompt_lengths=[len(p) for p in prompts])
-    engine = engine_for(model, cuda_graph=cuda_graph, compile=compile)
-    steps = engine.run(prompts, config=config, max_new_tokens=max_new_tokens, stop_ids=stop_ids, seed=int(seed),
+    from fastlm.patching import patched_backend
+
+    result = GenerationResult(tokens=[], finish_reasons=[], prompt_lengths=[len(p) for p in prompts],
+                              backend=patched_backend(model))
+    engine = engine_for(model, cuda_graph=bool(cuda_graph), compile=compile)
+    steps = engine.run(prompts, config=config, max_new_tokens=max_new_tokens, stop_ids=stop_ids, seed=seed,
                        limit=limit, result=result, check_every=check_every) if max_new_tokens > 0 else iter(())
     return prompts, single, result, steps
 
@@ -141,7 +213,7 @@ def generate(model, input_ids_or_prompts, tokenizer=None, max_new_tokens: int = 
         attention_mask=attention_mask, backend=backend, cuda_graph=cuda_graph, compile=compile,
         max_cache_len=max_cache_len, check_every=check_every)
     per_step = list(steps)
-    finalize(result, per_step, result.prompt_lengths, max_new_tokens)
+    finalize(result, per_step, result.prompt_lengths, operator.index(max_new_tokens))
     if return_result:
         return result
     return result.tokens[0] if single else result.tokens
@@ -153,12 +225,21 @@ def stream(model, input_ids_or_prompts, tokenizer=None, max_new_tokens: int = 32
            backend: str = "auto", cuda_graph: bool = True, *, compile: bool | str = False,
            max_cache_len: int | None = None, result: GenerationResult | None = None) -> Iterator:
     """Yield new tokens as they are generated (see the module docstring). Pass a
-    :class:`GenerationResult` as ``result`` to receive finish reasons and timings when the stream ends."""
+    :class:`GenerationResult` as ``result`` to receive finish reasons and timings when the stream ends.
+    Arguments are checked (and the model patched) at the call, not at the first ``next()``; the stream
+    owns its KV cache and decode state, so streams and other calls on the same model can interleave."""
     prompts, single, res, steps = _start(
         model, input_ids_or_prompts, tokenizer=tokenizer, max_new_tokens=max_new_tokens, temperature=temperature,
         top_k=top_k, top_p=top_p, seed=seed, eos_token_id=eos_token_id, ignore_eos=ignore_eos,
         attention_mask=attention_mask, backend=backend, cuda_graph=cuda_graph, compile=compile,
         max_cache_len=max_cache_len, check_every=1)
+    if result is not None and not isinstance(result, GenerationResult):
+        raise TypeError(f"result must be a fastlm GenerationResult (or None), got {type(result).__name__}")
+    return _stream(single, res, steps, result, operator.index(max_new_tokens))
+
+
+def _stream(single: bool, res: GenerationResult, steps, result: GenerationResult | None, max_new_tokens: int
+            ) -> Iterator:
     per_step = []
     for emitted in steps:
         per_step.append(emitted)

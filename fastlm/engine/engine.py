@@ -9,6 +9,7 @@ sequence that reaches the limit (``CACHE_FULL``) and clamps cache writes into th
 """
 from __future__ import annotations
 
+import threading
 import time
 import warnings
 import weakref
@@ -20,6 +21,7 @@ import torch
 from fastlm.engine.cuda_graphs import GraphRunner, batch_bucket
 from fastlm.engine.runner import CACHE_FULL, EOS, MAX_STOP_IDS, NO_TOKEN, ModelRunner
 from fastlm.engine.sampling import SamplingConfig, sample
+from fastlm.modules import refresh_fused_weights
 
 LEN_ROUND = 64  # cache lengths are allocated in multiples of this (reuse across calls)
 
@@ -49,8 +51,22 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+@dataclass
+class _Slot:
+    """One call's decode resources: a runner (KV cache, RoPE tables, decode state) and what is bound to
+    it (CUDA graphs, the compiled step). A call holds its slot alone from prefill to its last token."""
+
+    runner: ModelRunner
+    graphs: GraphRunner | None = None
+    compiled: object = None
+
+
 class Engine:
-    """Decodes with one patched model. Reuses its cache and graphs across calls while they fit."""
+    """Decodes with one patched model. Every call (``run``) leases a slot of its own, so interleaved
+    streams and concurrent threads never share a KV cache or decode state; a finished call returns
+    its slot, and the next call that fits reuses it (its cache and graphs) instead of allocating."""
+
+    MAX_IDLE = 1  # idle slots kept for reuse (each holds a whole KV cache)
 
     def __init__(self, model, *, cuda_graph: bool = True, compile: bool | str = False, check_every: int = 8):
         """``compile``: False (eager), True (``torch.compile`` with inductor) or a torch.compile backend name."""
@@ -58,23 +74,36 @@ class Engine:
         self.cuda_graph = cuda_graph
         self.compile = compile
         self.check_every = max(1, int(check_every))
-        self.runner: ModelRunner | None = None
-        self.graphs: GraphRunner | None = None
-        self._compiled = None
+        self._idle: list[_Slot] = []
+        self._lock = threading.Lock()
         self._warned_eager_rope = False
 
-    # ---- capacity --------------------------------------------------------------------------
-    def _ensure(self, rows: int, length: int) -> ModelRunner:
-        r = self.runner
-        if r is None or r.batch < rows or r.max_len < length:
-            if r is not None:  # free the old cache (and graphs bound to it) before allocating
-                self.runner = self.graphs = self._compiled = None
-                del r
-            with torch.inference_mode():
-                self.runner = ModelRunner(self.model, rows, length)
-        return self.runner
+    @property
+    def runner(self) -> ModelRunner | None:
+        """The runner the next fitting call would reuse (the most recently returned), or None."""
+        with self._lock:
+            return self._idle[-1].runner if self._idle else None
 
-    def _mode(self, runner: ModelRunner) -> str:
+    # ---- capacity --------------------------------------------------------------------------
+    def _acquire(self, rows: int, length: int) -> _Slot:
+        """A slot with room for ``rows`` x ``length``: an idle one that fits, else a new one (after
+        freeing the idle ones that do not fit, so their caches are not held while allocating)."""
+        with self._lock:
+            for i in range(len(self._idle) - 1, -1, -1):
+                r = self._idle[i].runner
+                if r.batch >= rows and r.max_len >= length:
+                    return self._idle.pop(i)
+            self._idle.clear()
+        with torch.inference_mode():
+            return _Slot(ModelRunner(self.model, rows, length))
+
+    def _release(self, slot: _Slot) -> None:
+        with self._lock:
+            self._idle.append(slot)
+            del self._idle[:-self.MAX_IDLE]
+
+    def _mode(self, slot: _Slot) -> str:
+        runner = slot.runner
         want_fast = (runner.device.type == "cuda" and self.cuda_graph) or self.compile
         if want_fast and runner.rope.eager:
             if not self._warned_eager_rope:
@@ -84,26 +113,30 @@ class Engine:
                 self._warned_eager_rope = True
             return "eager"
         if runner.device.type == "cuda" and self.cuda_graph:
-            if self.graphs is None:
-                self.graphs = GraphRunner(runner)
-            return "cuda_graph" if self.graphs.failed is None else "eager"
+            if slot.graphs is None:
+                slot.graphs = GraphRunner(runner)
+            return "cuda_graph" if slot.graphs.failed is None else "eager"
         if self.compile:
             return "compiled"
         return "eager"
 
-    def _step_fn(self, runner: ModelRunner, mode: str):
+    def _step_fn(self, slot: _Slot, mode: str):
         if mode == "compiled":
-            if self._compiled is None:
+            if slot.compiled is None:
                 backend = self.compile if isinstance(self.compile, str) else "inductor"
-                self._compiled = torch.compile(runner.decode_step, fullgraph=True, dynamic=False, backend=backend)
-            return self._compiled
-        return runner.decode_step
+                slot.compiled = torch.compile(slot.runner.decode_step, fullgraph=True, dynamic=False,
+                                              backend=backend)
+            return slot.compiled
+        return slot.runner.decode_step
 
     # ---- the loop ----------------------------------------------------------------------------
     def run(self, prompts: list[list[int]], *, config: SamplingConfig, max_new_tokens: int, stop_ids: list[int],
             seed: int, limit: int, result: GenerationResult, check_every: int | None = None
             ) -> Iterator[torch.Tensor]:
-        """Yield each step's emitted tokens: a device tensor [B] (NO_TOKEN = finished). Fills ``result``."""
+        """Yield each step's emitted tokens: a device tensor [B] (NO_TOKEN = finished). Fills ``result``.
+
+        The call leases its own slot for as long as it runs (until the generator finishes, or is
+        closed or collected), so a paused stream keeps its cache while other calls decode."""
         B = len(prompts)
         lengths_host = [len(p) for p in prompts]
         S = max(lengths_host)
@@ -114,15 +147,28 @@ class Engine:
         rows = batch_bucket(B) if uses_graph else B
         need = min(S + max_new_tokens - 1, limit)
         alloc = min(-(-need // LEN_ROUND) * LEN_ROUND, limit)
-        runner = self._ensure(rows, max(alloc, need))
+        slot = self._acquire(rows, max(alloc, need))
+        try:
+            yield from self._run(slot, prompts, rows, config=config, max_new_tokens=max_new_tokens,
+                                 stop_ids=stop_ids, seed=seed, limit=limit, result=result, check_every=check_every)
+        finally:
+            self._release(slot)
+
+    def _run(self, slot: _Slot, prompts, rows: int, *, config, max_new_tokens, stop_ids, seed, limit, result,
+             check_every) -> Iterator[torch.Tensor]:
+        B = len(prompts)
+        lengths_host = [len(p) for p in prompts]
+        S = max(lengths_host)
+        runner = slot.runner
+        refresh_fused_weights(self.model)  # re-fuse where an HF Parameter was replaced since the last call
         limit = min(limit, runner.max_len)
-        mode = self._mode(runner)
+        mode = self._mode(slot)
         check_every = self.check_every if check_every is None else max(1, int(check_every))
         result.mode, result.backend = mode, runner.backend
         device = runner.device
-        if mode == "cuda_graph" and not self.graphs.prepare(rows, config):
+        if mode == "cuda_graph" and not slot.graphs.prepare(rows, config):
             mode = result.mode = "eager"
-        step = self._step_fn(runner, mode)
+        step = self._step_fn(slot, mode)
 
         with torch.inference_mode():
             _sync(device)
@@ -166,7 +212,7 @@ class Engine:
                 break
             with torch.inference_mode():
                 if mode == "cuda_graph":
-                    self.graphs.replay(rows, config)
+                    slot.graphs.replay(rows, config)
                 else:
                     step(rows, config)
                 emitted = st.out[:B].clone()
@@ -209,15 +255,19 @@ def finalize(result: GenerationResult, per_step: list[torch.Tensor], prompt_leng
 
 
 _ENGINES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_ENGINES_LOCK = threading.Lock()
 
 
 def engine_for(model, *, cuda_graph: bool, compile: bool) -> Engine:
-    """The engine cached on ``model`` (rebuilt when the weights, dtype, device or options changed)."""
-    attn = model.base_model.layers[0].self_attn
-    key = (id(attn.__dict__.get("_fastlm_qkv_weight")), attn._fastlm_backend, model.lm_head.weight.dtype,
-           model.lm_head.weight.device, bool(cuda_graph), compile)
-    entry = _ENGINES.get(model)
-    if entry is None or entry[0] != key:
-        entry = (key, Engine(model, cuda_graph=cuda_graph, compile=compile))
-        _ENGINES[model] = entry
-    return entry[1]
+    """The engine cached on ``model``, rebuilt when the model was (re-)patched or its dtype, device or
+    the options changed. Keyed on ``patch()``'s own id for the patch, never on ``id()`` of a tensor
+    (ids are reused); weight changes need no new engine: each call re-checks the fused weights."""
+    from fastlm.patching import patch_id
+
+    key = (patch_id(model), model.lm_head.weight.dtype, model.lm_head.weight.device, bool(cuda_graph), compile)
+    with _ENGINES_LOCK:
+        entry = _ENGINES.get(model)
+        if entry is None or entry[0] != key:
+            entry = (key, Engine(model, cuda_graph=cuda_graph, compile=compile))
+            _ENGINES[model] = entry
+        return entry[1]

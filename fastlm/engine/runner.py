@@ -72,12 +72,8 @@ class ModelRunner:
         weight = self.embed.weight
         self.dtype, self.device = weight.dtype, weight.device
         self.batch, self.max_len = batch, max_len
-        # Per-layer static pieces, looked up once (epilogue kwargs hold the fused weights).
-        # (norm weights, static ints) of each layer's QKV epilogue, in the op's positional order: the hot
-        # path calls the backend's implementation directly (dispatch), without the public ops' checks.
-        self.epilogue = [(layer.self_attn._fastlm_epilogue_norms, layer.self_attn._fastlm_epilogue_static)
-                         for layer in self.layers]
-        self._qkv_rope_cache = dispatch("qkv_rope_cache", self.backend, self.device)
+        # Per-layer pieces looked up once are modules and static ints only: the weights are read from the
+        # modules at each use, so a re-fuse (fastlm.modules._fused_storage) is seen by the next step.
         self._decode_attention = dispatch("decode_attention", self.backend, self.device)
         self.out_proj = [getattr(layer.self_attn, layer.self_attn._fastlm_spec.out_name) for layer in self.layers]
         self.scaling = [float(layer.self_attn.scaling) for layer in self.layers]
@@ -86,6 +82,13 @@ class ModelRunner:
                                    self.dtype, self.device)
         self.rope = RopeTables(base.rotary_emb, max_len, self.dtype, self.device)
         self.state = DecodeState.allocate(batch, self.device)
+
+    def _epilogue(self, i, qkv, cos, sin, k_cache, v_cache, cache_pos):
+        """Layer i's QKV epilogue into the cache: the backend's implementation called directly (dispatch),
+        without the public op's checks. -> q [B, H, S, D]."""
+        backend, norms, static = self.layers[i].self_attn.epilogue()
+        return dispatch("qkv_rope_cache", backend, self.device)(qkv, cos, sin, *norms, k_cache, v_cache,
+                                                                cache_pos, *static)
 
     # ---- shared layer body ----------------------------------------------------------------
     def _layer(self, i: int, x: torch.Tensor, attend) -> torch.Tensor:
@@ -113,8 +116,7 @@ class ModelRunner:
 
         def attend(i, qkv):
             k_cache, v_cache = self.cache.layer(i, B)
-            norms, static = self.epilogue[i]
-            q = self._qkv_rope_cache(qkv, cos, sin, *norms, k_cache, v_cache, cache_pos, *static)
+            q = self._epilogue(i, qkv, cos, sin, k_cache, v_cache, cache_pos)
             out = ops.prefill_attention(q, k_cache[:, :, :S], v_cache[:, :, :S], is_causal=True,
                                         scale=self.scaling[i])
             return out.transpose(1, 2).reshape(B, S, -1)
@@ -144,8 +146,7 @@ class ModelRunner:
 
         def attend(i, qkv):
             k_cache, v_cache = self.cache.layer(i, batch)
-            norms, static = self.epilogue[i]
-            q = self._qkv_rope_cache(qkv, cos, sin, *norms, k_cache, v_cache, cache_pos, *static)
+            q = self._epilogue(i, qkv, cos, sin, k_cache, v_cache, cache_pos)
             o = self._decode_attention(q.squeeze(2), k_cache, v_cache, lengths, self.scaling[i])
             return o.reshape(batch, 1, -1)
 

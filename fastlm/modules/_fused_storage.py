@@ -5,11 +5,27 @@ tensor, so ``state_dict`` keys and values are unchanged and the weights are held
 ``transformers.save_pretrained`` clones disjoint views before writing safetensors, so a patched
 model saves a plain HF checkpoint. ``.to()``/``.half()`` replace each Parameter's data separately,
 which breaks the sharing: the fused modules re-fuse after every ``_apply``.
+
+The fused tensors must never go stale. In-place updates (``load_state_dict``, an optimizer step) write
+through the views, so the fused tensor sees them. Anything that gives a Parameter other memory
+(``load_state_dict(assign=True)``, ``copy.deepcopy``, tying or untying, ``p.data = ...``, one Parameter
+shared by two fused modules, each of which re-points it) changes its data pointer. So each fused
+module records the data pointers of its source Parameters (:func:`data_ptrs`) when it fuses, and
+re-fuses when they differ: before every forward, and once per engine call (:func:`refresh_fused_weights`).
+While the fused tensor is alive no other allocation can take its addresses, so equal pointers mean
+the Parameter still is the view.
+
+Under ``torch.compile`` the check is skipped (dynamo cannot trace data-pointer comparisons): the
+engine checks before each call, outside its compiled step; a model compiled by the user sees
+in-place updates, and a Parameter replaced after compiling is seen after ``fastlm.patch`` or
+:func:`refresh_fused_weights` runs eagerly (e.g. one eager forward under ``torch.no_grad``).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
+
+_is_compiling = torch.compiler.is_compiling
 
 
 def fuse_parameters(params: list[nn.Parameter]) -> torch.Tensor:
@@ -27,3 +43,17 @@ def unfuse_parameters(params: list[nn.Parameter]) -> None:
     """Give each Parameter its own storage again (the fused tensor is freed once all are cloned)."""
     for p in params:
         p.data = p.data.clone()
+
+
+def data_ptrs(tensors) -> tuple[int, ...]:
+    """The data pointers of ``tensors``: the fingerprint a fused module compares to see whether its
+    source Parameters still are views of its fused storage."""
+    return tuple(t.data_ptr() for t in tensors)
+
+
+def refresh_fused_weights(model) -> None:
+    """Re-fuse every fused module of ``model`` whose source Parameters were given other memory."""
+    for module in model.modules():
+        refresh = getattr(module, "_fastlm_refresh", None)
+        if refresh is not None:
+            refresh()

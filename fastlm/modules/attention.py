@@ -9,7 +9,8 @@ working; the fused path replaces the 3 GEMMs (1 for Persimmon) + ~10 elementwise
 Per-instance state (set by the family adapter, never in ``state_dict``):
 ``_fastlm_qkv_weight`` [(H + 2*Hkv) * D, hidden] and ``_fastlm_qkv_bias``: the fused storage the HF
 q/k/v Parameters are views of (Persimmon's ``query_key_value`` is used as is); ``_fastlm_spec``: the
-epilogue's static arguments.
+epilogue's static arguments; ``_fastlm_epilogue``: what :meth:`FusedAttention.epilogue` returns;
+``_fastlm_source_ptrs``: the fingerprint that tells when to re-fuse (fastlm.modules._fused_storage).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import torch.nn as nn
 
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from fastlm.modules._fused_storage import fuse_parameters, unfuse_parameters
+from fastlm.modules._fused_storage import _is_compiling, data_ptrs, fuse_parameters, unfuse_parameters
 from fastlm.modules._linear import project, project_linear
 from fastlm.modules._swap import swap_in
 from fastlm.ops._backend import dispatch
@@ -53,6 +54,23 @@ class FusedAttention:
     def _fastlm_qkv_linears(self) -> list[nn.Linear]:
         return [getattr(self, n) for n in self._fastlm_spec.qkv_names]
 
+    def _fastlm_sources(self) -> list[torch.Tensor]:
+        """Every HF Parameter the fused projection and epilogue read (their data pointers are the
+        fingerprint of the fused copies, see fastlm.modules._fused_storage)."""
+        spec = self._fastlm_spec
+        out = []
+        for linear in self._fastlm_qkv_linears():
+            out.append(linear.weight)
+            if linear.bias is not None:
+                out.append(linear.bias)
+        if spec.qk_norm == "shared":
+            for norm in (self.q_layernorm, self.k_layernorm):
+                out += [p for p in (norm.weight, norm.bias) if p is not None]
+        elif spec.qk_norm == "per_head":
+            out += [n._parameters["weight"] for n in self.q_layernorm.norms]
+            out += [n._parameters["weight"] for n in self.k_layernorm.norms]
+        return out
+
     def _fastlm_fuse(self) -> None:
         spec = self._fastlm_spec
         linears = self._fastlm_qkv_linears()
@@ -72,12 +90,30 @@ class FusedAttention:
             kw = [n.weight for n in self.k_layernorm.norms]
             qn = (fuse_parameters(qw).view(len(qw), -1), None)
             kn = (fuse_parameters(kw).view(len(kw), -1), None)
-        self.__dict__["_fastlm_q_norm"], self.__dict__["_fastlm_k_norm"] = qn, kn
-        s = self._fastlm_spec
-        # The epilogue's trailing positional arguments, in the order of the op contract (qkv_rope_ref).
-        self.__dict__["_fastlm_epilogue_norms"] = (*qn, *kn)
-        self.__dict__["_fastlm_epilogue_static"] = (s.num_heads, s.num_kv_heads, s.head_dim, s.rotary_dim,
-                                                     s.interleaved, s.per_head_layout, float(s.qk_norm_eps))
+        norms = (*qn, *kn)
+        # Norm weights kept in fp32 beside a 16-bit model (keep_in_fp32_modules, some checkpoints): HF's
+        # LayerNorm then normalises in fp32 with the fp32 weights and rounds once; the kernels take the
+        # model dtype only, so such layers run the reference epilogue, which does exactly what HF does.
+        mixed = any(t is not None and t.dtype != weight.dtype for t in norms)
+        # The epilogue: (backend, norms, static ints), its trailing positional arguments in the order of
+        # the op contract (qkv_rope_ref).
+        self.__dict__["_fastlm_epilogue"] = (
+            "torch" if mixed else self._fastlm_backend, norms,
+            (spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.rotary_dim, spec.interleaved,
+             spec.per_head_layout, float(spec.qk_norm_eps)))
+        self.__dict__["_fastlm_source_ptrs"] = data_ptrs(self._fastlm_sources())
+
+    def _fastlm_refresh(self) -> None:
+        """Re-fuse if any source Parameter no longer is what was fused (replaced, copied, re-pointed)."""
+        if _is_compiling():  # see fastlm.modules._fused_storage
+            return
+        if data_ptrs(self._fastlm_sources()) != self.__dict__["_fastlm_source_ptrs"]:
+            self._fastlm_fuse()
+
+    def epilogue(self) -> tuple[str, tuple, tuple]:
+        """(backend, norm tensors, static ints) of this layer's QKV epilogue (``qkv_rope[_cache]``), as
+        of the last fuse or refresh."""
+        return self.__dict__["_fastlm_epilogue"]
 
     def _fastlm_unfuse(self) -> None:
         linears = self._fastlm_qkv_linears()
@@ -120,9 +156,10 @@ class FusedAttention:
         spec = self._fastlm_spec
         B, S, _ = hidden_states.shape
         cos, sin = position_embeddings
+        self._fastlm_refresh()
         qkv = self.project_qkv(hidden_states)
-        q, k, v = dispatch("qkv_rope", self._fastlm_backend, qkv.device)(
-            qkv, cos, sin, *self._fastlm_epilogue_norms, *self._fastlm_epilogue_static)
+        backend, norms, static = self.__dict__["_fastlm_epilogue"]
+        q, k, v = dispatch("qkv_rope", backend, qkv.device)(qkv, cos, sin, *norms, *static)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, spec.eager_fn)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from fastlm.ops._backend import dispatch
-from fastlm.modules._fused_storage import fuse_parameters, unfuse_parameters
+from fastlm.modules._fused_storage import _is_compiling, data_ptrs, fuse_parameters, unfuse_parameters
 from fastlm.modules._linear import project, project_linear
 from fastlm.modules._swap import swap_in
 
@@ -42,11 +42,27 @@ class FusedMLP:
     def _fastlm_gate_up(self):
         return [getattr(self, self._fastlm_spec.gate_name), getattr(self, self._fastlm_spec.up_name)]
 
+    def _fastlm_sources(self) -> list[torch.Tensor]:
+        """The HF Parameters the fused gate/up GEMM reads (see fastlm.modules._fused_storage)."""
+        if not self._fastlm_spec.gated:
+            return []
+        gate, up = self._fastlm_gate_up()
+        return [gate.weight, up.weight] + ([gate.bias, up.bias] if gate.bias is not None else [])
+
     def _fastlm_fuse(self) -> None:
         if self._fastlm_spec.gated:
             gate, up = self._fastlm_gate_up()
-            self._fastlm_gate_up_weight = fuse_parameters([gate.weight, up.weight])
-            self._fastlm_gate_up_bias = fuse_parameters([gate.bias, up.bias]) if gate.bias is not None else None
+            self.__dict__["_fastlm_gate_up_weight"] = fuse_parameters([gate.weight, up.weight])
+            self.__dict__["_fastlm_gate_up_bias"] = (fuse_parameters([gate.bias, up.bias])
+                                                     if gate.bias is not None else None)
+        self.__dict__["_fastlm_source_ptrs"] = data_ptrs(self._fastlm_sources())
+
+    def _fastlm_refresh(self) -> None:
+        """Re-fuse if a gate/up Parameter no longer is what was fused (replaced, copied, re-pointed)."""
+        if _is_compiling() or not self._fastlm_spec.gated:  # see fastlm.modules._fused_storage
+            return
+        if data_ptrs(self._fastlm_sources()) != self.__dict__["_fastlm_source_ptrs"]:
+            self._fastlm_fuse()
 
     def _fastlm_unfuse(self) -> None:
         if self._fastlm_spec.gated:
@@ -80,6 +96,7 @@ class FusedMLP:
         if torch.is_grad_enabled():
             out = super().forward(x)
             return out if residual is None else out + residual
+        self._fastlm_refresh()
         return project_linear(self.activate(x), getattr(self, self._fastlm_spec.down_name), self._fastlm_backend,
                               residual)
 
