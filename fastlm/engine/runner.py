@@ -75,6 +75,7 @@ class ModelRunner:
         # Per-layer pieces looked up once are modules and static ints only: the weights are read from the
         # modules at each use, so a re-fuse (fastlm.modules._fused_storage) is seen by the next step.
         self._decode_attention = dispatch("decode_attention", self.backend, self.device)
+        self.attn = [layer.self_attn for layer in self.layers]
         self.out_proj = [getattr(layer.self_attn, layer.self_attn._fastlm_spec.out_name) for layer in self.layers]
         self.scaling = [float(layer.self_attn.scaling) for layer in self.layers]
         self.parallel = [bool(layer._fastlm_parallel_residual) for layer in self.layers]
@@ -86,7 +87,7 @@ class ModelRunner:
     def _epilogue(self, i, qkv, cos, sin, k_cache, v_cache, cache_pos):
         """Layer i's QKV epilogue into the cache: the backend's implementation called directly (dispatch),
         without the public op's checks. -> q [B, H, S, D]."""
-        backend, norms, static = self.layers[i].self_attn.epilogue()
+        backend, norms, static = self.attn[i].epilogue()
         return dispatch("qkv_rope_cache", backend, self.device)(qkv, cos, sin, *norms, k_cache, v_cache,
                                                                 cache_pos, *static)
 
