@@ -3,7 +3,7 @@ from fastlm.errors import BackendUnavailableError, UnsupportedModelError
 
 __version__ = "0.1.0"
 
-__all__ = ["patch", "unpatch", "is_patched", "generate", "stream", "UnsupportedModelError",
+__all__ = ["patch", "unpatch", "is_patched", "generate", "stream", "Session", "UnsupportedModelError",
            "BackendUnavailableError", "SUPPORTED_MODEL_TYPES", "__version__"]
 
 # Everything that needs torch is imported on first use: `import fastlm` stays light, and the `fastlm`
@@ -11,19 +11,26 @@ __all__ = ["patch", "unpatch", "is_patched", "generate", "stream", "UnsupportedM
 _LAZY = {
     "patch": "fastlm.patching", "unpatch": "fastlm.patching", "is_patched": "fastlm.patching",
     "SUPPORTED_MODEL_TYPES": "fastlm.patching",
-    "generate": "fastlm.engine.api", "stream": "fastlm.engine.api",
+    "generate": "fastlm.engine.api", "stream": "fastlm.engine.api", "Session": "fastlm.engine.session",
 }
 
 
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
+def _lazy_attributes(namespace: dict, table: dict[str, str]):
+    """-> (__getattr__, __dir__) for a package whose names in ``table`` (name -> the module defining it)
+    are imported on first use, then kept in the package's ``namespace``."""
+    def getattr_(name):
+        if name in table:
+            import importlib
 
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'fastlm' has no attribute {name!r}")
+            value = getattr(importlib.import_module(table[name]), name)
+            namespace[name] = value
+            return value
+        raise AttributeError(f"module {namespace['__name__']!r} has no attribute {name!r}")
+
+    def dir_():
+        return sorted(set(namespace) | set(table))
+
+    return getattr_, dir_
 
 
-def __dir__():
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = _lazy_attributes(globals(), _LAZY)

@@ -158,7 +158,8 @@ def _prepare_model(model, backend: str):
 
 
 def _start(model, input_ids_or_prompts, *, tokenizer, max_new_tokens, temperature, top_k, top_p, seed,
-           eos_token_id, ignore_eos, attention_mask, backend, cuda_graph, compile, max_cache_len, check_every):
+           eos_token_id, ignore_eos, attention_mask, backend, cuda_graph, compile, max_cache_len, check_every,
+           session=None):
     """Check every argument, patch the model if needed, and return the engine's (not yet started) steps."""
     from fastlm.ops._backend import BACKEND_CHOICES
 
@@ -178,6 +179,8 @@ def _start(model, input_ids_or_prompts, *, tokenizer, max_new_tokens, temperatur
     prompts, single = _as_prompts(input_ids_or_prompts, tokenizer, attention_mask)
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
+    if session is not None and not single:
+        raise ValueError("a Session holds one sequence: pass one prompt (1-D ids, a list of ints or a string)")
     _prepare_model(model, backend)
     vocab = model.get_input_embeddings().weight.shape[0]
     bad = next((t for p in prompts for t in p if t < 0 or t >= vocab), None)
@@ -197,7 +200,8 @@ def _start(model, input_ids_or_prompts, *, tokenizer, max_new_tokens, temperatur
                               backend=patched_backend(model))
     engine = engine_for(model, cuda_graph=bool(cuda_graph), compile=compile)
     steps = engine.run(prompts, config=config, max_new_tokens=max_new_tokens, stop_ids=stop_ids, seed=seed,
-                       limit=limit, result=result, check_every=check_every) if max_new_tokens > 0 else iter(())
+                       limit=limit, result=result, check_every=check_every, session=session
+                       ) if max_new_tokens > 0 else iter(())
     return prompts, single, result, steps
 
 
@@ -205,13 +209,15 @@ def generate(model, input_ids_or_prompts, tokenizer=None, max_new_tokens: int = 
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
              eos_token_id: int | Sequence[int] | None = None, ignore_eos: bool = False, attention_mask=None,
              backend: str = "auto", cuda_graph: bool = True, *, compile: bool | str = False,
-             max_cache_len: int | None = None, return_result: bool = False, check_every: int | None = None):
-    """Generate new tokens (see the module docstring for inputs, outputs and stopping)."""
+             max_cache_len: int | None = None, return_result: bool = False, check_every: int | None = None,
+             session=None):
+    """Generate new tokens (see the module docstring for inputs, outputs and stopping). ``session``: a
+    :class:`fastlm.Session` whose cache continues (used by ``Session.generate``)."""
     prompts, single, result, steps = _start(
         model, input_ids_or_prompts, tokenizer=tokenizer, max_new_tokens=max_new_tokens, temperature=temperature,
         top_k=top_k, top_p=top_p, seed=seed, eos_token_id=eos_token_id, ignore_eos=ignore_eos,
         attention_mask=attention_mask, backend=backend, cuda_graph=cuda_graph, compile=compile,
-        max_cache_len=max_cache_len, check_every=check_every)
+        max_cache_len=max_cache_len, check_every=check_every, session=session)
     per_step = list(steps)
     finalize(result, per_step, result.prompt_lengths, operator.index(max_new_tokens))
     if return_result:
@@ -223,7 +229,7 @@ def stream(model, input_ids_or_prompts, tokenizer=None, max_new_tokens: int = 32
            top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
            eos_token_id: int | Sequence[int] | None = None, ignore_eos: bool = False, attention_mask=None,
            backend: str = "auto", cuda_graph: bool = True, *, compile: bool | str = False,
-           max_cache_len: int | None = None, result: GenerationResult | None = None) -> Iterator:
+           max_cache_len: int | None = None, result: GenerationResult | None = None, session=None) -> Iterator:
     """Yield new tokens as they are generated (see the module docstring). Pass a
     :class:`GenerationResult` as ``result`` to receive finish reasons and timings when the stream ends.
     Arguments are checked (and the model patched) at the call, not at the first ``next()``; the stream
@@ -232,7 +238,7 @@ def stream(model, input_ids_or_prompts, tokenizer=None, max_new_tokens: int = 32
         model, input_ids_or_prompts, tokenizer=tokenizer, max_new_tokens=max_new_tokens, temperature=temperature,
         top_k=top_k, top_p=top_p, seed=seed, eos_token_id=eos_token_id, ignore_eos=ignore_eos,
         attention_mask=attention_mask, backend=backend, cuda_graph=cuda_graph, compile=compile,
-        max_cache_len=max_cache_len, check_every=1)
+        max_cache_len=max_cache_len, check_every=1, session=session)
     if result is not None and not isinstance(result, GenerationResult):
         raise TypeError(f"result must be a fastlm GenerationResult (or None), got {type(result).__name__}")
     return _stream(single, res, steps, result, operator.index(max_new_tokens))

@@ -131,12 +131,14 @@ class Engine:
 
     # ---- the loop ----------------------------------------------------------------------------
     def run(self, prompts: list[list[int]], *, config: SamplingConfig, max_new_tokens: int, stop_ids: list[int],
-            seed: int, limit: int, result: GenerationResult, check_every: int | None = None
+            seed: int, limit: int, result: GenerationResult, check_every: int | None = None, session=None
             ) -> Iterator[torch.Tensor]:
         """Yield each step's emitted tokens: a device tensor [B] (NO_TOKEN = finished). Fills ``result``.
 
         The call leases its own slot for as long as it runs (until the generator finishes, or is
-        closed or collected), so a paused stream keeps its cache while other calls decode."""
+        closed or collected), so a paused stream keeps its cache while other calls decode. With a
+        ``session`` (fastlm.engine.session, one prompt) the slot is the session's: only the prompt's
+        tokens past what the session's cache already holds are prefilled."""
         B = len(prompts)
         lengths_host = [len(p) for p in prompts]
         S = max(lengths_host)
@@ -147,19 +149,29 @@ class Engine:
         rows = batch_bucket(B) if uses_graph else B
         need = min(S + max_new_tokens - 1, limit)
         alloc = min(-(-need // LEN_ROUND) * LEN_ROUND, limit)
-        slot = self._acquire(rows, max(alloc, need))
+        if session is None:
+            slot, start = self._acquire(rows, max(alloc, need)), 0
+        else:
+            slot, start = session.lease(prompts[0], max(alloc, need))
+        emitted: list[torch.Tensor] = []
         try:
-            yield from self._run(slot, prompts, rows, config=config, max_new_tokens=max_new_tokens,
+            yield from self._run(slot, prompts, rows, start, emitted, config=config, max_new_tokens=max_new_tokens,
                                  stop_ids=stop_ids, seed=seed, limit=limit, result=result, check_every=check_every)
         finally:
-            self._release(slot)
+            if session is None:
+                self._release(slot)
+            else:
+                session.record(prompts[0], emitted)
 
-    def _run(self, slot: _Slot, prompts, rows: int, *, config, max_new_tokens, stop_ids, seed, limit, result,
-             check_every) -> Iterator[torch.Tensor]:
+    def _run(self, slot: _Slot, prompts, rows: int, start: int, emitted: list, *, config, max_new_tokens, stop_ids,
+             seed, limit, result, check_every) -> Iterator[torch.Tensor]:
+        """The call on ``slot``: prefill of every prompt's tokens from ``start`` on, then decode steps.
+        Appends what it yields to ``emitted``."""
         B = len(prompts)
         lengths_host = [len(p) for p in prompts]
-        S = max(lengths_host)
+        S = max(lengths_host) - start
         runner = slot.runner
+        result.extra["prefill_tokens"] = sum(lengths_host) - B * start
         refresh_fused_weights(self.model)  # re-fuse where an HF Parameter was replaced since the last call
         limit = min(limit, runner.max_len)
         mode = self._mode(slot)
@@ -175,7 +187,7 @@ class Engine:
             t0 = time.perf_counter()
             ids = torch.zeros(B, S, dtype=torch.int64)
             for b, p in enumerate(prompts):
-                ids[b, : len(p)] = torch.as_tensor(p, dtype=torch.int64)
+                ids[b, : len(p) - start] = torch.as_tensor(p[start:], dtype=torch.int64)
             ids = ids.to(device, non_blocking=True)
             lengths = torch.tensor(lengths_host, dtype=torch.int64).to(device, non_blocking=True)
             st = runner.state
@@ -185,7 +197,7 @@ class Engine:
             stops = torch.full((MAX_STOP_IDS,), NO_TOKEN, dtype=torch.int64)
             stops[: len(stop_ids)] = torch.as_tensor(stop_ids, dtype=torch.int64)
             st.stop_ids.copy_(stops.to(device, non_blocking=True))
-            logits = runner.prefill(ids, lengths)
+            logits = runner.prefill(ids, lengths, start)
             first = sample(logits, config, st.seed, st.counter)
             is_stop = (first.unsqueeze(1) == st.stop_ids.unsqueeze(0)).any(dim=1)
             # Rows past B (bucket padding) are finished dummies: they decode at slot 0 and emit nothing.
@@ -197,10 +209,11 @@ class Engine:
             st.reason[:B].copy_(torch.where(is_stop, EOS, 0))
             st.out[:B].copy_(first)
             st.counter.fill_(1)
-            emitted = st.out[:B].clone()
+            out = st.out[:B].clone()
             _sync(device)
             result.prefill_s = time.perf_counter() - t0
-        yield emitted
+        emitted.append(out)
+        yield out
 
         t1 = time.perf_counter()
         steps = 0
@@ -215,9 +228,10 @@ class Engine:
                     slot.graphs.replay(rows, config)
                 else:
                     step(rows, config)
-                emitted = st.out[:B].clone()
+                out = st.out[:B].clone()
             steps += 1
-            yield emitted
+            emitted.append(out)
+            yield out
         _sync(device)
         result.decode_s = time.perf_counter() - t1
         result.decode_steps = steps

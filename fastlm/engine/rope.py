@@ -43,11 +43,12 @@ class RopeTables:
         dummy = torch.empty(0, dtype=self.dtype, device=self.device)
         return self.rotary_emb(dummy, position_ids)
 
-    def prefill(self, seq_len: int):
-        """(cos, sin) [1, S, rotary_dim] for positions 0..S-1."""
+    def prefill(self, seq_len: int, start: int = 0):
+        """(cos, sin) [1, S, rotary_dim] for positions start..start+S-1."""
         if self.eager:
-            return self._eager(torch.arange(seq_len, device=self.device).unsqueeze(0))
-        return self.cos[:seq_len].unsqueeze(0), self.sin[:seq_len].unsqueeze(0)
+            return self._eager(torch.arange(start, start + seq_len, device=self.device).unsqueeze(0))
+        end = start + seq_len
+        return self.cos[start:end].unsqueeze(0), self.sin[start:end].unsqueeze(0)
 
     def decode(self, positions: torch.Tensor):
         """(cos, sin) [B, 1, rotary_dim] for positions [B] (already clamped to the table)."""

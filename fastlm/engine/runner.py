@@ -106,26 +106,33 @@ class ModelRunner:
         return project_linear(self.final_norm.add_forward(x, None)[0], self.lm_head, self.backend)
 
     # ---- prefill -------------------------------------------------------------------------
-    def prefill(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def prefill(self, input_ids: torch.Tensor, lengths: torch.Tensor, start: int = 0) -> torch.Tensor:
         """Right-padded prompts [B, S] with ``lengths`` [B] -> logits of each last real token [B, V].
 
-        Writes cache slots [0, S) of rows [0, B). A plain causal mask is exact for right padding: a real
-        query i only sees keys <= i, which are all real; pad rows' outputs are never used."""
+        Writes cache slots [start, start + S) of rows [0, B); ``lengths`` count from slot 0. A plain
+        causal mask is exact for right padding: a real query i only sees keys <= i, which are all real;
+        pad rows' outputs are never used. ``start`` > 0 continues a cached prefix (a session's earlier
+        turns): query i then sees keys [0, start + i], a causal mask aligned to the bottom right."""
         B, S = input_ids.shape
-        cos, sin = self.rope.prefill(S)
-        cache_pos = torch.arange(S, device=self.device).unsqueeze(0).expand(B, S)
+        T = start + S
+        cos, sin = self.rope.prefill(S, start)
+        cache_pos = torch.arange(start, T, device=self.device).unsqueeze(0).expand(B, S)
+        mask = None
+        if start:
+            keys = torch.arange(T, device=self.device)
+            mask = (keys.unsqueeze(0) <= (keys[start:] if S else keys[:0]).unsqueeze(1)).view(1, 1, S, T)
 
         def attend(i, qkv):
             k_cache, v_cache = self.cache.layer(i, B)
             q = self._epilogue(i, qkv, cos, sin, k_cache, v_cache, cache_pos)
-            out = ops.prefill_attention(q, k_cache[:, :, :S], v_cache[:, :, :S], is_causal=True,
+            out = ops.prefill_attention(q, k_cache[:, :, :T], v_cache[:, :, :T], mask, is_causal=mask is None,
                                         scale=self.scaling[i])
             return out.transpose(1, 2).reshape(B, S, -1)
 
         x = self.embed(input_ids)
         for i in range(len(self.layers)):
             x = self._layer(i, x, attend)
-        last = x[torch.arange(B, device=self.device), lengths - 1]  # [B, hidden]
+        last = x[torch.arange(B, device=self.device), lengths - 1 - start]  # [B, hidden]
         return self._logits(last)
 
     # ---- decode step ---------------------------------------------------------------------
