@@ -1,9 +1,18 @@
-"""The ``fastlm`` command: ``fastlm info``, ``fastlm generate``, ``fastlm bench``."""
+"""The ``fastlm`` command: ``fastlm info``, ``fastlm generate``, ``fastlm bench``.
+
+Errors are one line on stderr (``fastlm <command>: error: ...``), exit status 2 for bad arguments.
+Ctrl-C, at any point (the imports of torch and transformers included), ends the command with one line
+(``fastlm <command>: interrupted``) and exit status 130, no traceback; a closed stdout (``| head``) ends
+it quietly with status 141. ``FASTLM_DEBUG=1`` re-raises instead, for a traceback.
+"""
 from __future__ import annotations
 
+import argparse
 import importlib
 import os
+import signal
 import sys
+import threading
 
 COMMANDS = {
     "info": ("fastlm.info", "versions, device and backend availability"),
@@ -12,9 +21,28 @@ COMMANDS = {
 }
 
 
+EXIT_USAGE = 2          # bad arguments or input
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: what a shell reports for a command ended by Ctrl-C
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: as for a command ended by its reader going away (`fastlm info | head`)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line error (``prog: error: message``, exit status 2) instead of the usage
+    block before it; ``--help`` prints the full help as usual."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def debugging() -> bool:
+    """``FASTLM_DEBUG=1``: let errors and interrupts raise, with their traceback."""
+    return os.environ.get("FASTLM_DEBUG", "") not in ("", "0")
+
+
 def usage() -> str:
     rows = "\n".join(f"  {name:<9} {help_}" for name, (_, help_) in COMMANDS.items())
-    return f"usage: fastlm <command> [options]\n\ncommands:\n{rows}\n\n`fastlm <command> --help` for a command's options."
+    return (f"usage: fastlm <command> [options]\n\ncommands:\n{rows}\n\n"
+            "`fastlm <command> --help` for a command's options.")
 
 
 # glibc malloc: never mmap a chunk (mmap_max=0) and keep up to 1 GiB of freed memory at the heap top
@@ -65,18 +93,84 @@ def set_allocator_defaults() -> None:
         _keep_freed_memory()
 
 
-def main(argv=None) -> int:
-    set_allocator_defaults()
-    argv = list(sys.argv[1:] if argv is None else argv)
+_interrupt_line = b"fastlm: interrupted\n"
+
+
+def _exit_at_once(signum, frame) -> None:
+    """SIGINT after the first one: the command is already winding down (or something swallowed the first
+    KeyboardInterrupt); end the process now, quietly. os.write: no Python buffer is touched here."""
+    try:
+        os.write(2, _interrupt_line)  # empty once main() has said it
+    except OSError:  # stderr closed: nothing to say it on
+        pass
+    os._exit(EXIT_INTERRUPTED)
+
+
+def _first_interrupt(signum, frame) -> None:
+    signal.signal(signal.SIGINT, _exit_at_once)
+    raise KeyboardInterrupt
+
+
+def _unraisable(previous):
+    """A KeyboardInterrupt raised inside a __del__ or a callback cannot reach main(): Python would print
+    it with a traceback and carry on. Treat it as the interrupt it is."""
+    def hook(unraisable):
+        if isinstance(unraisable.exc_value, KeyboardInterrupt) and not debugging():
+            _exit_at_once(signal.SIGINT, None)
+        previous(unraisable)
+    return hook
+
+
+def _dispatch(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        print(f"fastlm: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
-        return 2
+        print(f"fastlm: error: unknown command {name!r} (choose from {', '.join(COMMANDS)}; `fastlm --help` "
+              "for more)", file=sys.stderr)
+        return EXIT_USAGE
     module = importlib.import_module(COMMANDS[name][0])
     return module.main(rest)
+
+
+def main(argv=None) -> int:
+    """Run ``fastlm <command> ...`` (``argv`` without the program name; default ``sys.argv[1:]``) and
+    return its exit status. Ctrl-C returns 130 after one line on stderr; from then on a second Ctrl-C
+    ends the process at once."""
+    global _interrupt_line
+    argv = list(sys.argv[1:] if argv is None else argv)
+    prog = f"fastlm {argv[0]}" if argv and argv[0] in COMMANDS else "fastlm"
+    _interrupt_line = f"{prog}: interrupted\n".encode()
+    previous_sigint, previous_hook = signal.getsignal(signal.SIGINT), sys.unraisablehook
+    # Signal handlers live in the main thread; an ignored SIGINT (a background job of a script) stays so.
+    handle_sigint = threading.current_thread() is threading.main_thread() and previous_sigint is not signal.SIG_IGN
+    try:
+        # The handler goes in first: the command's imports (torch, transformers) take seconds.
+        if handle_sigint:
+            signal.signal(signal.SIGINT, _first_interrupt)
+        sys.unraisablehook = _unraisable(previous_hook)
+        set_allocator_defaults()
+        return _dispatch(argv)
+    except KeyboardInterrupt:
+        if debugging():
+            raise
+        line, _interrupt_line = _interrupt_line, b""
+        sys.stderr.write(line.decode())
+        sys.stderr.flush()
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        if debugging():
+            raise
+        # stdout's reader is gone: point stdout at /dev/null so that the flush at exit cannot fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+    finally:
+        sys.unraisablehook = previous_hook
+        # Put the caller's handler back unless a SIGINT came: then _exit_at_once stays for the wind-down.
+        if handle_sigint and signal.getsignal(signal.SIGINT) is _first_interrupt:
+            # None: the previous handler was not installed from Python; Python's own is the closest
+            signal.signal(signal.SIGINT, signal.default_int_handler if previous_sigint is None else previous_sigint)
 
 
 if __name__ == "__main__":

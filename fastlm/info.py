@@ -36,5 +36,9 @@ def info_lines() -> list[str]:
 
 
 def main(argv=None) -> int:
+    from fastlm.cli import ArgumentParser
+
+    ArgumentParser(prog="fastlm info", description="versions, device and each backend's availability"
+                   ).parse_args(argv)  # no options but --help
     print("\n".join(info_lines()))
     return 0

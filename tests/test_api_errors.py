@@ -73,7 +73,7 @@ def test_input_ids_are_checked(model, bad, exc):
     (dict(top_p=math.nan), ValueError, "top_p"),
     (dict(max_new_tokens=-1), ValueError, "max_new_tokens"), (dict(max_new_tokens=2.5), TypeError, "max_new_tokens"),
     (dict(max_new_tokens=True), TypeError, "max_new_tokens"),
-    (dict(seed=-1), ValueError, "seed"), (dict(seed="s"), TypeError, "seed"), (dict(seed=2**70), ValueError, "seed"),
+    (dict(seed=-1), ValueError, "seed"), (dict(seed="s"), TypeError, "seed"), (dict(seed=2**32), ValueError, "seed"),
     (dict(max_cache_len=0), ValueError, "max_cache_len"), (dict(eos_token_id="x"), TypeError, "eos_token_id"),
     (dict(backend="gpu"), ValueError, "backend"), (dict(compile=3), TypeError, "compile"),
 ])
@@ -82,6 +82,13 @@ def test_generation_arguments_are_checked(model, kw, exc, name):
         fastlm.generate(model, IDS[0], **{"max_new_tokens": 2, **kw})
     with pytest.raises(exc, match=name):
         fastlm.stream(model, IDS[0], **{"max_new_tokens": 2, **kw})  # at the call, not at the first next()
+
+
+def test_tiny_temperature_tends_to_greedy(model):
+    greedy = fastlm.generate(model, IDS[0], max_new_tokens=8, ignore_eos=True)
+    for kw in (dict(), dict(top_p=0.9), dict(top_k=5)):
+        assert fastlm.generate(model, IDS[0], max_new_tokens=8, ignore_eos=True, temperature=1e-40, seed=1,
+                               **kw) == greedy
 
 
 def test_generate_needs_a_causal_lm():

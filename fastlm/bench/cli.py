@@ -8,8 +8,9 @@ import sys
 
 def build_parser() -> argparse.ArgumentParser:
     from fastlm.bench import SUITES
+    from fastlm.cli import ArgumentParser
 
-    p = argparse.ArgumentParser(prog="fastlm bench", description=__doc__)
+    p = ArgumentParser(prog="fastlm bench", description=__doc__)  # one-line argparse errors
     p.add_argument("suites", nargs="*", metavar="SUITE",
                    help=f"suites to run (default: all): {', '.join(SUITES)}")
     p.add_argument("--quick", action="store_true", help="fewer shapes and repetitions (< 10 min on a 2-core CPU)")

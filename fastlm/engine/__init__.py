@@ -5,8 +5,12 @@ Files: ``sampling.py`` (on-device sampling, counter-based RNG), ``cache.py`` (st
 ``cuda_graphs.py`` (capture / replay), ``engine.py`` (host loop, capacity, finish reasons),
 ``api.py`` (``generate`` / ``stream``), ``detok.py`` (incremental detokenisation), ``cli.py``.
 """
-from fastlm.engine.api import generate, stream
-from fastlm.engine.engine import Engine, GenerationResult
-from fastlm.engine.sampling import SamplingConfig
+from fastlm import _lazy_attributes
 
 __all__ = ["generate", "stream", "Engine", "GenerationResult", "SamplingConfig"]
+
+# Imported on first use, as in fastlm/__init__.py: `fastlm generate` (fastlm.engine.cli) checks its
+# arguments before torch and transformers are imported, and importing the package would import both.
+_LAZY = {"generate": "fastlm.engine.api", "stream": "fastlm.engine.api", "Engine": "fastlm.engine.engine",
+         "GenerationResult": "fastlm.engine.engine", "SamplingConfig": "fastlm.engine.sampling"}
+__getattr__, __dir__ = _lazy_attributes(globals(), _LAZY)

@@ -167,8 +167,8 @@ def _start(model, input_ids_or_prompts, *, tokenizer, max_new_tokens, temperatur
     max_cache_len = _int_arg("max_cache_len", max_cache_len, minimum=1, optional=True)
     check_every = _int_arg("check_every", check_every, minimum=1, optional=True)
     seed = _int_arg("seed", seed, minimum=0, optional=True)
-    if seed is not None and seed >= 2**63:
-        raise ValueError(f"seed must be < 2**63, got {seed}")
+    if seed is not None and seed >= 2**32:  # the sampler keys on 32 bits (fastlm.engine.sampling)
+        raise ValueError(f"seed must be < 2**32, got {seed}")
     config = SamplingConfig(_float_arg("temperature", 0.0 if temperature is None else temperature),
                             _int_arg("top_k", top_k, minimum=1, optional=True),
                             None if top_p is None else _float_arg("top_p", top_p))

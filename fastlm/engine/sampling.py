@@ -87,7 +87,10 @@ def sample(logits: torch.Tensor, config: SamplingConfig, seed: torch.Tensor, cou
         # widening is exact (same maximum, same first index on ties); ATen's fp32 argmax is vectorised
         # on CPU, its bf16 one is not (~3.5x slower over a 32k vocabulary)
         return torch.argmax(logits.float(), dim=-1)
-    scores = logits.float() / config.temperature
+    # Shifted so the maximum is 0 before dividing: logits / T overflows to inf for tiny T (and inf - inf
+    # is NaN in the softmax of top-p); shifted, a tiny T just tends to greedy, as it should.
+    scores = logits.float()
+    scores = (scores - scores.amax(dim=-1, keepdim=True)) / config.temperature
     if config.top_k is not None and config.top_k < scores.shape[-1]:
         values, indices = torch.topk(scores, config.top_k, dim=-1)  # sorted descending
         if config.top_p is not None and config.top_p < 1.0:
