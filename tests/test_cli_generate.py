@@ -19,12 +19,7 @@ CORPUS = ["the quick brown fox jumps over the lazy dog", "a fast engine decodes 
 PROMPTS = ["the quick brown", "a fast engine decodes"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def train_tokenizer():

@@ -17,12 +17,7 @@ BACKENDS = ["torch", "cpp"]
 IDS = random_ids(2, 7, seed=11)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def logits(model, ids=IDS):

@@ -11,12 +11,7 @@ import fastlm
 from _models import ONE_PER_FAMILY, build_model, random_ids
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def hf_greedy(model, ids: list[int], new: int) -> list[int]:
