@@ -2,8 +2,11 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 
+#include <cmath>
 #include <optional>
+#include <tuple>
 #include <vector>
 
 namespace fastlm {
@@ -28,6 +31,18 @@ inline void check_like(const char* name, const at::Tensor& t, const at::Tensor& 
     TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), "fastlm: ", name, " has dtype ", t.scalar_type(), " but ",
                      ref_name, " has dtype ", ref.scalar_type());
   }
+}
+
+// A norm's epsilon: finite and >= 0 (a negative or NaN eps turns whole rows into NaN).
+inline void check_eps(const char* name, double eps) {
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, "fastlm: ", name, " must be a finite number >= 0, got ", eps);
+}
+
+// An int32 / int64 index tensor (lengths, cache_positions) on ref's device.
+inline void check_index(const char* name, const at::Tensor& t, const at::Tensor& ref, const char* ref_name) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, "fastlm: ", name,
+                   " must be int32 or int64, got ", t.scalar_type());
+  check_like(name, t, ref, ref_name, /*same_dtype=*/false);
 }
 
 inline void check_shape(const char* name, const at::Tensor& t, at::IntArrayRef shape) {
@@ -67,7 +82,7 @@ inline at::ScalarType rms_out_dtype(const at::Tensor& x, const at::Tensor& weigh
 }
 
 inline void check_norm_args(const at::Tensor& x, const std::optional<at::Tensor>& residual, const at::Tensor& weight,
-                            const std::optional<at::Tensor>& bias, bool weight_any_float) {
+                            const std::optional<at::Tensor>& bias, double eps, bool weight_any_float) {
   check_float("x", x);
   TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) > 0, "fastlm: x must be [..., N] with N > 0, got ", x.sizes());
   const int64_t n = x.size(-1);
@@ -85,6 +100,7 @@ inline void check_norm_args(const at::Tensor& x, const std::optional<at::Tensor>
     check_like("bias", *bias, x, "x");
     check_shape("bias", *bias, {n});
   }
+  check_eps("eps", eps);
 }
 
 // The out= buffers of add_rms_norm_out / add_layer_norm_out `op` (after check_norm_args): out has x's
@@ -105,10 +121,11 @@ struct QkvDims {
 inline QkvDims check_qkv_args(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
                               const std::optional<at::Tensor>& qw, const std::optional<at::Tensor>& qb,
                               const std::optional<at::Tensor>& kw, const std::optional<at::Tensor>& kb,
-                              int64_t H, int64_t Hkv, int64_t D, int64_t R, bool per_head_layout) {
+                              int64_t H, int64_t Hkv, int64_t D, int64_t R, bool per_head_layout, double eps) {
   check_float("qkv", qkv);
   TORCH_CHECK_VALUE(qkv.dim() == 3, "fastlm: qkv must be [B, S, W], got ", qkv.sizes());
-  TORCH_CHECK_VALUE(H > 0 && Hkv > 0 && D > 0, "fastlm: num_heads, num_kv_heads and head_dim must be positive");
+  TORCH_CHECK_VALUE(H > 0 && Hkv > 0 && D > 0, "fastlm: num_heads, num_kv_heads and head_dim must be positive, got ",
+                    H, ", ", Hkv, ", ", D);
   TORCH_CHECK_VALUE(H % Hkv == 0, "fastlm: num_heads (", H, ") must be a multiple of num_kv_heads (", Hkv, ")");
   TORCH_CHECK_VALUE(!per_head_layout || H == Hkv,
                     "fastlm: the per-head [H, 3, D] layout needs num_kv_heads == num_heads");
@@ -133,6 +150,7 @@ inline QkvDims check_qkv_args(const at::Tensor& qkv, const at::Tensor& cos, cons
   }
   TORCH_CHECK_VALUE(!qb.has_value() || qw.has_value(), "fastlm: q_norm_bias needs q_norm_weight");
   TORCH_CHECK_VALUE(!kb.has_value() || kw.has_value(), "fastlm: k_norm_bias needs k_norm_weight");
+  check_eps("qk_norm_eps", eps);
   return {B, S, H, Hkv, D, R};
 }
 
@@ -142,27 +160,35 @@ inline void check_caches(const at::Tensor& qkv, const at::Tensor& k_cache, const
     check_like(name, *c, qkv, "qkv");
     TORCH_CHECK_VALUE(c->dim() == 4 && c->size(0) == d.B && c->size(1) == d.Hkv && c->size(3) == d.D, "fastlm: ", name,
                       " must be [B, Hkv, Tmax, D] = [", d.B, ", ", d.Hkv, ", Tmax, ", d.D, "], got ", c->sizes());
-    TORCH_CHECK_VALUE(c->stride(3) == 1, "fastlm: ", name, "'s last dim must be contiguous");
+    TORCH_CHECK_VALUE(c->stride(3) == 1 || d.D == 1 || c->is_contiguous(),  // (empty: contiguous)
+                      "fastlm: ", name, "'s last dim must be contiguous");
+    at::assert_no_internal_overlap(*c);  // written in place: torch's own error, as the reference's index_put_
   }
+  TORCH_CHECK_VALUE(k_cache.numel() == 0 || k_cache.data_ptr() != v_cache.data_ptr(),
+                    "fastlm: k_cache and v_cache must be different tensors (both are written)");
   TORCH_CHECK_VALUE(k_cache.sizes() == v_cache.sizes(), "fastlm: k_cache and v_cache differ in shape");
-  TORCH_CHECK_TYPE(pos.scalar_type() == at::kInt || pos.scalar_type() == at::kLong,
-                   "fastlm: cache_positions must be int32 or int64, got ", pos.scalar_type());
+  check_index("cache_positions", pos, qkv, "qkv");
   TORCH_CHECK_VALUE(pos.dim() == 2 && pos.size(0) == d.B && pos.size(1) == d.S,
-                    "fastlm: cache_positions must be [B, S], got ", pos.sizes());
-  TORCH_CHECK_VALUE(pos.device() == qkv.device(), "fastlm: cache_positions must be on ", qkv.device());
+                    "fastlm: cache_positions must be [B, S] = [", d.B, ", ", d.S, "], got ", pos.sizes());
 }
 
 // qkv_rope_out: the qkv_rope arguments and the dense out= buffers q [B, H, S, D], k and v [B, Hkv, S, D].
 inline QkvDims check_qkv_out_args(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
                                   const std::optional<at::Tensor>& qw, const std::optional<at::Tensor>& qb,
                                   const std::optional<at::Tensor>& kw, const std::optional<at::Tensor>& kb,
-                                  int64_t H, int64_t Hkv, int64_t D, int64_t R, bool per_head_layout,
+                                  int64_t H, int64_t Hkv, int64_t D, int64_t R, bool per_head_layout, double eps,
                                   const at::Tensor& q_out, const at::Tensor& k_out, const at::Tensor& v_out) {
-  const QkvDims d = check_qkv_args(qkv, cos, sin, qw, qb, kw, kb, H, Hkv, D, R, per_head_layout);
+  const QkvDims d = check_qkv_args(qkv, cos, sin, qw, qb, kw, kb, H, Hkv, D, R, per_head_layout, eps);
   check_out("q_out", q_out, {d.B, H, d.S, D}, qkv.scalar_type(), qkv);
   check_out("k_out", k_out, {d.B, Hkv, d.S, D}, qkv.scalar_type(), qkv);
   check_out("v_out", v_out, {d.B, Hkv, d.S, D}, qkv.scalar_type(), qkv);
   return d;
+}
+
+// The dense outputs that check_qkv_out_args checks: q [B, H, S, D], k and v [B, Hkv, S, D].
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> qkv_dense_outputs(const at::Tensor& qkv, const QkvDims& d) {
+  return {at::empty({d.B, d.H, d.S, d.D}, qkv.options()), at::empty({d.B, d.Hkv, d.S, d.D}, qkv.options()),
+          at::empty({d.B, d.Hkv, d.S, d.D}, qkv.options())};
 }
 
 // qkv_rope_cache_out: the qkv_rope arguments, the caches and positions, and the out= buffer q [B, H, S, D].
@@ -171,15 +197,15 @@ inline QkvDims check_qkv_cache_out_args(const at::Tensor& qkv, const at::Tensor&
                                         const std::optional<at::Tensor>& kw, const std::optional<at::Tensor>& kb,
                                         const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& pos,
                                         int64_t H, int64_t Hkv, int64_t D, int64_t R, bool per_head_layout,
-                                        const at::Tensor& q_out) {
-  const QkvDims d = check_qkv_args(qkv, cos, sin, qw, qb, kw, kb, H, Hkv, D, R, per_head_layout);
+                                        double eps, const at::Tensor& q_out) {
+  const QkvDims d = check_qkv_args(qkv, cos, sin, qw, qb, kw, kb, H, Hkv, D, R, per_head_layout, eps);
   check_caches(qkv, k_cache, v_cache, pos, d);
   check_out("q_out", q_out, {d.B, H, d.S, D}, qkv.scalar_type(), qkv);
   return d;
 }
 
 inline void check_decode_args(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                              const at::Tensor& lengths) {
+                              const at::Tensor& lengths, double scale) {
   check_float("q", q);
   TORCH_CHECK_VALUE(q.dim() == 3, "fastlm: q must be [B, H, D], got ", q.sizes());
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
@@ -189,11 +215,10 @@ inline void check_decode_args(const at::Tensor& q, const at::Tensor& k_cache, co
                       "fastlm: ", name, " must be [B, Hkv, Tmax, D] with Hkv dividing H, got ", c->sizes());
   }
   TORCH_CHECK_VALUE(k_cache.sizes() == v_cache.sizes(), "fastlm: k_cache and v_cache differ in shape");
-  TORCH_CHECK_VALUE((lengths.scalar_type() == at::kInt || lengths.scalar_type() == at::kLong) &&
-                        lengths.dim() == 1 && lengths.size(0) == B,
-                    "fastlm: lengths must be an int32/int64 [B] tensor, got ", lengths.scalar_type(), " ",
+  check_index("lengths", lengths, q, "q");
+  TORCH_CHECK_VALUE(lengths.dim() == 1 && lengths.size(0) == B, "fastlm: lengths must be [B] = [", B, "], got ",
                     lengths.sizes());
-  TORCH_CHECK_VALUE(lengths.device() == q.device(), "fastlm: lengths must be on ", q.device());
+  TORCH_CHECK_VALUE(std::isfinite(scale), "fastlm: scale must be finite, got ", scale);
 }
 
 }  // namespace fastlm

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/TensorUtils.h>
 
 #include <algorithm>
@@ -49,12 +50,16 @@ inline at::Tensor rows_view(const at::Tensor& t) {
 inline int64_t row_stride(const at::Tensor& t2d) { return t2d.size(0) > 1 ? t2d.stride(0) : t2d.size(1); }
 
 // An elementwise row kernel in place: run(rows2d) on t's own [rows, N] memory; where t has no such
-// view (row_layout finds no row stride), dst.copy_(aside()) instead, with aside() computing the result
-// out of place (dst: the part of t the result replaces).
+// view (row_layout finds no row stride) or its rows overlap one another (a row stride below N, as in
+// an expanded or as_strided tensor: a row would read what another row already overwrote),
+// dst.copy_(aside()) instead, with aside() computing the result out of place (dst: the part of t the
+// result replaces), which is what the references do. A dst whose own elements alias (a zero stride)
+// gets torch's error for in-place ops on such tensors, as the references' copy_ raises.
 template <typename Run, typename Aside>
 inline void run_in_place(const at::Tensor& t, const at::Tensor& dst, const Run& run, const Aside& aside) {
+  at::assert_no_internal_overlap(dst);
   const RowLayout l = row_layout(t);
-  if (l.stride) {
+  if (l.stride && *l.stride >= l.n) {  // rows <= 1 report a stride of n
     run(t.as_strided({l.rows, l.n}, {*l.stride, 1}));
   } else {
     dst.copy_(aside());

@@ -15,12 +15,17 @@
 # In-place forms (swiglu_ writes the gate half, relu2_ overwrites x; the fused MLP calls these on its
 # own GEMM output): the same kernels with Y = X and Y's row stride = X's. Each program loads its block
 # before storing to the same addresses, so aliasing is safe. They save the output allocation, not
-# traffic. An input with no row view of its own memory is computed aside and copied back.
+# traffic. An input with no row view of its own memory, or whose rows overlap one another (a row
+# stride below the row's width: expanded / as_strided tensors, where one program would read what
+# another wrote), is computed aside and copied back, as the references do; a written tensor whose
+# elements alias (a zero stride) raises torch's own error, as the references' copy_ does.
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
+from fastlm.ops._checks import check_no_internal_overlap
 
 from ._utils import cast_out, check_device, launch, own_rows, register_op, rows_view
 
@@ -43,7 +48,7 @@ def _relu2_kernel(X, Y, stride_x, stride_y, N, BLOCK: tl.constexpr):
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < N
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    x = tl.maximum(x, 0.0)
+    x = tl.where(x < 0.0, 0.0, x)  # NaN stays NaN, as in torch.relu (tl.maximum drops it on GPUs)
     tl.store(Y + row * stride_y + cols, cast_out(x * x, Y.dtype.element_ty), mask=mask)
 
 
@@ -91,13 +96,22 @@ def _(x):
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
+def _rows_in_place(t: torch.Tensor) -> torch.Tensor | None:
+    """own_rows(t) when its rows are disjoint in memory (the in-place kernels' condition), else None."""
+    rows = own_rows(t)
+    if rows is None or (rows.shape[0] > 1 and rows.stride(0) < rows.shape[1]):
+        return None
+    return rows
+
+
 @register_op("triton_swiglu_inplace", mutates_args=("gate_up",))
 def triton_swiglu_inplace(gate_up: torch.Tensor) -> None:
     check_device(gate_up)
     n = gate_up.shape[-1] // 2
     if gate_up.numel() == 0:
         return
-    x2 = own_rows(gate_up)
+    check_no_internal_overlap(gate_up[..., :n])
+    x2 = _rows_in_place(gate_up)
     if x2 is None:
         gate_up[..., :n].copy_(triton_swiglu(gate_up))
         return
@@ -109,7 +123,8 @@ def triton_relu2_inplace(x: torch.Tensor) -> None:
     check_device(x)
     if x.numel() == 0:
         return
-    x2 = own_rows(x)
+    check_no_internal_overlap(x)
+    x2 = _rows_in_place(x)
     if x2 is None:
         x.copy_(triton_relu2(x))
         return

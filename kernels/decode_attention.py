@@ -10,7 +10,10 @@
 #      softmax in the exp2 domain (scale * log2(e) folded into q): running max m, running sum l and
 #      an unnormalised fp32 accumulator; it stores (m, l, acc) per (b, h, split). The loop bound
 #      comes from the lengths tensor on the device: slots past a sequence's length are never read,
-#      and a split that starts past it stores (-inf, 0, 0).
+#      and a split that starts past it stores (-inf, 0, 0). A length is clamped to Tmax, so no slot
+#      past the cache is ever read; lengths outside [1, Tmax] raise first on CPU tensors (the
+#      interpreter), as in every backend, and on CUDA (unchecked: a host sync) a length <= 0 gives
+#      NaN rows, as the reference does (fastlm.ops.attention's docstring).
 #   2. Reduce kernel, grid (B * H): out = sum_i 2^(m_i - M) acc_i / sum_i 2^(m_i - M) l_i, M = max_i m_i.
 # NUM_SPLITS depends only on Tmax and B * Hkv (never on the lengths' values: no host sync, one
 # shape for CUDA-graph capture): enough programs to fill the GPU about twice, no split shorter than
@@ -33,6 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastlm.ops.attention import check_lengths
+
 from ._utils import cast_out, check_device, launch, register_op, sm_count
 
 MIN_CHUNK = 256
@@ -43,14 +48,14 @@ LOG2E = 1.4426950408889634
 @triton.jit
 def _decode_split_kernel(Q, K, V, LEN, M_OUT, L_OUT, ACC,
                          stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
-                         chunk, qk_scale,
+                         stride_len, t_max, chunk, qk_scale,
                          HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, NUM_SPLITS: tl.constexpr,
                          BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     b = pid // HKV
     hk = pid % HKV
     split = tl.program_id(1)
-    length = tl.load(LEN + b).to(tl.int32)
+    length = tl.minimum(tl.load(LEN + b * stride_len).to(tl.int64), t_max).to(tl.int32)
     start = split * chunk
     end = tl.minimum(start + chunk, length)
 
@@ -122,6 +127,7 @@ def _decode(q, k_cache, v_cache, lengths, scale, num_splits=None):
     check_device(q, k_cache, v_cache, lengths)
     B, H, D = q.shape
     Hkv, t_max = k_cache.shape[1], k_cache.shape[2]
+    check_lengths(lengths, t_max)  # CPU tensors only (fastlm.ops.attention)
     out = q.new_empty((B, H, D))
     if B * H == 0 or D == 0:
         return out
@@ -143,7 +149,7 @@ def _decode(q, k_cache, v_cache, lengths, scale, num_splits=None):
     launch(_decode_split_kernel)[(B * Hkv, splits)](
         q, k_cache, v_cache, lengths, m, l, acc,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), chunk, scale * LOG2E,
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), lengths.stride(0), t_max, chunk, scale * LOG2E,
         HKV=Hkv, G=G, D=D, NUM_SPLITS=splits, BLOCK_G=block_g, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4)
     launch(_decode_reduce_kernel)[(B * H,)](
         m, l, acc, out, out.stride(0), out.stride(1), H=H, D=D, NUM_SPLITS=splits,

@@ -16,7 +16,10 @@
 #      The partner values are a second, gathered load of the same row (L1/L2 hit, no extra DRAM
 #      traffic) normalised with the same row statistics: Triton has no intra-tile lane shuffle.
 #   3. One rounding, then stores: q -> [B, H, S, D]; k, v -> [B, Hkv, S, D], or (cache variant) into
-#      k_cache / v_cache [B, Hkv, Tmax, D] at row cache_positions[b, s] (cast to the cache dtype).
+#      k_cache / v_cache [B, Hkv, Tmax, D] at row cache_positions[b, s] (cast to the cache dtype). The
+#      stores of a position outside [0, Tmax) are masked off: never out of bounds. On CPU tensors (the
+#      interpreter) such positions raise first, as in every backend; on CUDA checking them would be a
+#      host sync (fastlm.ops.qkv_rope's docstring).
 # Offsets are int64 (batch, token, cache position and head index are widened before multiplying).
 #
 # Bytes moved vs minimum: qkv is read once ((H + 2Hkv) * D elements a token), the r/2 cos and sin
@@ -35,6 +38,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from fastlm.ops.qkv_rope import check_positions
 
 from ._utils import cast_out, check_device, launch, register_op
 
@@ -71,7 +76,7 @@ def _qkv_rope_kernel(QKV, COS, SIN, QW, QB, KW, KB, Q, K, V, POS,
                      stride_qb, stride_qh, stride_qs,
                      stride_kb, stride_kh, stride_ks,
                      stride_vb, stride_vh, stride_vs,
-                     stride_pb, stride_ps, eps,
+                     stride_pb, stride_ps, t_max, eps,
                      H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, ROT: tl.constexpr,
                      INTERLEAVED: tl.constexpr, PER_HEAD: tl.constexpr,
                      HAS_QN: tl.constexpr, HAS_QB: tl.constexpr, HAS_KN: tl.constexpr, HAS_KB: tl.constexpr,
@@ -127,17 +132,23 @@ def _qkv_rope_kernel(QKV, COS, SIN, QW, QB, KW, KB, Q, K, V, POS,
         sn = tl.where(first, -sn, sn)
         x = tl.where(pm, x * c[None, :] + xp * sn[None, :], x)
 
+    k_mask = m2 & is_k[:, None]
+    v_mask = m2 & is_v[:, None]
     if CACHE:
         t = tl.load(POS + b * stride_pb + s * stride_ps).to(tl.int64)
+        t_rows = t + tl.zeros((BLOCK_H,), tl.int64)  # a [BLOCK_H] mask: the interpreter rejects scalar ones
+        in_cache = ((t_rows >= 0) & (t_rows < t_max))[:, None]
+        k_mask = k_mask & in_cache
+        v_mask = v_mask & in_cache
     else:
         t = s
     dd = d[None, :]
     tl.store(Q + b * stride_qb + hq[:, None] * stride_qh + s * stride_qs + dd, cast_out(x, Q.dtype.element_ty),
              mask=m2 & is_q[:, None])
     tl.store(K + b * stride_kb + hk[:, None] * stride_kh + t * stride_ks + dd, cast_out(x, K.dtype.element_ty),
-             mask=m2 & is_k[:, None])
+             mask=k_mask)
     tl.store(V + b * stride_vb + hv[:, None] * stride_vh + t * stride_vs + dd, cast_out(x, V.dtype.element_ty),
-             mask=m2 & is_v[:, None])
+             mask=v_mask)
 
 
 def _norm_param(t, heads):
@@ -165,7 +176,7 @@ def _launch(qkv, cos, sin, qw, qb, kw, kb, q, k, v, pos, H, HKV, D, ROT, interle
     else:
         cos_args = (0, 0, 0, 0, 0, 0)
     cache = pos is not None
-    pos_args = (pos.stride(0), pos.stride(1)) if cache else (0, 0)
+    pos_args = (pos.stride(0), pos.stride(1), k.shape[2]) if cache else (0, 0, S)
     dummy = qkv
     block_d = triton.next_power_of_2(D)
     slots = H + 2 * HKV
@@ -217,8 +228,9 @@ def triton_qkv_rope_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
                           num_heads: int, num_kv_heads: int, head_dim: int, rotary_dim: int, interleaved: bool,
                           per_head_layout: bool, qk_norm_eps: float) -> torch.Tensor:
     check_device(qkv, cos, sin, k_cache, v_cache, cache_positions)
-    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+    if any(c.stride(-1) != 1 and head_dim > 1 and not c.is_contiguous() for c in (k_cache, v_cache)):
         raise ValueError("fastlm.kernels: k_cache/v_cache need a unit stride along head_dim (written in place)")
+    check_positions(cache_positions, k_cache.shape[2])  # CPU tensors only (fastlm.ops.qkv_rope)
     B, S, _ = qkv.shape
     q = qkv.new_empty((B, num_heads, S, head_dim))
     _launch(qkv, cos, sin, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias, q, k_cache, v_cache,

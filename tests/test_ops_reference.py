@@ -186,7 +186,7 @@ def test_op_argument_errors():
     with pytest.raises(ValueError, match="per-head"):
         ops.qkv_rope(torch.randn(1, 2, 3 * 4 * 16), cos, sin, num_heads=4, num_kv_heads=2, head_dim=16,
                      rotary_dim=16, per_head_layout=True, backend="torch")
-    with pytest.raises(ValueError, match="lengths must be"):
+    with pytest.raises(TypeError, match="lengths must be int32 or int64"):  # a dtype: TypeError, as elsewhere
         ops.decode_attention(torch.randn(2, 4, 16), torch.randn(2, 2, 8, 16), torch.randn(2, 2, 8, 16),
                              torch.tensor([1.0, 2.0]), 0.25, backend="torch")
     with pytest.raises(ValueError, match="k_cache must be"):

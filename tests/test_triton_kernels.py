@@ -407,8 +407,8 @@ for kern in (activations._swiglu_kernel, activations._relu2_kernel):
 qn = ["QKV", "COS", "SIN", "QW", "QB", "KW", "KB", "Q", "K", "V", "POS", "S", "stride_xb", "stride_xs",
       "stride_cb", "stride_cs", "stride_cd", "stride_sb", "stride_ss", "stride_sd", "qw_hs", "qb_hs", "kw_hs",
       "kb_hs", "stride_qb", "stride_qh", "stride_qs", "stride_kb", "stride_kh", "stride_ks", "stride_vb",
-      "stride_vh", "stride_vs", "stride_pb", "stride_ps", "eps"]
-qt = ["*bf16"] * 10 + ["*i64"] + ["i32"] * 24 + ["fp32"]
+      "stride_vh", "stride_vs", "stride_pb", "stride_ps", "t_max", "eps"]
+qt = ["*bf16"] * 10 + ["*i64"] + ["i32"] * 25 + ["fp32"]
 for H, HKV, D, ROT, il, ph, qn_, cache in [(32, 8, 80, 20, False, False, True, True),
                                            (64, 64, 64, 32, False, True, True, False),
                                            (20, 20, 128, 128, True, False, False, True)]:
@@ -417,8 +417,8 @@ for H, HKV, D, ROT, il, ph, qn_, cache in [(32, 8, 80, 20, False, False, True, T
              BLOCK_D=triton.next_power_of_2(D))
     jobs.append((qkv_rope._qkv_rope_kernel, sig(qn, qt, c), c))
 dn = ["Q", "K", "V", "LEN", "M_OUT", "L_OUT", "ACC", "stride_qb", "stride_qh", "stride_kb", "stride_kh",
-      "stride_kt", "stride_vb", "stride_vh", "stride_vt", "chunk", "qk_scale"]
-dt = ["*bf16"] * 3 + ["*i32"] + ["*fp32"] * 3 + ["i32"] * 9 + ["fp32"]
+      "stride_kt", "stride_vb", "stride_vh", "stride_vt", "stride_len", "t_max", "chunk", "qk_scale"]
+dt = ["*bf16"] * 3 + ["*i32"] + ["*fp32"] * 3 + ["i32"] * 11 + ["fp32"]
 for G, D in [(4, 128), (1, 80)]:
     c = dict(HKV=8, G=G, D=D, NUM_SPLITS=8, BLOCK_G=16, BLOCK_T=64, BLOCK_D=triton.next_power_of_2(D))
     jobs.append((decode_attention._decode_split_kernel, sig(dn, dt, c), c))

@@ -39,6 +39,20 @@ inline const float* row_f32(const T* p, float* buf, int64_t n) {
   }
 }
 
+inline int64_t length_of(const void* lengths, bool len64, int64_t len_s, int64_t b) {
+  return len64 ? static_cast<const int64_t*>(lengths)[b * len_s] : static_cast<const int32_t*>(lengths)[b * len_s];
+}
+
+// Every length in [1, Tmax] (B reads): an empty sequence has no softmax, and slots past Tmax do not exist.
+void check_lengths(const at::Tensor& lengths, int64_t Tmax) {
+  const bool len64 = lengths.scalar_type() == at::kLong;
+  for (int64_t b = 0; b < lengths.size(0); ++b) {
+    const int64_t L = length_of(lengths.const_data_ptr(), len64, lengths.stride(0), b);
+    TORCH_CHECK_VALUE(L >= 1 && L <= Tmax, "fastlm: lengths[", b, "] = ", L,
+                      " is outside [1, Tmax] = [1, ", Tmax, "]: each sequence attends to 1 to Tmax cache slots");
+  }
+}
+
 template <typename T>
 void decode_kernel(const T* q, int64_t q_sb, int64_t q_sh, const T* kc, const int64_t* ks, const T* vc,
                    const int64_t* vs, const void* lengths, bool len64, int64_t len_s, T* out, int64_t B, int64_t H,
@@ -48,9 +62,7 @@ void decode_kernel(const T* q, int64_t q_sb, int64_t q_sh, const T* kc, const in
     std::vector<float> qf(G * D), acc(G * D), row(D), scores(G * kBlock), mx(G), den(G);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / Hkv, hk = task % Hkv;
-      int64_t L = len64 ? static_cast<const int64_t*>(lengths)[b * len_s]
-                        : static_cast<const int32_t*>(lengths)[b * len_s];
-      L = std::min<int64_t>(std::max<int64_t>(L, 0), Tmax);
+      const int64_t L = length_of(lengths, len64, len_s, b);  // in [1, Tmax]: check_lengths ran before
       for (int64_t g = 0; g < G; ++g) convert_row(q + b * q_sb + (hk * G + g) * q_sh, qf.data() + g * D, D);
       std::fill(acc.begin(), acc.end(), 0.f);
       std::fill(mx.begin(), mx.end(), -std::numeric_limits<float>::infinity());
@@ -105,7 +117,7 @@ void decode_kernel(const T* q, int64_t q_sb, int64_t q_sh, const T* kc, const in
         }
       }
       for (int64_t g = 0; g < G; ++g) {
-        const float inv = den[g] > 0.f ? 1.f / den[g] : 0.f;  // L == 0: zeros (out of contract)
+        const float inv = 1.f / den[g];
         float* ag = acc.data() + g * D;
         for (int64_t j = 0; j < D; ++j) ag[j] *= inv;
         convert_row(ag, out + (b * H + hk * G + g) * D, D);
@@ -117,6 +129,7 @@ void decode_kernel(const T* q, int64_t q_sb, int64_t q_sh, const T* kc, const in
 void run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& lengths,
          double scale, const at::Tensor& out) {
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), Hkv = k_cache.size(1), Tmax = k_cache.size(2);
+  check_lengths(lengths, Tmax);
   if (B == 0 || H == 0 || D == 0) return;
   const at::Tensor qc = q.stride(2) == 1 ? q : q.contiguous();
   const at::Tensor kc = k_cache.stride(3) == 1 ? k_cache : k_cache.contiguous();
@@ -137,7 +150,7 @@ void run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cac
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                             const at::Tensor& lengths, double scale) {
-  check_decode_args(q, k_cache, v_cache, lengths);
+  check_decode_args(q, k_cache, v_cache, lengths, scale);
   at::Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   run(q, k_cache, v_cache, lengths, scale, out);
   return out;
@@ -145,7 +158,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
 
 void decode_attention_out(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                           const at::Tensor& lengths, double scale, const at::Tensor& out) {
-  check_decode_args(q, k_cache, v_cache, lengths);
+  check_decode_args(q, k_cache, v_cache, lengths, scale);
   check_out("out", out, q.sizes(), q.scalar_type(), q);
   run(q, k_cache, v_cache, lengths, scale, out);
 }

@@ -160,10 +160,10 @@ void gemv(const T* x, int64_t xs, const T* w, int64_t ws, const T* bias, const T
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const OptT& bias, const OptT& residual) {
   check_float("x", x);
-  TORCH_CHECK(x.dim() >= 1, "fastlm: x must be [..., K], got ", x.sizes());
-  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(-1), "fastlm: weight must be [N, K] with K = x.size(-1) = ",
-              x.size(-1), ", got ", weight.sizes());
+  TORCH_CHECK_VALUE(x.dim() >= 1, "fastlm: x must be [..., K], got ", x.sizes());
   check_like("weight", weight, x, "x");
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == x.size(-1),
+                    "fastlm: weight must be [N, K] with K = x.size(-1) = ", x.size(-1), ", got ", weight.sizes());
   const int64_t N = weight.size(0), K = weight.size(1);
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = N;
@@ -182,10 +182,10 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const OptT& bia
     const at::Tensor x2 = xr.data.as_strided({M, K}, {xr.stride, 1});
     at::Tensor y;
     if (residual && !bias) {
-      y = at::addmm(residual->reshape({-1, N}), x2, weight.t());
+      y = at::addmm(residual->reshape({M, N}), x2, weight.t());  // not -1: ambiguous when N = 0
     } else {
       y = bias ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
-      if (residual) y.add_(residual->reshape({-1, N}));
+      if (residual) y.add_(residual->reshape({M, N}));
     }
     return y.view(out_shape);
   }

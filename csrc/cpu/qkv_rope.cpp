@@ -8,10 +8,12 @@
 
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 namespace fastlm::cpu {
 namespace {
 
+// Head sizes up to this use per-task stack scratch; larger ones (no family has them) a heap buffer.
 constexpr int64_t kMaxHeadDim = 1024;
 
 struct NormW {  // fp32 copies (the weights are tiny; widening them per head vector cost ~10% at Persimmon sizes)
@@ -35,7 +37,9 @@ struct QkvArgs {
   void* q_out;
   void* k_out;
   void* v_out;
-  // ... or cache outputs (k_out/v_out null): [B, Hkv, Tmax, D] with strides, positions [B, S]
+  // ... or cache outputs (cache set, k_out/v_out null): [B, Hkv, Tmax, D] with strides, positions [B, S]
+  // (a zero-length cache has null data pointers, so the mode is its own flag)
+  bool cache = false;
   void* k_cache = nullptr;
   void* v_cache = nullptr;
   int64_t kc_s[3] = {0, 0, 0}, vc_s[3] = {0, 0, 0};
@@ -43,6 +47,23 @@ struct QkvArgs {
   bool pos64 = false;
   int64_t pos_sb = 0, pos_ss = 0, tmax = 0;
 };
+
+inline int64_t position(const QkvArgs& a, int64_t b, int64_t s) {
+  return a.pos64 ? static_cast<const int64_t*>(a.pos)[b * a.pos_sb + s * a.pos_ss]
+                 : static_cast<const int32_t*>(a.pos)[b * a.pos_sb + s * a.pos_ss];
+}
+
+// Every cache position in [0, Tmax), checked before the kernel writes anything (B * S reads, next to
+// the kernel's B * S * (H + 2 Hkv) * D): a bad position raises and leaves the caches untouched.
+void check_positions(const QkvArgs& a) {
+  for (int64_t b = 0; b < a.B; ++b) {
+    for (int64_t s = 0; s < a.S; ++s) {
+      const int64_t p = position(a, b, s);
+      TORCH_CHECK_VALUE(p >= 0 && p < a.tmax, "fastlm: cache_positions[", b, ", ", s, "] = ", p,
+                        " is outside the cache: positions must be in [0, Tmax) = [0, ", a.tmax, ")");
+    }
+  }
+}
 
 // Up to kF elements of S as one fp32 register (lanes past m zero), and back to T.
 template <typename S>
@@ -216,13 +237,19 @@ void qkv_kernel(const QkvArgs& a) {
   const T* cosp = static_cast<const T*>(a.cos);
   const T* sinp = static_cast<const T*>(a.sin);
   const int64_t grain = std::max<int64_t>(1, grain_for(width) / kTokBlock);
-  const bool stream_out = !a.k_cache && B * S * width * static_cast<int64_t>(sizeof(T)) >= kStreamOutBytes;
+  const bool stream_out = !a.cache && B * S * width * static_cast<int64_t>(sizeof(T)) >= kStreamOutBytes;
   at::parallel_for(0, B * blocks_per_seq, grain, [&](int64_t begin, int64_t end) {
     // Scratch rows packed at a stride of the head size plus one cache line, not at the maximum head
     // size: rows 4 KiB apart fall into one L1 set and alias in the load/store unit (StableLM bf16
     // T=512 with qk-norm, two threads: 850 -> 730 us, in noisy timings).
     const int64_t buf_stride = round_up(D, kF) + kF, tab_stride = round_up(std::max<int64_t>(half, 1), kF) + kF;
-    alignas(64) float scratch[kTokBlock * (kMaxHeadDim + kF) + 2 * kTokBlock * (kMaxHeadDim / 2 + kF)];
+    alignas(64) float stack_scratch[kTokBlock * (kMaxHeadDim + kF) + 2 * kTokBlock * (kMaxHeadDim / 2 + kF)];
+    alignas(64) T stack_stage[kTokBlock * kMaxHeadDim];
+    const bool big_head = D > kMaxHeadDim;
+    std::vector<float> heap_scratch(big_head ? kTokBlock * (buf_stride + 2 * tab_stride) : 0);
+    std::vector<T> heap_stage(big_head && stream_out ? kTokBlock * D : 0);
+    float* const scratch = big_head ? heap_scratch.data() : stack_scratch;
+    T* const stage = big_head ? heap_stage.data() : stack_stage;
     float* buf[kTokBlock];
     float* cs[kTokBlock];
     float* sn[kTokBlock];
@@ -231,7 +258,6 @@ void qkv_kernel(const QkvArgs& a) {
       cs[t] = scratch + kTokBlock * buf_stride + t * tab_stride;
       sn[t] = scratch + kTokBlock * (buf_stride + tab_stride) + t * tab_stride;
     }
-    alignas(64) T stage[kTokBlock * kMaxHeadDim];
     int64_t pos[kTokBlock];
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t b = blk / blocks_per_seq, s0 = (blk % blocks_per_seq) * kTokBlock;
@@ -242,13 +268,7 @@ void qkv_kernel(const QkvArgs& a) {
           convert_row(cosp + b * a.cos_sb + s * a.cos_ss, cs[t], half);
           convert_row(sinp + b * a.sin_sb + s * a.sin_ss, sn[t], half);
         }
-        pos[t] = 0;
-        if (a.k_cache) {
-          pos[t] = a.pos64 ? static_cast<const int64_t*>(a.pos)[b * a.pos_sb + s * a.pos_ss]
-                           : static_cast<const int32_t*>(a.pos)[b * a.pos_sb + s * a.pos_ss];
-          TORCH_CHECK(pos[t] >= 0 && pos[t] < a.tmax, "fastlm: cache_positions[", b, ", ", s, "] = ", pos[t],
-                      " is outside the cache [0, ", a.tmax, ")");
-        }
+        pos[t] = a.cache ? position(a, b, s) : 0;  // in [0, Tmax): check_positions ran before
       }
       // Head slots in the order they sit in a qkv row (slot u at column u * D in both layouts): q heads,
       // k heads, v heads for [q|k|v]; q, k, v of head 0, then of head 1, ... for Persimmon's [H, 3, D].
@@ -272,7 +292,7 @@ void qkv_kernel(const QkvArgs& a) {
           src[t] = qkv + b * a.qkv_sb + s * a.qkv_ss + u * D;
           if (kind == 0) {
             dst[t] = static_cast<T*>(a.q_out) + ((b * H + h) * S + s) * D;
-          } else if (a.k_cache) {
+          } else if (a.cache) {
             const int64_t* st = kind == 1 ? a.kc_s : a.vc_s;
             dst[t] = static_cast<T*>(kind == 1 ? a.k_cache : a.v_cache) + b * st[0] + h * st[1] + pos[t] * st[2];
           } else {
@@ -315,7 +335,6 @@ QkvArgs make_args(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor
                   const OptT& qb, const OptT& kw, const OptT& kb, const QkvDims& d, bool interleaved,
                   bool per_head_layout, double eps, at::Tensor& qkv_c, at::Tensor& cos_c, at::Tensor& sin_c,
                   std::array<at::Tensor, 4>& norms_c) {
-  TORCH_CHECK(d.D <= kMaxHeadDim, "fastlm: head_dim must be <= ", kMaxHeadDim, " on CPU, got ", d.D);
   qkv_c = qkv.stride(2) == 1 ? qkv : qkv.contiguous();
   cos_c = cos.stride(2) == 1 ? cos : cos.contiguous();
   sin_c = sin.stride(2) == 1 ? sin : sin.contiguous();
@@ -355,6 +374,7 @@ QkvArgs make_args(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor
 }
 
 void fill_cache_args(QkvArgs& a, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& pos) {
+  a.cache = true;
   a.k_cache = k_cache.data_ptr();
   a.v_cache = v_cache.data_ptr();
   for (int i = 0; i < 3; ++i) {
@@ -366,6 +386,7 @@ void fill_cache_args(QkvArgs& a, const at::Tensor& k_cache, const at::Tensor& v_
   a.pos_sb = pos.stride(0);
   a.pos_ss = pos.stride(1);
   a.tmax = k_cache.size(2);
+  check_positions(a);
 }
 
 // q_out always; k_out/v_out (dense) or, when k_cache is defined, the caches + positions.
@@ -395,12 +416,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qkv_rope(const at::Tensor& qkv, c
                                                         const OptT& kw, const OptT& kb, int64_t H, int64_t Hkv,
                                                         int64_t D, int64_t R, bool interleaved, bool per_head_layout,
                                                         double eps) {
-  const QkvDims d = check_qkv_args(qkv, cos, sin, qw, qb, kw, kb, H, Hkv, D, R, per_head_layout);
-  at::Tensor q = at::empty({d.B, H, d.S, D}, qkv.options());
-  at::Tensor k = at::empty({d.B, Hkv, d.S, D}, qkv.options());
-  at::Tensor v = at::empty({d.B, Hkv, d.S, D}, qkv.options());
-  qkv_rope_out(qkv, cos, sin, qw, qb, kw, kb, H, Hkv, D, R, interleaved, per_head_layout, eps, q, k, v);
-  return {q, k, v};
+  const QkvDims d = check_qkv_args(qkv, cos, sin, qw, qb, kw, kb, H, Hkv, D, R, per_head_layout, eps);
+  auto out = qkv_dense_outputs(qkv, d);
+  run_qkv(qkv, cos, sin, qw, qb, kw, kb, d, interleaved, per_head_layout, eps, std::get<0>(out), std::get<1>(out),
+          std::get<2>(out), at::Tensor(), at::Tensor(), at::Tensor());
+  return out;
 }
 
 void qkv_rope_out(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const OptT& qw, const OptT& qb,
@@ -408,7 +428,7 @@ void qkv_rope_out(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor
                   bool per_head_layout, double eps, const at::Tensor& q_out, const at::Tensor& k_out,
                   const at::Tensor& v_out) {
   const QkvDims d =
-      check_qkv_out_args(qkv, cos, sin, qw, qb, kw, kb, H, Hkv, D, R, per_head_layout, q_out, k_out, v_out);
+      check_qkv_out_args(qkv, cos, sin, qw, qb, kw, kb, H, Hkv, D, R, per_head_layout, eps, q_out, k_out, v_out);
   run_qkv(qkv, cos, sin, qw, qb, kw, kb, d, interleaved, per_head_layout, eps, q_out, k_out, v_out, at::Tensor(),
           at::Tensor(), at::Tensor());
 }
@@ -417,10 +437,11 @@ at::Tensor qkv_rope_cache(const at::Tensor& qkv, const at::Tensor& cos, const at
                           const OptT& qb, const OptT& kw, const OptT& kb, const at::Tensor& k_cache,
                           const at::Tensor& v_cache, const at::Tensor& cache_positions, int64_t H, int64_t Hkv,
                           int64_t D, int64_t R, bool interleaved, bool per_head_layout, double eps) {
-  TORCH_CHECK(qkv.dim() == 3, "fastlm: qkv must be [B, S, W], got ", qkv.sizes());
-  at::Tensor q = at::empty({qkv.size(0), H, qkv.size(1), D}, qkv.options());
-  qkv_rope_cache_out(qkv, cos, sin, qw, qb, kw, kb, k_cache, v_cache, cache_positions, H, Hkv, D, R, interleaved,
-                     per_head_layout, eps, q);
+  const QkvDims d = check_qkv_args(qkv, cos, sin, qw, qb, kw, kb, H, Hkv, D, R, per_head_layout, eps);
+  check_caches(qkv, k_cache, v_cache, cache_positions, d);
+  at::Tensor q = at::empty({d.B, H, d.S, D}, qkv.options());
+  run_qkv(qkv, cos, sin, qw, qb, kw, kb, d, interleaved, per_head_layout, eps, q, at::Tensor(), at::Tensor(), k_cache,
+          v_cache, cache_positions);
   return q;
 }
 
@@ -430,7 +451,7 @@ void qkv_rope_cache_out(const at::Tensor& qkv, const at::Tensor& cos, const at::
                         int64_t D, int64_t R, bool interleaved, bool per_head_layout, double eps,
                         const at::Tensor& q_out) {
   const QkvDims d = check_qkv_cache_out_args(qkv, cos, sin, qw, qb, kw, kb, k_cache, v_cache, cache_positions, H,
-                                             Hkv, D, R, per_head_layout, q_out);
+                                             Hkv, D, R, per_head_layout, eps, q_out);
   run_qkv(qkv, cos, sin, qw, qb, kw, kb, d, interleaved, per_head_layout, eps, q_out, at::Tensor(), at::Tensor(),
           k_cache, v_cache, cache_positions);
 }

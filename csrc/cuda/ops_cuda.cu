@@ -83,7 +83,7 @@ void run_norm(bool rms, const at::Tensor& x, const OptT& residual, const at::Ten
 
 std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const OptT& residual, const at::Tensor& weight,
                                                 double eps, bool weight_in_fp32) {
-  check_norm_args(x, residual, weight, std::nullopt, true);
+  check_norm_args(x, residual, weight, std::nullopt, eps, true);
   at::Tensor y = at::empty(x.sizes(), x.options().dtype(rms_out_dtype(x, weight, weight_in_fp32)));
   at::Tensor h = residual ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
   if (x.numel() > 0) run_norm(true, x, residual, weight, std::nullopt, eps, weight_in_fp32, y, h);
@@ -92,7 +92,7 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const OptT&
 
 void add_rms_norm_out(const at::Tensor& x, const OptT& residual, const at::Tensor& weight, double eps,
                       bool weight_in_fp32, const at::Tensor& out, const OptT& residual_out) {
-  check_norm_args(x, residual, weight, std::nullopt, true);
+  check_norm_args(x, residual, weight, std::nullopt, eps, true);
   check_norm_outs("add_rms_norm_out", x, residual, rms_out_dtype(x, weight, weight_in_fp32), out, residual_out);
   if (x.numel() > 0)
     run_norm(true, x, residual, weight, std::nullopt, eps, weight_in_fp32, out,
@@ -101,7 +101,7 @@ void add_rms_norm_out(const at::Tensor& x, const OptT& residual, const at::Tenso
 
 std::tuple<at::Tensor, at::Tensor> add_layer_norm(const at::Tensor& x, const OptT& residual, const at::Tensor& weight,
                                                   const OptT& bias, double eps) {
-  check_norm_args(x, residual, weight, bias, false);
+  check_norm_args(x, residual, weight, bias, eps, false);
   at::Tensor y = at::empty(x.sizes(), x.options());
   at::Tensor h = residual ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
   if (x.numel() > 0) run_norm(false, x, residual, weight, bias, eps, false, y, h);
@@ -110,7 +110,7 @@ std::tuple<at::Tensor, at::Tensor> add_layer_norm(const at::Tensor& x, const Opt
 
 void add_layer_norm_out(const at::Tensor& x, const OptT& residual, const at::Tensor& weight, const OptT& bias,
                         double eps, const at::Tensor& out, const OptT& residual_out) {
-  check_norm_args(x, residual, weight, bias, false);
+  check_norm_args(x, residual, weight, bias, eps, false);
   check_norm_outs("add_layer_norm_out", x, residual, x.scalar_type(), out, residual_out);
   if (x.numel() > 0) run_norm(false, x, residual, weight, bias, eps, false, out, residual_out ? *residual_out : at::Tensor());
 }
@@ -121,8 +121,9 @@ void run_qkv(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin
              const at::Tensor& q_out, const at::Tensor& k_out, const at::Tensor& v_out, const at::Tensor& k_cache,
              const at::Tensor& v_cache, const at::Tensor& pos) {
   if (d.B * d.S == 0) return;
-  TORCH_CHECK(d.D <= fastlm::cuda::kQkvMaxHeadDim, "fastlm: head_dim must be <= ", fastlm::cuda::kQkvMaxHeadDim,
-              " on CUDA, got ", d.D);
+  TORCH_CHECK_VALUE(d.D <= fastlm::cuda::kQkvMaxHeadDim, "fastlm: head_dim must be <= ",
+                    fastlm::cuda::kQkvMaxHeadDim, " for the CUDA C++ kernel (backends 'triton' and 'torch' take any), "
+                    "got ", d.D);
   const c10::cuda::CUDAGuard guard(qkv.device());
   const at::Tensor q3 = qkv.stride(2) == 1 ? qkv : qkv.contiguous();
   const at::Tensor c3 = cos.stride(2) == 1 ? cos : cos.contiguous();
@@ -151,6 +152,7 @@ void run_qkv(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin
       p.vc_s0 = v_cache.stride(0); p.vc_s1 = v_cache.stride(1); p.vc_s2 = v_cache.stride(2);
       p.positions = pos.const_data_ptr(); p.positions64 = pos.scalar_type() == at::kLong;
       p.pos_sb = pos.stride(0); p.pos_ss = pos.stride(1);
+      p.tmax = k_cache.size(2);
     }
     check_cuda(fastlm::cuda::qkv_rope<T>(p, at::cuda::getCurrentCUDAStream()), "qkv_rope");
   });
@@ -161,7 +163,7 @@ void qkv_rope_out(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor
                   bool per_head_layout, double eps, const at::Tensor& q_out, const at::Tensor& k_out,
                   const at::Tensor& v_out) {
   const QkvDims d =
-      check_qkv_out_args(qkv, cos, sin, qw, qb, kw, kb, H, Hkv, D, R, per_head_layout, q_out, k_out, v_out);
+      check_qkv_out_args(qkv, cos, sin, qw, qb, kw, kb, H, Hkv, D, R, per_head_layout, eps, q_out, k_out, v_out);
   run_qkv(qkv, cos, sin, qw, qb, kw, kb, d, interleaved, per_head_layout, eps, q_out, k_out, v_out, at::Tensor(),
           at::Tensor(), at::Tensor());
 }
@@ -171,12 +173,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qkv_rope(const at::Tensor& qkv, c
                                                         const OptT& kw, const OptT& kb, int64_t H, int64_t Hkv,
                                                         int64_t D, int64_t R, bool interleaved, bool per_head_layout,
                                                         double eps) {
-  TORCH_CHECK(qkv.dim() == 3, "fastlm: qkv must be [B, S, W]");
-  at::Tensor q = at::empty({qkv.size(0), H, qkv.size(1), D}, qkv.options());
-  at::Tensor k = at::empty({qkv.size(0), Hkv, qkv.size(1), D}, qkv.options());
-  at::Tensor v = at::empty({qkv.size(0), Hkv, qkv.size(1), D}, qkv.options());
-  qkv_rope_out(qkv, cos, sin, qw, qb, kw, kb, H, Hkv, D, R, interleaved, per_head_layout, eps, q, k, v);
-  return {q, k, v};
+  const QkvDims d = check_qkv_args(qkv, cos, sin, qw, qb, kw, kb, H, Hkv, D, R, per_head_layout, eps);
+  auto out = qkv_dense_outputs(qkv, d);
+  run_qkv(qkv, cos, sin, qw, qb, kw, kb, d, interleaved, per_head_layout, eps, std::get<0>(out), std::get<1>(out),
+          std::get<2>(out), at::Tensor(), at::Tensor(), at::Tensor());
+  return out;
 }
 
 void qkv_rope_cache_out(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const OptT& qw,
@@ -184,8 +185,9 @@ void qkv_rope_cache_out(const at::Tensor& qkv, const at::Tensor& cos, const at::
                         const at::Tensor& v_cache, const at::Tensor& pos, int64_t H, int64_t Hkv, int64_t D,
                         int64_t R, bool interleaved, bool per_head_layout, double eps, const at::Tensor& q_out) {
   const QkvDims d = check_qkv_cache_out_args(qkv, cos, sin, qw, qb, kw, kb, k_cache, v_cache, pos, H, Hkv, D, R,
-                                             per_head_layout, q_out);
-  // Positions are not bounds-checked on the device (a host sync); the engine bounds them.
+                                             per_head_layout, eps, q_out);
+  // Positions are not bounds-checked here (reading them is a host sync): the kernel drops the k/v rows
+  // of a position outside [0, Tmax) instead of writing out of bounds (csrc/include/fastlm/qkv_rope.cuh).
   run_qkv(qkv, cos, sin, qw, qb, kw, kb, d, interleaved, per_head_layout, eps, q_out, at::Tensor(), at::Tensor(),
           k_cache, v_cache, pos);
 }
@@ -194,10 +196,12 @@ at::Tensor qkv_rope_cache(const at::Tensor& qkv, const at::Tensor& cos, const at
                           const OptT& qb, const OptT& kw, const OptT& kb, const at::Tensor& k_cache,
                           const at::Tensor& v_cache, const at::Tensor& pos, int64_t H, int64_t Hkv, int64_t D,
                           int64_t R, bool interleaved, bool per_head_layout, double eps) {
-  TORCH_CHECK(qkv.dim() == 3, "fastlm: qkv must be [B, S, W]");
-  at::Tensor q = at::empty({qkv.size(0), H, qkv.size(1), D}, qkv.options());
-  qkv_rope_cache_out(qkv, cos, sin, qw, qb, kw, kb, k_cache, v_cache, pos, H, Hkv, D, R, interleaved,
-                     per_head_layout, eps, q);
+  const QkvDims d = check_qkv_args(qkv, cos, sin, qw, qb, kw, kb, H, Hkv, D, R, per_head_layout, eps);
+  check_caches(qkv, k_cache, v_cache, pos, d);
+  at::Tensor q = at::empty({d.B, H, d.S, D}, qkv.options());
+  // cache_positions are not bounds-checked (see qkv_rope_cache_out)
+  run_qkv(qkv, cos, sin, qw, qb, kw, kb, d, interleaved, per_head_layout, eps, q, at::Tensor(), at::Tensor(), k_cache,
+          v_cache, pos);
   return q;
 }
 

@@ -19,6 +19,7 @@ import platform
 import torch
 
 from fastlm.ops._backend import register
+from fastlm.ops._checks import check_norm_args, check_same
 
 
 def _check_cpu_isa() -> None:
@@ -65,6 +66,17 @@ def status(device_type: str) -> tuple[bool, str]:
 
 # ---------------------------------------------------------------------------------------------------
 # Fake implementations: shapes/dtypes only (torch.compile, FakeTensor, meta).
+#
+# The dispatcher runs them also for a call mixing meta and real tensors (a meta weight beside a CPU x:
+# the Meta key outranks CPU), where the C++ kernel and its checks never run; so each first checks that
+# its tensor arguments share the first one's device, raising the C++ checks' ValueError. The norms,
+# whose public ops leave every check to the C++ op (checks_args), run the Python twin of its checks
+# (same errors, same order).
+
+
+def _same_device(ref_name, ref, **tensors):
+    for name, t in tensors.items():
+        check_same(name, t, ref, ref_name, dtype=False)
 
 
 def _norm_fake(x, residual):
@@ -74,28 +86,36 @@ def _norm_fake(x, residual):
 
 @torch.library.register_fake("fastlm::add_rms_norm")
 def _(x, residual, weight, eps, weight_in_fp32=False):
+    check_norm_args(x, residual, {"weight": weight}, eps, params_dtype=False)
     dtype = x.dtype if weight_in_fp32 else torch.promote_types(x.dtype, weight.dtype)
     return torch.empty(x.shape, dtype=dtype, device=x.device), _norm_fake(x, residual)
 
 
 @torch.library.register_fake("fastlm::add_rms_norm_out")
 def _(x, residual, weight, eps, weight_in_fp32, *, out, residual_out):
+    check_norm_args(x, residual, {"weight": weight}, eps, params_dtype=False)
+    _same_device("x", x, out=out, residual_out=residual_out)
     return None
 
 
 @torch.library.register_fake("fastlm::add_layer_norm")
 def _(x, residual, weight, bias, eps):
+    check_norm_args(x, residual, {"weight": weight, "bias": bias}, eps)
     return torch.empty_like(x, memory_format=torch.contiguous_format), _norm_fake(x, residual)
 
 
 @torch.library.register_fake("fastlm::add_layer_norm_out")
 def _(x, residual, weight, bias, eps, *, out, residual_out):
+    check_norm_args(x, residual, {"weight": weight, "bias": bias}, eps)
+    _same_device("x", x, out=out, residual_out=residual_out)
     return None
 
 
 @torch.library.register_fake("fastlm::qkv_rope")
 def _(qkv, cos, sin, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias, num_heads, num_kv_heads, head_dim,
       rotary_dim, interleaved, per_head_layout, qk_norm_eps):
+    _same_device("qkv", qkv, cos=cos, sin=sin, q_norm_weight=q_norm_weight, q_norm_bias=q_norm_bias,
+                 k_norm_weight=k_norm_weight, k_norm_bias=k_norm_bias)
     B, S = qkv.shape[0], qkv.shape[1]
     return (qkv.new_empty((B, num_heads, S, head_dim)), qkv.new_empty((B, num_kv_heads, S, head_dim)),
             qkv.new_empty((B, num_kv_heads, S, head_dim)))
@@ -104,18 +124,26 @@ def _(qkv, cos, sin, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias, num
 @torch.library.register_fake("fastlm::qkv_rope_out")
 def _(qkv, cos, sin, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias, num_heads, num_kv_heads, head_dim,
       rotary_dim, interleaved, per_head_layout, qk_norm_eps, *, q_out, k_out, v_out):
+    _same_device("qkv", qkv, cos=cos, sin=sin, q_norm_weight=q_norm_weight, q_norm_bias=q_norm_bias,
+                 k_norm_weight=k_norm_weight, k_norm_bias=k_norm_bias, q_out=q_out, k_out=k_out, v_out=v_out)
     return None
 
 
 @torch.library.register_fake("fastlm::qkv_rope_cache")
 def _(qkv, cos, sin, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias, k_cache, v_cache, cache_positions,
       num_heads, num_kv_heads, head_dim, rotary_dim, interleaved, per_head_layout, qk_norm_eps):
+    _same_device("qkv", qkv, cos=cos, sin=sin, q_norm_weight=q_norm_weight, q_norm_bias=q_norm_bias,
+                 k_norm_weight=k_norm_weight, k_norm_bias=k_norm_bias, k_cache=k_cache, v_cache=v_cache,
+                 cache_positions=cache_positions)
     return qkv.new_empty((qkv.shape[0], num_heads, qkv.shape[1], head_dim))
 
 
 @torch.library.register_fake("fastlm::qkv_rope_cache_out")
 def _(qkv, cos, sin, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias, k_cache, v_cache, cache_positions,
       num_heads, num_kv_heads, head_dim, rotary_dim, interleaved, per_head_layout, qk_norm_eps, *, q_out):
+    _same_device("qkv", qkv, cos=cos, sin=sin, q_norm_weight=q_norm_weight, q_norm_bias=q_norm_bias,
+                 k_norm_weight=k_norm_weight, k_norm_bias=k_norm_bias, k_cache=k_cache, v_cache=v_cache,
+                 cache_positions=cache_positions, q_out=q_out)
     return None
 
 
@@ -126,6 +154,7 @@ def _(gate_up):
 
 @torch.library.register_fake("fastlm::swiglu_out")
 def _(gate_up, *, out):
+    _same_device("gate_up", gate_up, out=out)
     return None
 
 
@@ -136,6 +165,7 @@ def _(x):
 
 @torch.library.register_fake("fastlm::relu2_out")
 def _(x, *, out):
+    _same_device("x", x, out=out)
     return None
 
 
@@ -151,16 +181,19 @@ def _(x):
 
 @torch.library.register_fake("fastlm::decode_attention")
 def _(q, k_cache, v_cache, lengths, scale):
+    _same_device("q", q, k_cache=k_cache, v_cache=v_cache, lengths=lengths)
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("fastlm::decode_attention_out")
 def _(q, k_cache, v_cache, lengths, scale, *, out):
+    _same_device("q", q, k_cache=k_cache, v_cache=v_cache, lengths=lengths, out=out)
     return None
 
 
 @torch.library.register_fake("fastlm::linear")
 def _(x, weight, bias=None, residual=None):
+    _same_device("x", x, weight=weight, bias=bias, residual=residual)
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 

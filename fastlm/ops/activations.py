@@ -36,6 +36,9 @@ def relu2_ref(x):
 @register("swiglu_", "torch")
 def swiglu_inplace_ref(gate_up):
     gate = gate_up[..., : gate_up.shape[-1] // 2]
+    if gate_up.requires_grad and torch.is_grad_enabled():
+        # autograd forbids writing into one of chunk's views, and silu saved gate for its backward
+        return gate.copy_(swiglu_ref(gate_up.clone()))
     return gate.copy_(swiglu_ref(gate_up))
 
 
@@ -56,17 +59,27 @@ def _check_relu2(x):
         raise ValueError("relu2 needs at least one dim, got a 0-d tensor")
 
 
+# The kernel backends have no backward: with grad enabled and an input requiring grad, the public ops
+# return the reference's result (and graph) instead. Out of place, the kernel's output tells (it requires
+# grad exactly then, one attribute read); in place, it must be known before anything is written.
+
+
 def swiglu(gate_up: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """``silu(gate_up[..., :I]) * gate_up[..., I:]`` -> [..., I]."""
     fn = dispatch("swiglu", backend, device_of("gate_up", gate_up))
     if not fn.checks_args:
         _check_swiglu(gate_up)
-    return fn(gate_up)
+    out = fn(gate_up)
+    if out.requires_grad and fn is not swiglu_ref:
+        return swiglu_ref(gate_up)
+    return out
 
 
 def swiglu_(gate_up: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """:func:`swiglu` written into ``gate_up``'s gate half; returns that view, ``gate_up[..., :I]``."""
     fn = dispatch("swiglu_", backend, device_of("gate_up", gate_up))
+    if gate_up.requires_grad and torch.is_grad_enabled():
+        fn = swiglu_inplace_ref
     if not fn.checks_args:
         _check_swiglu(gate_up)
     return fn(gate_up)
@@ -77,12 +90,17 @@ def relu2(x: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     fn = dispatch("relu2", backend, device_of("x", x))
     if not fn.checks_args:
         _check_relu2(x)
-    return fn(x)
+    out = fn(x)
+    if out.requires_grad and fn is not relu2_ref:
+        return relu2_ref(x)
+    return out
 
 
 def relu2_(x: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """:func:`relu2` in place; returns ``x``."""
     fn = dispatch("relu2_", backend, device_of("x", x))
+    if x.requires_grad and torch.is_grad_enabled():
+        fn = relu2_inplace_ref
     if not fn.checks_args:
         _check_relu2(x)
     return fn(x)

@@ -5,54 +5,114 @@
 * ``decode_attention(q, k_cache, v_cache, lengths, scale)``: one new token per sequence, q [B, H, D],
   caches [B, Hkv, Tmax, D], ``lengths`` [B] (int32/int64, each in [1, Tmax]): sequence b attends to
   cache slots [0, lengths[b]). Query head h reads kv head h // (H / Hkv). fp32 accumulation.
+  Slots past a length are never part of the answer, whatever they hold (NaN or inf included).
   A kernel reads each sequence's valid K/V once (2 * len * Hkv * D elements) and q once; eager SDPA
   over the full static cache reads Tmax slots and materialises a mask.
+
+Lengths outside [1, Tmax] raise a ValueError on CPU tensors, in every backend. On CUDA they are not
+checked (their values live on the device: a check is a host sync per call), nor inside a torch.compile
+graph (which cannot branch on them); there a length above Tmax attends to all Tmax slots and a length
+<= 0 gives NaN rows (a softmax over no slots), in the reference and the Triton kernel alike, and no
+kernel reads outside the cache.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 
 from fastlm.ops._backend import dispatch, register
-from fastlm.ops._checks import check_float, check_same
+from fastlm.ops._checks import as_finite, check_float, check_in_range, check_index, check_same
+
+
+def check_lengths(lengths: torch.Tensor, t_max: int) -> tuple[int, int] | None:
+    """lengths in [1, Tmax], and their (min, max); None where they are not read (check_in_range)."""
+    return check_in_range("lengths", lengths, 1, t_max, f"[1, Tmax] = [1, {t_max}]: each sequence attends to 1 to "
+                          "Tmax cache slots")
 
 
 @register("decode_attention", "torch")
 def decode_attention_ref(q, k_cache, v_cache, lengths, scale: float):
     B, H, D = q.shape
     Hkv, T = k_cache.shape[1], k_cache.shape[2]
+    span = check_lengths(lengths, T)  # (min, max), on CPU in eager mode
+    if span is not None and span[1] < T:  # read only up to the longest sequence
+        T = span[1]
+        k_cache, v_cache = k_cache[:, :, :T], v_cache[:, :, :T]
     qg = q.float().view(B, Hkv, H // Hkv, D)  # [B, Hkv, G, D]: query heads grouped by their kv head
     scores = torch.einsum("bkgd,bktd->bkgt", qg, k_cache.float()) * scale
-    valid = torch.arange(T, device=q.device).view(1, 1, 1, T) < lengths.view(B, 1, 1, 1)
+    valid = torch.arange(T, device=q.device).view(1, 1, 1, T) < lengths.view(B, 1, 1, 1)  # [B, 1, 1, T]
     probs = scores.masked_fill(~valid, float("-inf")).softmax(dim=-1)
-    out = torch.einsum("bkgt,bktd->bkgd", probs, v_cache.float())
+    # V slots past a length hold anything (a reused cache: NaN, inf), and 0 * NaN is NaN: never read them
+    if span is None:  # without reading the lengths (on the device, or traced): zeroed
+        out = torch.einsum("bkgt,bktd->bkgd", probs, v_cache.float().masked_fill(~valid.view(B, 1, T, 1), 0.0))
+    elif span[0] < span[1]:  # on CPU, lengths that differ: each sequence over its own slots
+        out = torch.stack([torch.einsum("kgt,ktd->kgd", probs[b, ..., :n], v_cache[b, :, :n].float())
+                           for b, n in enumerate(lengths.tolist())])
+    else:  # one length: every slot read is valid
+        out = torch.einsum("bkgt,bktd->bkgd", probs, v_cache.float())
     return out.reshape(B, H, D).to(q.dtype)
 
 
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
-                     scale: float, *, backend: str = "auto") -> torch.Tensor:
-    """Attention of one query token per sequence over the first ``lengths[b]`` cache slots -> [B, H, D]."""
+def _check_decode(q, k_cache, v_cache, lengths, scale):
     check_float("q", q)
     if q.dim() != 3:
         raise ValueError(f"q must be [B, H, D], got shape {tuple(q.shape)}")
     B, H, D = q.shape
     for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
-        check_same(name, c, q, "q")
-        if c.dim() != 4 or c.shape[0] != B or c.shape[3] != D or H % c.shape[1]:
-            raise ValueError(f"{name} must be [B, Hkv, Tmax, D] with B={B}, D={D} and Hkv dividing H={H}, "
+        check_same(name, c, q, "q", required=True)
+        if c.dim() != 4 or c.shape[0] != B or c.shape[3] != D or c.shape[1] == 0 or H % c.shape[1]:
+            raise ValueError(f"{name} must be [B, Hkv, Tmax, D] with B={B}, D={D} and Hkv > 0 dividing H={H}, "
                              f"got {tuple(c.shape)}")
     if k_cache.shape != v_cache.shape:
         raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ in shape")
-    if lengths.dtype not in (torch.int32, torch.int64) or tuple(lengths.shape) != (B,):
-        raise ValueError(f"lengths must be an int32/int64 [B] = [{B}] tensor, got {lengths.dtype} "
-                         f"{tuple(lengths.shape)}")
-    check_same("lengths", lengths, q, "q", dtype=False)
-    return dispatch("decode_attention", backend, q.device)(q, k_cache, v_cache, lengths, float(scale))
+    check_index("lengths", lengths, (B,), q, "q")
+    return scale if type(scale) is float and math.isfinite(scale) else as_finite("scale", scale)
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
+                     scale: float, *, backend: str = "auto") -> torch.Tensor:
+    """Attention of one query token per sequence over the first ``lengths[b]`` cache slots -> [B, H, D].
+    Differentiable: with grad enabled and an input requiring grad, the reference computes it."""
+    scale = _check_decode(q, k_cache, v_cache, lengths, scale)
+    fn = dispatch("decode_attention", backend, q.device)
+    out = fn(q, k_cache, v_cache, lengths, scale)
+    if out.requires_grad and fn is not decode_attention_ref:  # a kernel has no backward
+        return decode_attention_ref(q, k_cache, v_cache, lengths, scale)
+    return out
+
+
+def _check_prefill(q, k, v, attn_mask, scale):
+    check_float("q", q)
+    if q.dim() != 4:
+        raise ValueError(f"q must be [B, H, S, D], got shape {tuple(q.shape)}")
+    B, H, S, D = q.shape
+    for name, t in (("k", k), ("v", v)):
+        check_same(name, t, q, "q", required=True)
+        if t.dim() != 4 or t.shape[0] != B or t.shape[1] == 0 or H % t.shape[1]:
+            raise ValueError(f"{name} must be [B, Hkv, T, D] with B={B} and Hkv > 0 dividing H={H}, "
+                             f"got {tuple(t.shape)}")
+    if k.shape[3] != D:
+        raise ValueError(f"k must have q's head dim D={D}, got shape {tuple(k.shape)}")
+    if v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"v must be [B, Hkv, T, Dv] with k's B, Hkv, T = {tuple(k.shape[:3])}, got {tuple(v.shape)}")
+    if attn_mask is not None:
+        check_same("attn_mask", attn_mask, q, "q", dtype=False, required=True)
+        if attn_mask.dtype != torch.bool and attn_mask.dtype != q.dtype:
+            raise TypeError(f"attn_mask must be bool or q's dtype ({q.dtype}), got {attn_mask.dtype}")
+        full = (B, H, S, k.shape[2])
+        if attn_mask.dim() > 4 or any(m not in (1, n) for m, n in zip(attn_mask.shape[::-1], full[::-1])):
+            raise ValueError(f"attn_mask must broadcast to [B, H, S, T] = {list(full)}, got {tuple(attn_mask.shape)}")
+    return None if scale is None else as_finite("scale", scale)
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
                       *, is_causal: bool = True, scale: float | None = None) -> torch.Tensor:
-    """SDPA over q [B, H, S, D], k/v [B, Hkv, T, D] -> [B, H, S, D]. A mask overrides ``is_causal``."""
+    """SDPA over q [B, H, S, D], k/v [B, Hkv, T, D] -> [B, H, S, D]. A mask (bool, or additive in q's
+    dtype, broadcasting to [B, H, S, T]) overrides ``is_causal``."""
+    scale = _check_prefill(q, k, v, attn_mask, scale)
+    is_causal = bool(is_causal)
     if q.is_cuda and attn_mask is None and q.dtype != torch.float32:
         flash = _flash_attn()
         if flash is not None:

@@ -20,20 +20,28 @@ def linear_ref(x, weight, bias=None, residual=None):
     if residual is None:
         return F.linear(x, weight, bias)
     if bias is None:
-        out = torch.addmm(residual.reshape(-1, residual.shape[-1]), x.reshape(-1, x.shape[-1]), weight.t())
+        rows = residual.shape[:-1].numel()  # not -1: ambiguous for zero-size rows
+        out = torch.addmm(residual.reshape(rows, residual.shape[-1]), x.reshape(rows, x.shape[-1]), weight.t())
         return out.view(residual.shape)
     return residual + F.linear(x, weight, bias)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            residual: torch.Tensor | None = None, *, backend: str = "auto") -> torch.Tensor:
-    """``x @ weight.T (+ bias) (+ residual)``; x: [..., K], weight: [N, K], bias: [N], residual: [..., N]."""
+    """``x @ weight.T (+ bias) (+ residual)``; x: [..., K], weight: [N, K], bias: [N], residual: [..., N].
+    Differentiable: with grad enabled and an input requiring grad, the reference computes it."""
     check_float("x", x)
-    check_same("weight", weight, x, "x")
+    if x.dim() == 0:
+        raise ValueError("x must be [..., K], got a 0-d tensor")
+    check_same("weight", weight, x, "x", required=True)
     if weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
         raise ValueError(f"weight must be [N, K] with K = x.shape[-1] = {x.shape[-1]}, got {tuple(weight.shape)}")
     check_same("bias", bias, x, "x")
     check_shape("bias", bias, (weight.shape[0],))
     check_same("residual", residual, x, "x")
     check_shape("residual", residual, (*x.shape[:-1], weight.shape[0]))
-    return dispatch("linear", backend, x.device)(x, weight, bias, residual)
+    fn = dispatch("linear", backend, x.device)
+    out = fn(x, weight, bias, residual)
+    if out.requires_grad and fn is not linear_ref:  # a kernel has no backward: the reference's graph
+        return linear_ref(x, weight, bias, residual)
+    return out

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from fastlm.ops._backend import dispatch, register
-from fastlm.ops._checks import check_norm_args, device_of
+from fastlm.ops._checks import as_real, check_norm_args, device_of
 
 
 @register("add_rms_norm", "torch")
@@ -34,8 +34,20 @@ def add_rms_norm_ref(x, residual, weight, eps: float, weight_in_fp32: bool = Fal
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
                  weight_in_fp32: bool = False, *, backend: str = "auto"):
-    """``(rmsnorm(x + residual) * weight, x + residual)``; x, residual: [..., N], weight: [N]."""
+    """``(rmsnorm(x + residual) * weight, x + residual)``; x, residual: [..., N], weight: [N] (x's dtype or
+    float32). Differentiable: with grad enabled and an input requiring grad, the reference computes it."""
     fn = dispatch("add_rms_norm", backend, device_of("x", x))
+    eps = eps if type(eps) is float else as_real("eps", eps)  # its range: the checks (C++ or Python)
+    weight_in_fp32 = bool(weight_in_fp32)
     if not fn.checks_args:
-        check_norm_args(x, residual, {"weight": weight}, params_dtype=False)
-    return fn(x, residual, weight, float(eps), bool(weight_in_fp32))
+        check_norm_args(x, residual, {"weight": weight}, eps, params_dtype=False)
+    try:
+        y, h = fn(x, residual, weight, eps, weight_in_fp32)
+    except (TypeError, NotImplementedError):
+        # A checks_args op failed before its own checks: a non-tensor argument in the binding, or the
+        # dispatcher finding no kernel for some argument's device. The Python checks name the argument.
+        check_norm_args(x, residual, {"weight": weight}, eps, params_dtype=False)
+        raise
+    if y.requires_grad and fn is not add_rms_norm_ref:  # a kernel has no backward: the reference's graph
+        return add_rms_norm_ref(x, residual, weight, eps, weight_in_fp32)
+    return y, h

@@ -36,7 +36,8 @@ struct MathOps<float> {
     return std::exp(x);
 #endif
   }
-  static FASTLM_HD FASTLM_INLINE float max(float a, float b) { return a > b ? a : b; }
+  // NaN in a propagates (as torch.relu and ATen's vectorised maximum do): relu2(NaN) is NaN, not 0.
+  static FASTLM_HD FASTLM_INLINE float max(float a, float b) { return (a > b || a != a) ? a : b; }
 };
 
 // ---- norm finalisation: statistics (fp32 sums over n elements) -> rstd ----------------------------

@@ -2,7 +2,9 @@
 // elements (16-byte packs when aligned) into registers, applies the optional qk-LayerNorm with warp
 // reductions, stages the normalised row in shared memory so each lane can fetch its RoPE partner,
 // rotates the first rotary_dim elements and writes q (dense [B, H, S, D]) and k/v (dense [B, Hkv, S, D]
-// or into the [B, Hkv, Tmax, D] caches at cache_positions[b, s]). v is copied.
+// or into the [B, Hkv, Tmax, D] caches at cache_positions[b, s]). v is copied. A position outside
+// [0, Tmax) is not checked on the host (that would need a sync): its k/v rows are not written at all,
+// so a bad position never writes out of bounds (q is still written).
 #pragma once
 
 #include "fastlm/common.cuh"
@@ -32,6 +34,7 @@ struct QkvParams {
   const void* positions;   // [B, S] int32 or int64
   bool positions64;
   int64_t pos_sb, pos_ss;
+  int64_t tmax;            // cache slots: k/v of a position outside [0, tmax) are dropped
 };
 
 template <typename T, int V>
@@ -55,6 +58,7 @@ __global__ void __launch_bounds__(kQkvWarps * 32, 4) qkv_rope_kernel(const QkvPa
   for (int slot = warp; slot < total_heads; slot += kQkvWarps) {
     const int kind = slot < p.H ? 0 : (slot < p.H + p.Hkv ? 1 : 2);
     const int h = kind == 0 ? slot : (kind == 1 ? slot - p.H : slot - p.H - p.Hkv);
+    if (kind != 0 && p.k_out == nullptr && (pos < 0 || pos >= p.tmax)) continue;  // warp-uniform
     const T* src = p.per_head_layout ? row + (3 * h + kind) * D : row + slot * D;
     T* dst;
     if (kind == 0) {
