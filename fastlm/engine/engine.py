@@ -115,7 +115,7 @@ class Engine:
         if runner.device.type == "cuda" and self.cuda_graph:
             if slot.graphs is None:
                 slot.graphs = GraphRunner(runner)
-            return "cuda_graph" if slot.graphs.failed is None else "eager"
+            return "cuda_graph"
         if self.compile:
             return "compiled"
         return "eager"
@@ -131,14 +131,15 @@ class Engine:
 
     # ---- the loop ----------------------------------------------------------------------------
     def run(self, prompts: list[list[int]], *, config: SamplingConfig, max_new_tokens: int, stop_ids: list[int],
-            seed: int, limit: int, result: GenerationResult, check_every: int | None = None, session=None
-            ) -> Iterator[torch.Tensor]:
+            seed: int, limit: int, result: GenerationResult, check_every: int | None = None, session=None,
+            stop_check=None) -> Iterator[torch.Tensor]:
         """Yield each step's emitted tokens: a device tensor [B] (NO_TOKEN = finished). Fills ``result``.
 
         The call leases its own slot for as long as it runs (until the generator finishes, or is
         closed or collected), so a paused stream keeps its cache while other calls decode. With a
         ``session`` (fastlm.engine.session, one prompt) the slot is the session's: only the prompt's
-        tokens past what the session's cache already holds are prefilled."""
+        tokens past what the session's cache already holds are prefilled. ``stop_check``: a callable asked
+        at each "all finished" check whether the caller wants no more tokens (its stop strings matched)."""
         B = len(prompts)
         lengths_host = [len(p) for p in prompts]
         S = max(lengths_host)
@@ -156,7 +157,8 @@ class Engine:
         emitted: list[torch.Tensor] = []
         try:
             yield from self._run(slot, prompts, rows, start, emitted, config=config, max_new_tokens=max_new_tokens,
-                                 stop_ids=stop_ids, seed=seed, limit=limit, result=result, check_every=check_every)
+                                 stop_ids=stop_ids, seed=seed, limit=limit, result=result, check_every=check_every,
+                                 stop_check=stop_check)
         finally:
             if session is None:
                 self._release(slot)
@@ -164,7 +166,7 @@ class Engine:
                 session.record(prompts[0], emitted)
 
     def _run(self, slot: _Slot, prompts, rows: int, start: int, emitted: list, *, config, max_new_tokens, stop_ids,
-             seed, limit, result, check_every) -> Iterator[torch.Tensor]:
+             seed, limit, result, check_every, stop_check=None) -> Iterator[torch.Tensor]:
         """The call on ``slot``: prefill of every prompt's tokens from ``start`` on, then decode steps.
         Appends what it yields to ``emitted``."""
         B = len(prompts)
@@ -178,7 +180,9 @@ class Engine:
         check_every = self.check_every if check_every is None else max(1, int(check_every))
         result.mode, result.backend = mode, runner.backend
         device = runner.device
-        if mode == "cuda_graph" and not slot.graphs.prepare(rows, config):
+        # The step's ops depend on the sampling structure only; temperature / top_p are device tensors.
+        step_config = config.structure()
+        if mode == "cuda_graph" and not slot.graphs.prepare(rows, step_config):
             mode = result.mode = "eager"
         step = self._step_fn(slot, mode)
 
@@ -192,13 +196,15 @@ class Engine:
             lengths = torch.tensor(lengths_host, dtype=torch.int64).to(device, non_blocking=True)
             st = runner.state
             st.seed.fill_(seed)
+            st.temperature.fill_(config.temperature if not config.greedy else 1.0)
+            st.top_p.fill_(config.top_p if config.top_p is not None else 1.0)
             st.counter.zero_()
             st.limit.fill_(limit)
             stops = torch.full((MAX_STOP_IDS,), NO_TOKEN, dtype=torch.int64)
             stops[: len(stop_ids)] = torch.as_tensor(stop_ids, dtype=torch.int64)
             st.stop_ids.copy_(stops.to(device, non_blocking=True))
             logits = runner.prefill(ids, lengths, start)
-            first = sample(logits, config, st.seed, st.counter)
+            first = sample(logits, config, st.seed, st.counter, st.temperature, st.top_p)
             is_stop = (first.unsqueeze(1) == st.stop_ids.unsqueeze(0)).any(dim=1)
             # Rows past B (bucket padding) are finished dummies: they decode at slot 0 and emit nothing.
             st.tokens.zero_(); st.positions.zero_(); st.out.fill_(NO_TOKEN)
@@ -221,13 +227,13 @@ class Engine:
         for s in range(1, max_new_tokens):
             if min_len + s - 1 >= limit:  # every sequence has finished or is out of room
                 break
-            if s % check_every == 0 and bool(st.done[:B].all()):
+            if s % check_every == 0 and (bool(st.done[:B].all()) or (stop_check is not None and stop_check())):
                 break
             with torch.inference_mode():
                 if mode == "cuda_graph":
-                    slot.graphs.replay(rows, config)
+                    slot.graphs.replay(rows, step_config)
                 else:
-                    step(rows, config)
+                    step(rows, step_config)
                 out = st.out[:B].clone()
             steps += 1
             emitted.append(out)

@@ -1,12 +1,10 @@
 """The engine's own layer loop over a patched model: prefill into the static cache, and the decode step.
 
-Per layer, with the fused modules' pieces (fastlm.modules):
+Per layer, the fused modules' own layer body (fastlm.modules.decoder.layer_body, which HF's forward
+runs too) with the engine's attention block:
 
-    y, _   = input_layernorm.add_forward(x, None)
-    q      = ops.qkv_rope_cache(attn.project_qkv(y), cos, sin, k_cache, v_cache, positions)  # k/v -> cache
-    a      = out_proj(attention(q, cache))              # prefill_attention | decode_attention
-    sequential: y2, r = post_attention_layernorm.add_forward(a, x);  x = mlp(y2, residual=r)
-    parallel:   x = mlp(y, residual=x + a)
+    q = ops.qkv_rope_cache(attn.project_qkv(h), cos, sin, k_cache, v_cache, positions)  # k/v -> cache
+    a = out_proj(attention(q, cache))                   # prefill_attention | decode_attention
 
 The decode step (``decode_step``) has static shapes and keeps all of its state in device tensors that
 it updates in place (``DecodeState``), so one call is one replay of a CUDA graph and compiles with
@@ -24,6 +22,7 @@ from fastlm.engine.cache import StaticKVCache
 from fastlm.engine.rope import RopeTables
 from fastlm.engine.sampling import SamplingConfig, sample
 from fastlm.modules._linear import project_linear
+from fastlm.modules.decoder import layer_body
 
 # Finish reasons, as stored in DecodeState.reason.
 RUNNING, EOS, CACHE_FULL = 0, 1, 2
@@ -44,13 +43,16 @@ class DecodeState:
     seed: torch.Tensor       # [1] int64
     limit: torch.Tensor      # [1] int64: this call's capacity in tokens (<= cache max_len)
     stop_ids: torch.Tensor   # [MAX_STOP_IDS] int64
+    temperature: torch.Tensor  # [1] fp32: this call's sampling temperature (no graph bakes it in)
+    top_p: torch.Tensor        # [1] fp32
 
     @classmethod
     def allocate(cls, batch: int, device) -> "DecodeState":
         z = lambda n, dt=torch.int64: torch.zeros(n, dtype=dt, device=device)  # noqa: E731
         return cls(tokens=z(batch), positions=z(batch), done=z(batch, torch.bool), reason=z(batch),
                    out=z(batch), counter=z(1), seed=z(1), limit=z(1),
-                   stop_ids=torch.full((MAX_STOP_IDS,), NO_TOKEN, dtype=torch.int64, device=device))
+                   stop_ids=torch.full((MAX_STOP_IDS,), NO_TOKEN, dtype=torch.int64, device=device),
+                   temperature=torch.ones(1, device=device), top_p=torch.ones(1, device=device))
 
 
 class ModelRunner:
@@ -78,7 +80,6 @@ class ModelRunner:
         self.attn = [layer.self_attn for layer in self.layers]
         self.out_proj = [getattr(layer.self_attn, layer.self_attn._fastlm_spec.out_name) for layer in self.layers]
         self.scaling = [float(layer.self_attn.scaling) for layer in self.layers]
-        self.parallel = [bool(layer._fastlm_parallel_residual) for layer in self.layers]
         self.cache = StaticKVCache(len(self.layers), batch, self.num_kv_heads, max_len, self.head_dim,
                                    self.dtype, self.device)
         self.rope = RopeTables(base.rotary_emb, max_len, self.dtype, self.device)
@@ -91,15 +92,11 @@ class ModelRunner:
         return dispatch("qkv_rope_cache", backend, self.device)(qkv, cos, sin, *norms, k_cache, v_cache,
                                                                 cache_pos, *static)
 
-    # ---- shared layer body ----------------------------------------------------------------
+    # ---- the layer body (fastlm.modules.decoder.layer_body, shared with HF's forward) --------------
     def _layer(self, i: int, x: torch.Tensor, attend) -> torch.Tensor:
-        layer = self.layers[i]
-        y, _ = layer.input_layernorm.add_forward(x, None)
-        a = project_linear(attend(i, layer.self_attn.project_qkv(y)), self.out_proj[i], self.backend)
-        if self.parallel[i]:
-            return layer.mlp(y, residual=x + a)
-        y2, r = layer.post_attention_layernorm.add_forward(a, x)
-        return layer.mlp(y2, residual=r)
+        attn, out_proj, backend = self.attn[i], self.out_proj[i], self.backend
+        return layer_body(self.layers[i], x,
+                          lambda h: project_linear(attend(i, attn.project_qkv(h)), out_proj, backend))
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, hidden] (last positions only) -> logits [B, V]."""
@@ -162,7 +159,7 @@ class ModelRunner:
         for i in range(len(self.layers)):
             x = self._layer(i, x, attend)
         logits = self._logits(x[:, 0])
-        nxt = sample(logits, config, st.seed, st.counter)
+        nxt = sample(logits, config, st.seed, st.counter, st.temperature, st.top_p)
         active = ~done
         nxt = torch.where(active, nxt, NO_TOKEN)
         is_stop = active & (nxt.unsqueeze(1) == st.stop_ids.unsqueeze(0)).any(dim=1)

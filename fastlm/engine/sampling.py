@@ -44,6 +44,15 @@ class SamplingConfig:
     def greedy(self) -> bool:
         return self.temperature <= 0
 
+    def structure(self) -> "SamplingConfig":
+        """The config with only what decides the step's ops (greedy or not, top_k, whether top-p
+        applies): the key of a compiled step or a captured graph. Temperature and top_p themselves are
+        device tensors the step reads (``sample``'s ``temperature`` / ``top_p``), so changing them
+        needs no new graph."""
+        if self.greedy:
+            return SamplingConfig()
+        return SamplingConfig(1.0, self.top_k, 0.5 if self.top_p is not None and self.top_p < 1.0 else None)
+
 
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
     """(x * c) mod 2**32 for x in [0, 2**32), without int64 overflow (16-bit split of c)."""
@@ -74,15 +83,18 @@ def _gumbel_argmax(scores: torch.Tensor, seed, counter) -> torch.Tensor:
     return torch.argmax(scores - torch.log(-torch.log(u)), dim=-1)
 
 
-def _top_p_mask(sorted_scores: torch.Tensor, top_p: float) -> torch.Tensor:
+def _top_p_mask(sorted_scores: torch.Tensor, top_p) -> torch.Tensor:
     """Scores sorted descending -> the same with candidates outside the nucleus set to -inf (keeps >= 1)."""
     probs = sorted_scores.softmax(dim=-1)
     before = probs.cumsum(dim=-1) - probs  # mass strictly above each candidate
     return sorted_scores.masked_fill(before > top_p, float("-inf"))
 
 
-def sample(logits: torch.Tensor, config: SamplingConfig, seed: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
-    """logits [B, V] (any float dtype) -> next tokens [B] int64, entirely on the device."""
+def sample(logits: torch.Tensor, config: SamplingConfig, seed: torch.Tensor, counter: torch.Tensor,
+           temperature: torch.Tensor | None = None, top_p: torch.Tensor | None = None) -> torch.Tensor:
+    """logits [B, V] (any float dtype) -> next tokens [B] int64, entirely on the device. ``temperature``
+    and ``top_p`` ([1] fp32 device tensors) override ``config``'s values (whose structure still decides
+    the ops: see :meth:`SamplingConfig.structure`)."""
     if config.greedy:
         # widening is exact (same maximum, same first index on ties); ATen's fp32 argmax is vectorised
         # on CPU, its bf16 one is not (~3.5x slower over a 32k vocabulary)
@@ -90,14 +102,16 @@ def sample(logits: torch.Tensor, config: SamplingConfig, seed: torch.Tensor, cou
     # Shifted so the maximum is 0 before dividing: logits / T overflows to inf for tiny T (and inf - inf
     # is NaN in the softmax of top-p); shifted, a tiny T just tends to greedy, as it should.
     scores = logits.float()
-    scores = (scores - scores.amax(dim=-1, keepdim=True)) / config.temperature
+    scores = (scores - scores.amax(dim=-1, keepdim=True)) / (config.temperature if temperature is None
+                                                             else temperature)
+    p = config.top_p if top_p is None else top_p
     if config.top_k is not None and config.top_k < scores.shape[-1]:
         values, indices = torch.topk(scores, config.top_k, dim=-1)  # sorted descending
         if config.top_p is not None and config.top_p < 1.0:
-            values = _top_p_mask(values, config.top_p)
+            values = _top_p_mask(values, p)
         return indices.gather(-1, _gumbel_argmax(values, seed, counter).unsqueeze(-1)).squeeze(-1)
     if config.top_p is not None and config.top_p < 1.0:
         values, indices = torch.sort(scores, dim=-1, descending=True)
-        values = _top_p_mask(values, config.top_p)
+        values = _top_p_mask(values, p)
         return indices.gather(-1, _gumbel_argmax(values, seed, counter).unsqueeze(-1)).squeeze(-1)
     return _gumbel_argmax(scores, seed, counter)

@@ -11,9 +11,24 @@ own forward (autograd enabled => ``super().forward``), so gradients are HF's exa
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from fastlm.modules._swap import swap_in
+
+
+def layer_body(layer, x: torch.Tensor, attend: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """One fused decoder layer over the residual stream x [B, S, hidden] -> [B, S, hidden]: the one
+    layer body HF's forward (FusedDecoderLayer) and the engine (fastlm.engine.runner) both run.
+    ``attend(h)``: the attention block on the normed input, output projection included (HF's attention
+    with HF's cache and mask, or the engine's static cache and decode attention)."""
+    h, _ = layer.input_layernorm.add_forward(x, None)
+    a = attend(h)
+    if layer._fastlm_parallel_residual:
+        return layer.mlp(h, residual=x + a)
+    y, residual = layer.post_attention_layernorm.add_forward(a, x)
+    return layer.mlp(y, residual=residual)
 
 
 class FusedDecoderLayer:
@@ -25,12 +40,7 @@ class FusedDecoderLayer:
         if torch.is_grad_enabled() or args:
             return super().forward(hidden_states, *args, **kwargs)
         kwargs.pop("use_cache", None)
-        h, _ = self.input_layernorm.add_forward(hidden_states, None)
-        attn_out, _ = self.self_attn(hidden_states=h, **kwargs)
-        if self._fastlm_parallel_residual:
-            return self.mlp(h, residual=hidden_states + attn_out)
-        y, residual = self.post_attention_layernorm.add_forward(attn_out, hidden_states)
-        return self.mlp(y, residual=residual)
+        return layer_body(self, hidden_states, lambda h: self.self_attn(hidden_states=h, **kwargs)[0])
 
 
 
