@@ -229,7 +229,7 @@ def add_layer_norm_cpp(x, residual, weight, bias, eps: float):
     return y, (x if residual is None else h)
 
 
-@register("qkv_rope", "cpp")
+@register("qkv_rope", "cpp", checks_args=True)
 def qkv_rope_cpp(qkv, cos, sin, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias, num_heads: int,
                  num_kv_heads: int, head_dim: int, rotary_dim: int, interleaved: bool, per_head_layout: bool,
                  qk_norm_eps: float):
@@ -238,7 +238,7 @@ def qkv_rope_cpp(qkv, cos, sin, q_norm_weight, q_norm_bias, k_norm_weight, k_nor
         rotary_dim, interleaved, per_head_layout, qk_norm_eps)
 
 
-@register("qkv_rope_cache", "cpp")
+@register("qkv_rope_cache", "cpp", checks_args=True)
 def qkv_rope_cache_cpp(qkv, cos, sin, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias, k_cache, v_cache,
                        cache_positions, num_heads: int, num_kv_heads: int, head_dim: int, rotary_dim: int,
                        interleaved: bool, per_head_layout: bool, qk_norm_eps: float):

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from fastlm.ops._backend import dispatch, register
 from fastlm.ops._checks import (as_eps, as_int, check_float, check_in_range, check_index, check_no_internal_overlap,
-                                 check_same)
+                                 check_same, device_of)
 
 
 def split_heads(qkv, num_heads, num_kv_heads, head_dim, per_head_layout):
@@ -131,13 +131,12 @@ def _as_static(num_heads, num_kv_heads, head_dim, rotary_dim, qk_norm_eps):
     return num_heads, num_kv_heads, head_dim, rotary_dim, qk_norm_eps
 
 
-def _check(qkv, cos, sin, norms, num_heads, num_kv_heads, head_dim, rotary_dim, per_head_layout, qk_norm_eps):
+def _check(qkv, cos, sin, norms, H, Hkv, D, R, per_head_layout, eps) -> None:
     """The qkv_rope arguments (csrc/checks.h, check_qkv_args, raises the same errors); ``norms``: the
-    q/k norm weight and bias (or None). Returns the static arguments as Python numbers."""
+    q/k norm weight and bias (or None); the static ones already through :func:`_as_static`."""
     check_float("qkv", qkv)
     if qkv.dim() != 3:
         raise ValueError(f"qkv must be [B, S, W], got shape {tuple(qkv.shape)}")
-    H, Hkv, D, R, eps = static = _as_static(num_heads, num_kv_heads, head_dim, rotary_dim, qk_norm_eps)
     if per_head_layout and Hkv != H:
         raise ValueError(f"per-head [H, 3, D] layout needs num_kv_heads == num_heads, got {Hkv} != {H}")
     if H % Hkv:
@@ -162,7 +161,6 @@ def _check(qkv, cos, sin, norms, num_heads, num_kv_heads, head_dim, rotary_dim, 
         for kind, weight, bias in (("q", qw, qb), ("k", kw, kb)):
             if bias is not None and weight is None:  # the reference would drop the bias
                 raise ValueError(f"{kind}_norm_bias needs {kind}_norm_weight")
-    return static
 
 
 def qkv_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, num_heads: int, num_kv_heads: int,
@@ -172,11 +170,16 @@ def qkv_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, num_hea
     """Split + qk-norm + RoPE. Returns q [B, H, S, D], k, v [B, Hkv, S, D]. Differentiable: with grad
     enabled and an input requiring grad, the reference computes it."""
     norms = (q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias)
-    H, Hkv, D, R, eps = _check(qkv, cos, sin, norms, num_heads, num_kv_heads, head_dim, rotary_dim, per_head_layout,
-                               qk_norm_eps)
-    fn = dispatch("qkv_rope", backend, qkv.device)
+    fn = dispatch("qkv_rope", backend, device_of("qkv", qkv))
+    H, Hkv, D, R, eps = _as_static(num_heads, num_kv_heads, head_dim, rotary_dim, qk_norm_eps)
+    if not fn.checks_args:
+        _check(qkv, cos, sin, norms, H, Hkv, D, R, per_head_layout, eps)
     args = (qkv, cos, sin, *norms, H, Hkv, D, R, bool(interleaved), bool(per_head_layout), eps)
-    q, k, v = fn(*args)
+    try:
+        q, k, v = fn(*args)
+    except (TypeError, NotImplementedError):  # a checks_args op failed before its checks (see add_rms_norm)
+        _check(qkv, cos, sin, norms, H, Hkv, D, R, per_head_layout, eps)
+        raise
     if q.requires_grad and fn is not qkv_rope_ref:  # a kernel has no backward: the reference's graph
         return qkv_rope_ref(*args)
     return q, k, v
@@ -191,8 +194,25 @@ def qkv_rope_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_ca
     unit stride along D, written in place) at ``cache_positions`` [B, S] and returns only q [B, H, S, D].
     Positions must be in [0, Tmax): see the module docstring for what happens otherwise."""
     norms = (q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias)
-    H, Hkv, D, R, eps = _check(qkv, cos, sin, norms, num_heads, num_kv_heads, head_dim, rotary_dim, per_head_layout,
-                               qk_norm_eps)
+    fn = dispatch("qkv_rope_cache", backend, device_of("qkv", qkv))
+    H, Hkv, D, R, eps = _as_static(num_heads, num_kv_heads, head_dim, rotary_dim, qk_norm_eps)
+    if not fn.checks_args:
+        _check_cache(qkv, cos, sin, norms, k_cache, v_cache, cache_positions, H, Hkv, D, R, per_head_layout, eps)
+    args = (qkv, cos, sin, *norms, k_cache, v_cache, cache_positions, H, Hkv, D, R, bool(interleaved),
+            bool(per_head_layout), eps)
+    try:
+        q = fn(*args)
+    except (TypeError, NotImplementedError):  # a checks_args op failed before its checks (see add_rms_norm)
+        _check_cache(qkv, cos, sin, norms, k_cache, v_cache, cache_positions, H, Hkv, D, R, per_head_layout, eps)
+        raise
+    if q.requires_grad and fn is not qkv_rope_cache_ref:  # rewrites the caches with the reference's rows
+        return qkv_rope_cache_ref(*args)
+    return q
+
+
+def _check_cache(qkv, cos, sin, norms, k_cache, v_cache, cache_positions, H, Hkv, D, R, per_head_layout, eps):
+    """The qkv_rope_cache arguments (csrc/checks.h, check_qkv_args and check_caches, raise the same errors)."""
+    _check(qkv, cos, sin, norms, H, Hkv, D, R, per_head_layout, eps)
     B, S = qkv.shape[:2]
     for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
         check_same(name, c, qkv, "qkv", required=True)
@@ -208,10 +228,3 @@ def qkv_rope_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_ca
     if k_cache.data_ptr() == v_cache.data_ptr() and k_cache.numel():
         raise ValueError("k_cache and v_cache must be different tensors (both are written)")
     check_index("cache_positions", cache_positions, (B, S), qkv, "qkv")
-    fn = dispatch("qkv_rope_cache", backend, qkv.device)
-    args = (qkv, cos, sin, *norms, k_cache, v_cache, cache_positions, H, Hkv, D, R, bool(interleaved),
-            bool(per_head_layout), eps)
-    q = fn(*args)
-    if q.requires_grad and fn is not qkv_rope_cache_ref:  # rewrites the caches with the reference's rows
-        return qkv_rope_cache_ref(*args)
-    return q
