@@ -49,17 +49,6 @@ inline void check_shape(const char* name, const at::Tensor& t, at::IntArrayRef s
   TORCH_CHECK_VALUE(t.sizes() == shape, "fastlm: ", name, " must have shape ", shape, ", got ", t.sizes());
 }
 
-// An out= buffer: right shape, dtype and device, contiguous (the kernels write it densely).
-inline void check_out(const char* name, const at::Tensor& out, at::IntArrayRef shape, at::ScalarType dtype,
-                      const at::Tensor& ref) {
-  TORCH_CHECK_VALUE(out.device() == ref.device(), "fastlm: ", name, " is on ", out.device(), " but must be on ",
-                    ref.device());
-  TORCH_CHECK_TYPE(out.scalar_type() == dtype, "fastlm: ", name, " must have dtype ", dtype, ", got ",
-                   out.scalar_type());
-  TORCH_CHECK_VALUE(out.sizes() == shape, "fastlm: ", name, " must have shape ", shape, ", got ", out.sizes());
-  TORCH_CHECK_VALUE(out.is_contiguous(), "fastlm: ", name, " must be contiguous");
-}
-
 // swiglu's output shape ([..., 2I] -> [..., I]), after checking gate_up.
 inline std::vector<int64_t> swiglu_out_shape(const at::Tensor& gate_up) {
   check_float("gate_up", gate_up);
@@ -101,17 +90,6 @@ inline void check_norm_args(const at::Tensor& x, const std::optional<at::Tensor>
     check_shape("bias", *bias, {n});
   }
   check_eps("eps", eps);
-}
-
-// The out= buffers of add_rms_norm_out / add_layer_norm_out `op` (after check_norm_args): out has x's
-// shape and out_dtype; residual_out, x's shape and dtype, is given exactly when residual is.
-inline void check_norm_outs(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& residual,
-                            at::ScalarType out_dtype, const at::Tensor& out,
-                            const std::optional<at::Tensor>& residual_out) {
-  check_out("out", out, x.sizes(), out_dtype, x);
-  TORCH_CHECK_VALUE(residual.has_value() == residual_out.has_value(), "fastlm: ", op,
-                    " needs residual_out exactly when residual is given");
-  if (residual_out) check_out("residual_out", *residual_out, x.sizes(), x.scalar_type(), x);
 }
 
 struct QkvDims {
@@ -172,36 +150,10 @@ inline void check_caches(const at::Tensor& qkv, const at::Tensor& k_cache, const
                     "fastlm: cache_positions must be [B, S] = [", d.B, ", ", d.S, "], got ", pos.sizes());
 }
 
-// qkv_rope_out: the qkv_rope arguments and the dense out= buffers q [B, H, S, D], k and v [B, Hkv, S, D].
-inline QkvDims check_qkv_out_args(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
-                                  const std::optional<at::Tensor>& qw, const std::optional<at::Tensor>& qb,
-                                  const std::optional<at::Tensor>& kw, const std::optional<at::Tensor>& kb,
-                                  int64_t H, int64_t Hkv, int64_t D, int64_t R, bool per_head_layout, double eps,
-                                  const at::Tensor& q_out, const at::Tensor& k_out, const at::Tensor& v_out) {
-  const QkvDims d = check_qkv_args(qkv, cos, sin, qw, qb, kw, kb, H, Hkv, D, R, per_head_layout, eps);
-  check_out("q_out", q_out, {d.B, H, d.S, D}, qkv.scalar_type(), qkv);
-  check_out("k_out", k_out, {d.B, Hkv, d.S, D}, qkv.scalar_type(), qkv);
-  check_out("v_out", v_out, {d.B, Hkv, d.S, D}, qkv.scalar_type(), qkv);
-  return d;
-}
-
-// The dense outputs that check_qkv_out_args checks: q [B, H, S, D], k and v [B, Hkv, S, D].
+// The dense outputs of qkv_rope: q [B, H, S, D], k and v [B, Hkv, S, D].
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> qkv_dense_outputs(const at::Tensor& qkv, const QkvDims& d) {
   return {at::empty({d.B, d.H, d.S, d.D}, qkv.options()), at::empty({d.B, d.Hkv, d.S, d.D}, qkv.options()),
           at::empty({d.B, d.Hkv, d.S, d.D}, qkv.options())};
-}
-
-// qkv_rope_cache_out: the qkv_rope arguments, the caches and positions, and the out= buffer q [B, H, S, D].
-inline QkvDims check_qkv_cache_out_args(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
-                                        const std::optional<at::Tensor>& qw, const std::optional<at::Tensor>& qb,
-                                        const std::optional<at::Tensor>& kw, const std::optional<at::Tensor>& kb,
-                                        const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& pos,
-                                        int64_t H, int64_t Hkv, int64_t D, int64_t R, bool per_head_layout,
-                                        double eps, const at::Tensor& q_out) {
-  const QkvDims d = check_qkv_args(qkv, cos, sin, qw, qb, kw, kb, H, Hkv, D, R, per_head_layout, eps);
-  check_caches(qkv, k_cache, v_cache, pos, d);
-  check_out("q_out", q_out, {d.B, H, d.S, D}, qkv.scalar_type(), qkv);
-  return d;
 }
 
 inline void check_decode_args(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,

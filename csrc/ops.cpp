@@ -1,4 +1,4 @@
-// fastlm._C: the TORCH_LIBRARY(fastlm) schemas (the op contract, see fastlm/ops/*.py) and the Python
+// fastlm._C: the TORCH_LIBRARY(fastlm) schemas (the op contract, csrc/op_list.h) and the Python
 // module. Device kernels register under TORCH_LIBRARY_IMPL in csrc/cpu (always) and csrc/cuda (when
 // built with CUDA). Python-side ops (the Triton backend's fastlm::triton_*) join the same namespace
 // through FRAGMENT libraries, which is valid before or after this library loads.
@@ -10,47 +10,13 @@
 #include <algorithm>
 #include <vector>
 
+#include "op_list.h"
 #include "ops.h"
 
 TORCH_LIBRARY(fastlm, m) {
-  // add + norm. h is empty when residual is None (h would alias x; the Python wrapper returns x).
-  m.def("add_rms_norm(Tensor x, Tensor? residual, Tensor weight, float eps, bool weight_in_fp32=False) "
-        "-> (Tensor, Tensor)");
-  m.def("add_rms_norm_out(Tensor x, Tensor? residual, Tensor weight, float eps, bool weight_in_fp32, *, "
-        "Tensor(a!) out, Tensor(b!)? residual_out) -> ()");
-  m.def("add_layer_norm(Tensor x, Tensor? residual, Tensor weight, Tensor? bias, float eps) -> (Tensor, Tensor)");
-  m.def("add_layer_norm_out(Tensor x, Tensor? residual, Tensor weight, Tensor? bias, float eps, *, "
-        "Tensor(a!) out, Tensor(b!)? residual_out) -> ()");
-  // QKV epilogue
-  m.def("qkv_rope(Tensor qkv, Tensor cos, Tensor sin, Tensor? q_norm_weight, Tensor? q_norm_bias, "
-        "Tensor? k_norm_weight, Tensor? k_norm_bias, int num_heads, int num_kv_heads, int head_dim, "
-        "int rotary_dim, bool interleaved, bool per_head_layout, float qk_norm_eps) -> (Tensor, Tensor, Tensor)");
-  m.def("qkv_rope_out(Tensor qkv, Tensor cos, Tensor sin, Tensor? q_norm_weight, Tensor? q_norm_bias, "
-        "Tensor? k_norm_weight, Tensor? k_norm_bias, int num_heads, int num_kv_heads, int head_dim, "
-        "int rotary_dim, bool interleaved, bool per_head_layout, float qk_norm_eps, *, Tensor(a!) q_out, "
-        "Tensor(b!) k_out, Tensor(c!) v_out) -> ()");
-  m.def("qkv_rope_cache(Tensor qkv, Tensor cos, Tensor sin, Tensor? q_norm_weight, Tensor? q_norm_bias, "
-        "Tensor? k_norm_weight, Tensor? k_norm_bias, Tensor(a!) k_cache, Tensor(b!) v_cache, "
-        "Tensor cache_positions, int num_heads, int num_kv_heads, int head_dim, int rotary_dim, "
-        "bool interleaved, bool per_head_layout, float qk_norm_eps) -> Tensor");
-  m.def("qkv_rope_cache_out(Tensor qkv, Tensor cos, Tensor sin, Tensor? q_norm_weight, Tensor? q_norm_bias, "
-        "Tensor? k_norm_weight, Tensor? k_norm_bias, Tensor(a!) k_cache, Tensor(b!) v_cache, "
-        "Tensor cache_positions, int num_heads, int num_kv_heads, int head_dim, int rotary_dim, "
-        "bool interleaved, bool per_head_layout, float qk_norm_eps, *, Tensor(c!) q_out) -> ()");
-  // MLP epilogues
-  m.def("swiglu(Tensor gate_up) -> Tensor");
-  m.def("swiglu_out(Tensor gate_up, *, Tensor(a!) out) -> ()");
-  m.def("relu2(Tensor x) -> Tensor");
-  m.def("relu2_out(Tensor x, *, Tensor(a!) out) -> ()");
-  // in place on the GEMM output they consume, as the fused MLP calls them: swiglu_ writes the gate half
-  m.def("swiglu_(Tensor(a!) gate_up) -> ()");
-  m.def("relu2_(Tensor(a!) x) -> ()");
-  // projections at decode sizes (CPU: a weight-streaming kernel for a few rows, ATen's GEMM beyond)
-  m.def("linear(Tensor x, Tensor weight, Tensor? bias=None, Tensor? residual=None) -> Tensor");
-  // decode attention over a static cache
-  m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor lengths, float scale) -> Tensor");
-  m.def("decode_attention_out(Tensor q, Tensor k_cache, Tensor v_cache, Tensor lengths, float scale, *, "
-        "Tensor(a!) out) -> ()");
+#define FASTLM_DEF_SCHEMA(op, schema) m.def(#op schema);
+  FASTLM_ALL_OPS(FASTLM_DEF_SCHEMA)
+#undef FASTLM_DEF_SCHEMA
 }
 
 namespace {
@@ -98,17 +64,8 @@ struct DispatchCall<kOp, R(Args...)> {
     return handle.call(args...);
   }
 };
-#define FASTLM_OP_NAME(op) constexpr char k_##op[] = "fastlm::" #op;
-FASTLM_OP_NAME(add_rms_norm)
-FASTLM_OP_NAME(add_layer_norm)
-FASTLM_OP_NAME(qkv_rope)
-FASTLM_OP_NAME(qkv_rope_cache)
-FASTLM_OP_NAME(swiglu)
-FASTLM_OP_NAME(relu2)
-FASTLM_OP_NAME(swiglu_)
-FASTLM_OP_NAME(relu2_)
-FASTLM_OP_NAME(linear)
-FASTLM_OP_NAME(decode_attention)
+#define FASTLM_OP_NAME(op, schema) constexpr char k_##op[] = "fastlm::" #op;
+FASTLM_ALL_OPS(FASTLM_OP_NAME)
 #undef FASTLM_OP_NAME
 
 }  // namespace
@@ -121,18 +78,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "threads that one at::parallel_for over `tasks` tasks ran on (1 means the build lost OpenMP)");
   // Dispatcher calls without torch.ops' Python layer (see DispatchCall), for fastlm.ops' eager path:
   // call_<op> for each functional op of the contract.
-#define FASTLM_DEF_CALL(op)                                                                  \
+#define FASTLM_DEF_CALL(op, schema)                                                          \
   m.def("call_" #op, &DispatchCall<k_##op, decltype(fastlm::cpu::op)>::call,                 \
-        py::call_guard<py::gil_scoped_release>())
-  FASTLM_DEF_CALL(add_rms_norm);
-  FASTLM_DEF_CALL(add_layer_norm);
-  FASTLM_DEF_CALL(qkv_rope);
-  FASTLM_DEF_CALL(qkv_rope_cache);
-  FASTLM_DEF_CALL(swiglu);
-  FASTLM_DEF_CALL(relu2);
-  FASTLM_DEF_CALL(swiglu_);
-  FASTLM_DEF_CALL(relu2_);
-  FASTLM_DEF_CALL(linear);
-  FASTLM_DEF_CALL(decode_attention);
+        py::call_guard<py::gil_scoped_release>());
+  FASTLM_ALL_OPS(FASTLM_DEF_CALL)
 #undef FASTLM_DEF_CALL
 }

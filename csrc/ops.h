@@ -1,4 +1,4 @@
-// Device implementations registered under TORCH_LIBRARY(fastlm) (schemas in csrc/ops.cpp).
+// The CPU implementations of the op list (csrc/op_list.h), registered by csrc/cpu/register_cpu.cpp.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -12,36 +12,21 @@ using OptT = std::optional<at::Tensor>;
 
 std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const OptT& residual, const at::Tensor& weight,
                                                 double eps, bool weight_in_fp32);
-void add_rms_norm_out(const at::Tensor& x, const OptT& residual, const at::Tensor& weight, double eps,
-                      bool weight_in_fp32, const at::Tensor& out, const OptT& residual_out);
 std::tuple<at::Tensor, at::Tensor> add_layer_norm(const at::Tensor& x, const OptT& residual, const at::Tensor& weight,
                                                   const OptT& bias, double eps);
-void add_layer_norm_out(const at::Tensor& x, const OptT& residual, const at::Tensor& weight, const OptT& bias,
-                        double eps, const at::Tensor& out, const OptT& residual_out);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> qkv_rope(const at::Tensor& qkv, const at::Tensor& cos,
                                                         const at::Tensor& sin, const OptT& qw, const OptT& qb,
                                                         const OptT& kw, const OptT& kb, int64_t H, int64_t Hkv,
                                                         int64_t D, int64_t R, bool interleaved, bool per_head_layout,
                                                         double eps);
-void qkv_rope_out(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const OptT& qw, const OptT& qb,
-                  const OptT& kw, const OptT& kb, int64_t H, int64_t Hkv, int64_t D, int64_t R, bool interleaved,
-                  bool per_head_layout, double eps, const at::Tensor& q_out, const at::Tensor& k_out,
-                  const at::Tensor& v_out);
 at::Tensor qkv_rope_cache(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const OptT& qw,
                           const OptT& qb, const OptT& kw, const OptT& kb, const at::Tensor& k_cache,
                           const at::Tensor& v_cache, const at::Tensor& cache_positions, int64_t H, int64_t Hkv,
                           int64_t D, int64_t R, bool interleaved, bool per_head_layout, double eps);
-void qkv_rope_cache_out(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const OptT& qw,
-                        const OptT& qb, const OptT& kw, const OptT& kb, const at::Tensor& k_cache,
-                        const at::Tensor& v_cache, const at::Tensor& cache_positions, int64_t H, int64_t Hkv,
-                        int64_t D, int64_t R, bool interleaved, bool per_head_layout, double eps,
-                        const at::Tensor& q_out);
 
 at::Tensor swiglu(const at::Tensor& gate_up);
-void swiglu_out(const at::Tensor& gate_up, const at::Tensor& out);
 at::Tensor relu2(const at::Tensor& x);
-void relu2_out(const at::Tensor& x, const at::Tensor& out);
 // In place: swiglu_ writes silu(gate) * up into gate_up's gate half; relu2_ overwrites x.
 void swiglu_(const at::Tensor& gate_up);
 void relu2_(const at::Tensor& x);
@@ -51,7 +36,5 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const OptT& bia
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                             const at::Tensor& lengths, double scale);
-void decode_attention_out(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                          const at::Tensor& lengths, double scale, const at::Tensor& out);
 
 }  // namespace fastlm::cpu

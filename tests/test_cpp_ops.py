@@ -126,24 +126,6 @@ def test_add_layer_norm(dtype, shape, with_residual, with_bias):
         assert h is x
 
 
-def test_norm_out_variants_in_place():
-    # out= buffers, including the in-place residual update the engine uses (residual_out is residual).
-    x, r = torch.randn(2, 5, 3000, dtype=torch.bfloat16), torch.randn(2, 5, 3000, dtype=torch.bfloat16)
-    w, b = torch.randn(3000, dtype=torch.bfloat16), torch.randn(3000, dtype=torch.bfloat16)
-    y_ref, h_ref = add_rms_norm_ref(x, r, w, 1e-5, False)
-    r2, out = r.clone(), torch.empty_like(x)
-    ops.add_rms_norm_out(x, r2, w, 1e-5, False, out=out, residual_out=r2)
-    y_k, _ = _cpp.add_rms_norm_cpp(x, r, w, 1e-5, False)
-    assert torch.equal(out, y_k) and torch.equal(r2, h_ref)
-    r3, out = r.clone(), torch.empty_like(x)
-    ops.add_layer_norm_out(x, r3, w, b, 1e-5, out=out, residual_out=r3)
-    y_k, h_k = _cpp.add_layer_norm_cpp(x, r, w, b, 1e-5)
-    assert torch.equal(out, y_k) and torch.equal(r3, h_k)
-    out = torch.empty_like(x)
-    ops.add_rms_norm_out(x, None, w, 1e-5, True, out=out, residual_out=None)
-    assert torch.equal(out, _cpp.add_rms_norm_cpp(x, None, w, 1e-5, True)[0])
-
-
 # ------------------------------------------------------------------------------------------ qkv_rope
 
 
@@ -294,22 +276,6 @@ def test_qkv_rope_cache_bad_position():
         _cpp.qkv_rope_cache_cpp(*args[:7], kc, kc.clone(), torch.tensor([[4]]), *args[7:])
 
 
-def test_qkv_out_variants():
-    cfg = QKV_CONFIGS["stablelm"]
-    H, Hkv, D = cfg[0], cfg[1], cfg[2]
-    qkv, cos, sin, nw = make_qkv(cfg, 2, 5, torch.bfloat16)
-    args = qkv_args(qkv, cos, sin, nw, cfg)
-    q, k, v = (torch.empty(2, n, 5, D, dtype=torch.bfloat16) for n in (H, Hkv, Hkv))
-    ops.qkv_rope_out(*args, q_out=q, k_out=k, v_out=v)
-    for a, b in zip((q, k, v), _cpp.qkv_rope_cpp(*args)):
-        assert torch.equal(a, b)
-    kc, vc = torch.zeros(2, Hkv, 9, D, dtype=torch.bfloat16), torch.zeros(2, Hkv, 9, D, dtype=torch.bfloat16)
-    pos = torch.arange(5).view(1, 5).expand(2, 5).contiguous()
-    q2 = torch.empty_like(q)
-    ops.qkv_rope_cache_out(*args[:7], kc, vc, pos, *args[7:], q_out=q2)
-    assert torch.equal(q2, q) and torch.equal(kc[:, :, :5], k) and torch.equal(vc[:, :, :5], v)
-
-
 # -------------------------------------------------------------------------------- streamed outputs
 
 
@@ -381,12 +347,6 @@ def test_swiglu_relu2(dtype, shape, strided):
     xin = row_strided(x) if strided else x
     check(_cpp.swiglu_cpp(xin), swiglu_ref(x.float()), swiglu_ref(x), dtype, "swiglu", scale=10)
     check(_cpp.relu2_cpp(xin), relu2_ref(x.float()), relu2_ref(x), dtype, "relu2", scale=10)
-    out = torch.empty(*shape[:-1], shape[-1] // 2, dtype=dtype)
-    ops.swiglu_out(xin, out=out)
-    assert torch.equal(out, _cpp.swiglu_cpp(x))
-    out = torch.empty(shape, dtype=dtype)
-    ops.relu2_out(xin, out=out)
-    assert torch.equal(out, _cpp.relu2_cpp(x))
 
 
 def test_swiglu_fp32_silu_within_torchs_ulps():
@@ -561,9 +521,6 @@ def test_decode_attention(B, heads, ctx, dtype):
     torch.testing.assert_close(decode_attention_ref(q.float(), kc.float(), vc.float(), lengths, scale), ref32,
                                atol=1e-5, rtol=1e-5)
     check(out, ref32, reflo, dtype, "decode_attention")
-    o2 = torch.empty_like(q)
-    ops.decode_attention_out(q, kp, vp, lengths, scale, out=o2)
-    assert torch.equal(o2, out)
 
 
 def test_decode_attention_strided_q():
@@ -626,24 +583,16 @@ def _opcheck_cases():
     return [
         ("add_rms_norm", (x, r, w, 1e-5, False)),
         ("add_rms_norm", (x.to(bf), None, w.to(bf), 1e-5, True)),
-        ("add_rms_norm_out", (x, r, w, 1e-5, False), {"out": torch.empty_like(x), "residual_out": torch.empty_like(x)}),
         ("add_layer_norm", (x, r, w, b, 1e-5)),
         ("add_layer_norm", (x, None, w, None, 1e-5)),
-        ("add_layer_norm_out", (x, r, w, b, 1e-5), {"out": torch.empty_like(x), "residual_out": torch.empty_like(x)}),
         ("qkv_rope", qa),
-        ("qkv_rope_out", qa, {"q_out": torch.empty(2, 3, 3, 64), "k_out": torch.empty(2, 3, 3, 64),
-                              "v_out": torch.empty(2, 3, 3, 64)}),
         ("qkv_rope_cache", qa2[:7] + (kc, vc, pos) + qa2[7:]),
-        ("qkv_rope_cache_out", qa2[:7] + (kc, vc, pos) + qa2[7:], {"q_out": torch.empty(2, 4, 3, 40, dtype=bf)}),
         ("swiglu", (x,)),
-        ("swiglu_out", (x,), {"out": torch.empty(3, 5, 32)}),
         ("relu2", (x.to(bf),)),
-        ("relu2_out", (x,), {"out": torch.empty_like(x)}),
         ("linear", (x, torch.randn(24, 64), None, None)),
         ("linear", (x[:1, :1].to(bf), torch.randn(24, 64, dtype=bf), torch.randn(24, dtype=bf),
                     torch.randn(1, 1, 24, dtype=bf))),
         ("decode_attention", (q, kca, vca, lens, 0.2)),
-        ("decode_attention_out", (q, kca, vca, lens, 0.2), {"out": torch.empty_like(q)}),
     ]
 
 

@@ -84,14 +84,9 @@ void run_relu2(const Rows& in, void* out, int64_t out_stride) {
 
 at::Tensor swiglu(const at::Tensor& gate_up) {
   at::Tensor out = at::empty(swiglu_out_shape(gate_up), gate_up.options());
-  swiglu_out(gate_up, out);
-  return out;
-}
-
-void swiglu_out(const at::Tensor& gate_up, const at::Tensor& out) {
-  check_out("out", out, swiglu_out_shape(gate_up), gate_up.scalar_type(), gate_up);
-  if (out.numel() == 0) return;
+  if (out.numel() == 0) return out;
   run_swiglu(rows_of(gate_up), out.data_ptr(), out.size(-1));
+  return out;
 }
 
 void swiglu_(const at::Tensor& gate_up) {
@@ -111,13 +106,6 @@ at::Tensor relu2(const at::Tensor& x) {
   if (out.numel() == 0) return out;
   run_relu2(rows_of(x), out.data_ptr(), out.size(-1));
   return out;
-}
-
-void relu2_out(const at::Tensor& x, const at::Tensor& out) {
-  check_relu2_input(x);
-  check_out("out", out, x.sizes(), x.scalar_type(), x);
-  if (out.numel() == 0) return;
-  run_relu2(rows_of(x), out.data_ptr(), out.size(-1));
 }
 
 void relu2_(const at::Tensor& x) {

@@ -156,11 +156,4 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   return out;
 }
 
-void decode_attention_out(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                          const at::Tensor& lengths, double scale, const at::Tensor& out) {
-  check_decode_args(q, k_cache, v_cache, lengths, scale);
-  check_out("out", out, q.sizes(), q.scalar_type(), q);
-  run(q, k_cache, v_cache, lengths, scale, out);
-}
-
 }  // namespace fastlm::cpu

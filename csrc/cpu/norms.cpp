@@ -165,13 +165,6 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const OptT&
   return {y, h};
 }
 
-void add_rms_norm_out(const at::Tensor& x, const OptT& residual, const at::Tensor& weight, double eps,
-                      bool weight_in_fp32, const at::Tensor& out, const OptT& residual_out) {
-  check_norm_args(x, residual, weight, std::nullopt, eps, true);
-  check_norm_outs("add_rms_norm_out", x, residual, rms_out_dtype(x, weight, weight_in_fp32), out, residual_out);
-  run_rms(x, residual, weight, eps, weight_in_fp32, out, residual_out ? *residual_out : at::Tensor());
-}
-
 std::tuple<at::Tensor, at::Tensor> add_layer_norm(const at::Tensor& x, const OptT& residual, const at::Tensor& weight,
                                                   const OptT& bias, double eps) {
   check_norm_args(x, residual, weight, bias, eps, /*weight_any_float=*/false);
@@ -179,13 +172,6 @@ std::tuple<at::Tensor, at::Tensor> add_layer_norm(const at::Tensor& x, const Opt
   at::Tensor h = residual ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
   run_ln(x, residual, weight, bias, eps, y, residual ? h : at::Tensor());
   return {y, h};
-}
-
-void add_layer_norm_out(const at::Tensor& x, const OptT& residual, const at::Tensor& weight, const OptT& bias,
-                        double eps, const at::Tensor& out, const OptT& residual_out) {
-  check_norm_args(x, residual, weight, bias, eps, false);
-  check_norm_outs("add_layer_norm_out", x, residual, x.scalar_type(), out, residual_out);
-  run_ln(x, residual, weight, bias, eps, out, residual_out ? *residual_out : at::Tensor());
 }
 
 }  // namespace fastlm::cpu

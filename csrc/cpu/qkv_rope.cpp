@@ -423,16 +423,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qkv_rope(const at::Tensor& qkv, c
   return out;
 }
 
-void qkv_rope_out(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const OptT& qw, const OptT& qb,
-                  const OptT& kw, const OptT& kb, int64_t H, int64_t Hkv, int64_t D, int64_t R, bool interleaved,
-                  bool per_head_layout, double eps, const at::Tensor& q_out, const at::Tensor& k_out,
-                  const at::Tensor& v_out) {
-  const QkvDims d =
-      check_qkv_out_args(qkv, cos, sin, qw, qb, kw, kb, H, Hkv, D, R, per_head_layout, eps, q_out, k_out, v_out);
-  run_qkv(qkv, cos, sin, qw, qb, kw, kb, d, interleaved, per_head_layout, eps, q_out, k_out, v_out, at::Tensor(),
-          at::Tensor(), at::Tensor());
-}
-
 at::Tensor qkv_rope_cache(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const OptT& qw,
                           const OptT& qb, const OptT& kw, const OptT& kb, const at::Tensor& k_cache,
                           const at::Tensor& v_cache, const at::Tensor& cache_positions, int64_t H, int64_t Hkv,
@@ -443,17 +433,6 @@ at::Tensor qkv_rope_cache(const at::Tensor& qkv, const at::Tensor& cos, const at
   run_qkv(qkv, cos, sin, qw, qb, kw, kb, d, interleaved, per_head_layout, eps, q, at::Tensor(), at::Tensor(), k_cache,
           v_cache, cache_positions);
   return q;
-}
-
-void qkv_rope_cache_out(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const OptT& qw,
-                        const OptT& qb, const OptT& kw, const OptT& kb, const at::Tensor& k_cache,
-                        const at::Tensor& v_cache, const at::Tensor& cache_positions, int64_t H, int64_t Hkv,
-                        int64_t D, int64_t R, bool interleaved, bool per_head_layout, double eps,
-                        const at::Tensor& q_out) {
-  const QkvDims d = check_qkv_cache_out_args(qkv, cos, sin, qw, qb, kw, kb, k_cache, v_cache, cache_positions, H,
-                                             Hkv, D, R, per_head_layout, eps, q_out);
-  run_qkv(qkv, cos, sin, qw, qb, kw, kb, d, interleaved, per_head_layout, eps, q_out, at::Tensor(), at::Tensor(),
-          k_cache, v_cache, cache_positions);
 }
 
 }  // namespace fastlm::cpu

@@ -1,12 +1,11 @@
-// CPU implementations of the fastlm ops (schemas: csrc/ops.cpp).
+// CPU implementations of the fastlm ops (the op list: csrc/op_list.h).
 #include <torch/library.h>
 
-#include "../op_impls.h"
+#include "../op_list.h"
 #include "../ops.h"
 
 TORCH_LIBRARY_IMPL(fastlm, CPU, m) {
-  FASTLM_IMPL_COMMON_OPS(m, fastlm::cpu);
-  m.impl("decode_attention", &fastlm::cpu::decode_attention);
-  m.impl("decode_attention_out", &fastlm::cpu::decode_attention_out);
-  m.impl("linear", &fastlm::cpu::linear);
+#define FASTLM_IMPL_CPU(op, schema) m.impl(#op, &fastlm::cpu::op);
+  FASTLM_ALL_OPS(FASTLM_IMPL_CPU)
+#undef FASTLM_IMPL_CPU
 }

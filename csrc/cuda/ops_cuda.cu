@@ -7,7 +7,7 @@
 #include <torch/library.h>
 
 #include "../checks.h"
-#include "../op_impls.h"
+#include "../op_list.h"
 #include "../rows.h"
 #include "fastlm/activations.cuh"
 #include "fastlm/norm.cuh"
@@ -90,15 +90,6 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const OptT&
   return {y, h};
 }
 
-void add_rms_norm_out(const at::Tensor& x, const OptT& residual, const at::Tensor& weight, double eps,
-                      bool weight_in_fp32, const at::Tensor& out, const OptT& residual_out) {
-  check_norm_args(x, residual, weight, std::nullopt, eps, true);
-  check_norm_outs("add_rms_norm_out", x, residual, rms_out_dtype(x, weight, weight_in_fp32), out, residual_out);
-  if (x.numel() > 0)
-    run_norm(true, x, residual, weight, std::nullopt, eps, weight_in_fp32, out,
-             residual_out ? *residual_out : at::Tensor());
-}
-
 std::tuple<at::Tensor, at::Tensor> add_layer_norm(const at::Tensor& x, const OptT& residual, const at::Tensor& weight,
                                                   const OptT& bias, double eps) {
   check_norm_args(x, residual, weight, bias, eps, false);
@@ -106,13 +97,6 @@ std::tuple<at::Tensor, at::Tensor> add_layer_norm(const at::Tensor& x, const Opt
   at::Tensor h = residual ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
   if (x.numel() > 0) run_norm(false, x, residual, weight, bias, eps, false, y, h);
   return {y, h};
-}
-
-void add_layer_norm_out(const at::Tensor& x, const OptT& residual, const at::Tensor& weight, const OptT& bias,
-                        double eps, const at::Tensor& out, const OptT& residual_out) {
-  check_norm_args(x, residual, weight, bias, eps, false);
-  check_norm_outs("add_layer_norm_out", x, residual, x.scalar_type(), out, residual_out);
-  if (x.numel() > 0) run_norm(false, x, residual, weight, bias, eps, false, out, residual_out ? *residual_out : at::Tensor());
 }
 
 // q_out always; k_out/v_out (dense) or caches + positions.
@@ -158,16 +142,6 @@ void run_qkv(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin
   });
 }
 
-void qkv_rope_out(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const OptT& qw, const OptT& qb,
-                  const OptT& kw, const OptT& kb, int64_t H, int64_t Hkv, int64_t D, int64_t R, bool interleaved,
-                  bool per_head_layout, double eps, const at::Tensor& q_out, const at::Tensor& k_out,
-                  const at::Tensor& v_out) {
-  const QkvDims d =
-      check_qkv_out_args(qkv, cos, sin, qw, qb, kw, kb, H, Hkv, D, R, per_head_layout, eps, q_out, k_out, v_out);
-  run_qkv(qkv, cos, sin, qw, qb, kw, kb, d, interleaved, per_head_layout, eps, q_out, k_out, v_out, at::Tensor(),
-          at::Tensor(), at::Tensor());
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> qkv_rope(const at::Tensor& qkv, const at::Tensor& cos,
                                                         const at::Tensor& sin, const OptT& qw, const OptT& qb,
                                                         const OptT& kw, const OptT& kb, int64_t H, int64_t Hkv,
@@ -178,18 +152,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qkv_rope(const at::Tensor& qkv, c
   run_qkv(qkv, cos, sin, qw, qb, kw, kb, d, interleaved, per_head_layout, eps, std::get<0>(out), std::get<1>(out),
           std::get<2>(out), at::Tensor(), at::Tensor(), at::Tensor());
   return out;
-}
-
-void qkv_rope_cache_out(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const OptT& qw,
-                        const OptT& qb, const OptT& kw, const OptT& kb, const at::Tensor& k_cache,
-                        const at::Tensor& v_cache, const at::Tensor& pos, int64_t H, int64_t Hkv, int64_t D,
-                        int64_t R, bool interleaved, bool per_head_layout, double eps, const at::Tensor& q_out) {
-  const QkvDims d = check_qkv_cache_out_args(qkv, cos, sin, qw, qb, kw, kb, k_cache, v_cache, pos, H, Hkv, D, R,
-                                             per_head_layout, eps, q_out);
-  // Positions are not bounds-checked here (reading them is a host sync): the kernel drops the k/v rows
-  // of a position outside [0, Tmax) instead of writing out of bounds (csrc/include/fastlm/qkv_rope.cuh).
-  run_qkv(qkv, cos, sin, qw, qb, kw, kb, d, interleaved, per_head_layout, eps, q_out, at::Tensor(), at::Tensor(),
-          k_cache, v_cache, pos);
 }
 
 at::Tensor qkv_rope_cache(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const OptT& qw,
@@ -223,15 +185,10 @@ void run_relu2(const at::Tensor& in2, const at::Tensor& o2) {
   });
 }
 
-void swiglu_out(const at::Tensor& gate_up, const at::Tensor& out) {
-  check_out("out", out, swiglu_out_shape(gate_up), gate_up.scalar_type(), gate_up);
-  if (out.numel() == 0) return;
-  run_swiglu(rows_view(gate_up), out.view({-1, out.size(-1)}));
-}
-
 at::Tensor swiglu(const at::Tensor& gate_up) {
   at::Tensor out = at::empty(swiglu_out_shape(gate_up), gate_up.options());
-  swiglu_out(gate_up, out);
+  if (out.numel() == 0) return out;
+  run_swiglu(rows_view(gate_up), out.view({-1, out.size(-1)}));
   return out;
 }
 
@@ -243,16 +200,11 @@ void swiglu_(const at::Tensor& gate_up) {
                [&] { return swiglu(gate_up); });
 }
 
-void relu2_out(const at::Tensor& x, const at::Tensor& out) {
-  check_relu2_input(x);
-  check_out("out", out, x.sizes(), x.scalar_type(), x);
-  if (out.numel() == 0) return;
-  run_relu2(rows_view(x), out.view({-1, out.size(-1)}));
-}
-
 at::Tensor relu2(const at::Tensor& x) {
+  check_relu2_input(x);
   at::Tensor out = at::empty(x.sizes(), x.options());
-  relu2_out(x, out);
+  if (out.numel() == 0) return out;
+  run_relu2(rows_view(x), out.view({-1, out.size(-1)}));
   return out;
 }
 
@@ -266,5 +218,7 @@ void relu2_(const at::Tensor& x) {
 }  // namespace fastlm::cuda_binding
 
 TORCH_LIBRARY_IMPL(fastlm, CUDA, m) {
-  FASTLM_IMPL_COMMON_OPS(m, fastlm::cuda_binding);
+#define FASTLM_IMPL_CUDA(op, schema) m.impl(#op, &fastlm::cuda_binding::op);
+  FASTLM_DEVICE_OPS(FASTLM_IMPL_CUDA)
+#undef FASTLM_IMPL_CUDA
 }

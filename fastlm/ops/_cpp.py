@@ -91,24 +91,10 @@ def _(x, residual, weight, eps, weight_in_fp32=False):
     return torch.empty(x.shape, dtype=dtype, device=x.device), _norm_fake(x, residual)
 
 
-@torch.library.register_fake("fastlm::add_rms_norm_out")
-def _(x, residual, weight, eps, weight_in_fp32, *, out, residual_out):
-    check_norm_args(x, residual, {"weight": weight}, eps, params_dtype=False)
-    _same_device("x", x, out=out, residual_out=residual_out)
-    return None
-
-
 @torch.library.register_fake("fastlm::add_layer_norm")
 def _(x, residual, weight, bias, eps):
     check_norm_args(x, residual, {"weight": weight, "bias": bias}, eps)
     return torch.empty_like(x, memory_format=torch.contiguous_format), _norm_fake(x, residual)
-
-
-@torch.library.register_fake("fastlm::add_layer_norm_out")
-def _(x, residual, weight, bias, eps, *, out, residual_out):
-    check_norm_args(x, residual, {"weight": weight, "bias": bias}, eps)
-    _same_device("x", x, out=out, residual_out=residual_out)
-    return None
 
 
 @torch.library.register_fake("fastlm::qkv_rope")
@@ -121,14 +107,6 @@ def _(qkv, cos, sin, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias, num
             qkv.new_empty((B, num_kv_heads, S, head_dim)))
 
 
-@torch.library.register_fake("fastlm::qkv_rope_out")
-def _(qkv, cos, sin, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias, num_heads, num_kv_heads, head_dim,
-      rotary_dim, interleaved, per_head_layout, qk_norm_eps, *, q_out, k_out, v_out):
-    _same_device("qkv", qkv, cos=cos, sin=sin, q_norm_weight=q_norm_weight, q_norm_bias=q_norm_bias,
-                 k_norm_weight=k_norm_weight, k_norm_bias=k_norm_bias, q_out=q_out, k_out=k_out, v_out=v_out)
-    return None
-
-
 @torch.library.register_fake("fastlm::qkv_rope_cache")
 def _(qkv, cos, sin, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias, k_cache, v_cache, cache_positions,
       num_heads, num_kv_heads, head_dim, rotary_dim, interleaved, per_head_layout, qk_norm_eps):
@@ -138,35 +116,14 @@ def _(qkv, cos, sin, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias, k_c
     return qkv.new_empty((qkv.shape[0], num_heads, qkv.shape[1], head_dim))
 
 
-@torch.library.register_fake("fastlm::qkv_rope_cache_out")
-def _(qkv, cos, sin, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias, k_cache, v_cache, cache_positions,
-      num_heads, num_kv_heads, head_dim, rotary_dim, interleaved, per_head_layout, qk_norm_eps, *, q_out):
-    _same_device("qkv", qkv, cos=cos, sin=sin, q_norm_weight=q_norm_weight, q_norm_bias=q_norm_bias,
-                 k_norm_weight=k_norm_weight, k_norm_bias=k_norm_bias, k_cache=k_cache, v_cache=v_cache,
-                 cache_positions=cache_positions, q_out=q_out)
-    return None
-
-
 @torch.library.register_fake("fastlm::swiglu")
 def _(gate_up):
     return gate_up.new_empty((*gate_up.shape[:-1], gate_up.shape[-1] // 2))
 
 
-@torch.library.register_fake("fastlm::swiglu_out")
-def _(gate_up, *, out):
-    _same_device("gate_up", gate_up, out=out)
-    return None
-
-
 @torch.library.register_fake("fastlm::relu2")
 def _(x):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
-@torch.library.register_fake("fastlm::relu2_out")
-def _(x, *, out):
-    _same_device("x", x, out=out)
-    return None
 
 
 @torch.library.register_fake("fastlm::swiglu_")
@@ -183,12 +140,6 @@ def _(x):
 def _(q, k_cache, v_cache, lengths, scale):
     _same_device("q", q, k_cache=k_cache, v_cache=v_cache, lengths=lengths)
     return torch.empty_like(q, memory_format=torch.contiguous_format)
-
-
-@torch.library.register_fake("fastlm::decode_attention_out")
-def _(q, k_cache, v_cache, lengths, scale, *, out):
-    _same_device("q", q, k_cache=k_cache, v_cache=v_cache, lengths=lengths, out=out)
-    return None
 
 
 @torch.library.register_fake("fastlm::linear")
