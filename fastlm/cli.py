@@ -1,4 +1,4 @@
-"""The ``fastlm`` command: ``fastlm info``, ``fastlm generate``, ``fastlm bench``.
+"""The ``fastlm`` command: ``fastlm info``, ``fastlm generate``, ``fastlm chat``, ``fastlm bench``.
 
 Errors are one line on stderr (``fastlm <command>: error: ...``), exit status 2 for bad arguments.
 Ctrl-C, at any point (the imports of torch and transformers included), ends the command with one line
@@ -17,6 +17,7 @@ import threading
 COMMANDS = {
     "info": ("fastlm.info", "versions, device and backend availability"),
     "generate": ("fastlm.engine.cli", "generate text from a checkpoint (static KV cache, CUDA graphs)"),
+    "chat": ("fastlm.engine.chat", "a multi-turn chat over the chat template, the KV cache kept between turns"),
     "bench": ("fastlm.bench.cli", "run the benchmark suites"),
 }
 

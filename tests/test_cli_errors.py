@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import select
 import shutil
 import signal
@@ -62,6 +63,9 @@ def no_load(monkeypatch):
     (["generate", "--dtype", "float8"], "fastlm generate", "argument --dtype: invalid choice: 'float8'"),
     (["generate", "--bogus"], "fastlm generate", "unrecognized arguments: --bogus"),
     (["generate", "--prompt"], "fastlm generate", "argument --prompt: expected one argument"),
+    (["chat", "--max-cache-len", "1"], "fastlm chat", "argument --max-cache-len: must be >= 2, got 1"),
+    (["chat", "--when-full", "never"], "fastlm chat", "argument --when-full: invalid choice: 'never'"),
+    (["chat", "--prompt", "hi"], "fastlm chat", "unrecognized arguments: --prompt hi"),
     (["bench", "--compile-timeout", "soon"], "fastlm bench", "argument --compile-timeout: invalid float value"),
     (["bench", "--bogus"], "fastlm bench", "unrecognized arguments: --bogus"),
     (["info", "--bogus"], "fastlm info", "unrecognized arguments: --bogus"),
@@ -74,8 +78,8 @@ def test_argument_errors_are_one_line(capsys, no_load, argv, prog, fragment):
     assert fragment in one_error_line(err, prog)
 
 
-@pytest.mark.parametrize("command, option", [("generate", "--max-new-tokens"), ("bench", "--quick"),
-                                             ("info", "--help")])
+@pytest.mark.parametrize("command, option", [("generate", "--max-new-tokens"), ("chat", "--when-full"),
+                                             ("bench", "--quick"), ("info", "--help")])
 def test_help_still_prints_full_help(capsys, command, option):
     code, out, err = run_main(capsys, command, "--help")
     assert code == 0 and err == ""
@@ -96,7 +100,7 @@ BAD_VALUES = [
     ("--top-p", "-inf", "in (0, 1]"),
     ("--max-new-tokens", "-1", "must be >= 0"), ("--max-new-tokens", "1e3", "expected an integer"),
     ("--seed", "-1", f"in [0, {gen_cli.SEED_MAX}]"), ("--seed", str(2**32), f"in [0, {gen_cli.SEED_MAX}]"),
-    ("--seed", "abc", "expected an integer"),
+    ("--seed", "abc", "expected an integer"), ("--stop", "", "a stop string must not be empty"),
 ]
 
 
@@ -146,6 +150,8 @@ def test_argument_errors_come_before_torch_is_imported(tmp_path):
               ["generate", "--prompt", "hi", "--model", str(tmp_path / "nope")],
               ["generate", "--prompt", "hi", "--model", str(latin1)],
               ["generate", "--prompt", "hi", "--model", str(tmp_path)],
+              ["generate", "--prompt", "hi", "--system", "be brief"],
+              ["chat", "--temperature=nan"], ["chat", "--model", str(tmp_path / "nope")],
               ["info", "--bogus"], ["nosuch"]]
     report, lines = probe(argvs)
     assert report["codes"] == [EXIT_USAGE] * len(argvs)
@@ -161,16 +167,25 @@ def test_device_and_backend_errors_come_before_transformers_is_imported():
     assert not report["transformers"]
 
 
-def test_backend_unavailable_here(capsys, no_load, monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET")  # conftest's interpreter mode is what lets Triton run on CPU
+@pytest.fixture
+def no_triton_interpreter(monkeypatch):
+    """TRITON_INTERPRET unset for one test (conftest's interpreter mode is what lets Triton run on CPU).
+    Triton reads it once, when it is imported: import the backend first, under the interpreter, or every
+    later Triton test in this process would get compiled kernels, which refuse CPU tensors."""
+    from fastlm.ops._backend import backend_status
+
+    backend_status("triton", "cpu")
+    monkeypatch.delenv("TRITON_INTERPRET")
+
+
+def test_backend_unavailable_here(capsys, no_load, no_triton_interpreter):
     code, out, err = run_main(capsys, "generate", "--prompt", "hi", "--device", "cpu", "--backend", "triton")
     assert code == EXIT_USAGE and out == ""
     assert "--backend triton: " in one_error_line(err, "fastlm generate")
 
 
 @pytest.mark.parametrize("value, fragment", [("foo", "unknown backend 'foo'"), ("triton", "unavailable for cpu")])
-def test_fastlm_backend_variable_is_named(capsys, no_load, monkeypatch, value, fragment):
-    monkeypatch.delenv("TRITON_INTERPRET")
+def test_fastlm_backend_variable_is_named(capsys, no_load, no_triton_interpreter, monkeypatch, value, fragment):
     monkeypatch.setenv("FASTLM_BACKEND", value)
     code, out, err = run_main(capsys, "generate", "--prompt", "hi", "--device", "cpu")
     line = one_error_line(err, "fastlm generate")
@@ -218,14 +233,16 @@ def test_zero_new_tokens_reports_the_real_backend_and_no_rates(capsys):
     assert out == "The list\n"
     summary = err.strip().splitlines()[-1]
     assert "nan" not in summary.lower()
-    assert summary == (f"prompt tokens: {summary.split(',')[0].split(': ')[1]}, new tokens: 0, prefill: -, "
-                       f"decode: - (backend {expected_backend()}, nothing generated)")
+    head, memory = summary.split(", peak memory: ")
+    assert re.fullmatch(r"prompt tokens: \d+, new tokens: 0, load: [\d.]+ s, prefill: -, decode: -", head), summary
+    assert re.fullmatch(rf"[\d.]+ MiB RSS \(backend {expected_backend()}, nothing generated\)", memory), summary
     code, out, err = run_main(capsys, "generate", "--prompt", "The list", "--max-new-tokens", 0, "--device", "cpu",
                               "--json")
     assert code == 0, err
     row = strict_json(out)
     assert row["new_tokens"] == 0 and row["token_ids"] == []
     assert row["prefill_ms"] is None and row["decode_tokens_per_s"] is None and row["mode"] is None
+    assert row["prefill_tokens_per_s"] is None and row["load_s"] > 0 and row["peak_memory_bytes"] > 0
     assert row["backend"] == expected_backend()
 
 
@@ -234,7 +251,7 @@ def test_one_new_token_has_no_decode_rate(capsys):
     code, out, err = run_main(capsys, *argv)
     assert code == 0, err
     summary = err.strip().splitlines()[-1]
-    assert ", new tokens: 1, " in summary and "decode: - (" in summary and "nan" not in summary.lower()
+    assert ", new tokens: 1, " in summary and "decode: -, peak memory: " in summary and "nan" not in summary.lower()
     assert f"(backend {expected_backend()}, " in summary
     code, out, err = run_main(capsys, *argv, "--json")
     row = strict_json(out)

@@ -60,6 +60,7 @@ def main(argv=None) -> int:
 
         rows = merge_results(args.out, args.merge, plots=args.plots)
         print(f"fastlm bench: merged {len(rows)} rows from {', '.join(args.merge)} -> {args.out}/summary.md")
+        _say_if_no_plots(args)
         return 0
     from fastlm.bench.driver import run_benchmarks
 
@@ -74,7 +75,18 @@ def main(argv=None) -> int:
     ok = sum(r.ok for r in rows)
     print(f"fastlm bench: {len(rows)} rows ({ok} measured, {len(rows) - ok} skipped/failed) -> "
           f"{args.out}/results.csv, {args.out}/summary.md")
+    _say_if_no_plots(args)
     return 0
+
+
+def _say_if_no_plots(args) -> None:
+    """Plots were asked for (the default) but cannot be drawn: say so here, not only in summary.md."""
+    if args.plots:
+        from fastlm.bench.report import plotting_unavailable
+
+        problem = plotting_unavailable()
+        if problem:
+            print(f"fastlm bench: no plots: {problem}", file=sys.stderr)
 
 
 if __name__ == "__main__":

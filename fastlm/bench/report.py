@@ -157,14 +157,25 @@ def write_summary(path, rows: list[Row], machine: dict, copy_bw: float, meta: di
         f.write("\n".join(L) + "\n")
 
 
-def make_plots(out_dir, rows: list[Row]) -> tuple[list[str], str]:
+def plotting_unavailable() -> str | None:
+    """Why no plots can be drawn here (matplotlib, a dependency of fastlm, does not import), or None."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot  # noqa: F401
     except Exception as exc:
-        return [], f"Plots skipped: matplotlib is not installed ({type(exc).__name__}). `pip install matplotlib`."
+        return (f"matplotlib does not import ({type(exc).__name__}: {exc}); it is a dependency of fastlm: "
+                "`pip install matplotlib`")
+    return None
+
+
+def make_plots(out_dir, rows: list[Row]) -> tuple[list[str], str]:
+    problem = plotting_unavailable()
+    if problem:
+        return [], f"Plots skipped: {problem}."
+    import matplotlib.pyplot as plt
+
     paths = []
     try:
         paths += _plot_speedups(plt, out_dir, rows, "kernels")

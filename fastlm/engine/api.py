@@ -15,7 +15,11 @@ its own length (no padding): a sequence that stopped on a stop token ends with t
 one entry per sequence, ``None`` for a sequence that has already finished.
 
 Stop tokens: ``eos_token_id`` (int or list), else the model's ``generation_config.eos_token_id``, else
-``config.eos_token_id``, else the tokenizer's; ``ignore_eos=True`` disables them. Generation stops at
+``config.eos_token_id``, else the tokenizer's; ``ignore_eos=True`` disables them. ``stop_strings`` (a
+string or a list; needs ``tokenizer``) are matched on the detokenised text: a sequence whose text reaches
+one ends with the token that completed it (finish reason ``stop``; the text itself is for the caller to
+cut). ``generate`` checks them every ``check_every`` steps, in one host transfer of those steps' tokens (so
+a batch may decode a few steps past its last match); ``stream`` checks every token. Generation stops at
 ``max_new_tokens``, or at the KV cache capacity: ``max_cache_len`` tokens per sequence (prompt
 included; default ``max_position_embeddings``); a sequence that hits it finishes with reason ``cache_full``
 (and a warning), never writing past the cache.
@@ -38,6 +42,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from fastlm.engine.detok import StopStringWatch
 from fastlm.engine.engine import GenerationResult, engine_for, finalize
 from fastlm.engine.runner import NO_TOKEN
 from fastlm.engine.sampling import SamplingConfig
@@ -157,10 +162,25 @@ def _prepare_model(model, backend: str):
     return model
 
 
+def _stop_strings(stop_strings, tokenizer) -> list[str]:
+    if stop_strings is None:
+        return []
+    if isinstance(stop_strings, str):
+        stop_strings = [stop_strings]
+    if not isinstance(stop_strings, (list, tuple)) or not all(isinstance(s, str) for s in stop_strings):
+        raise TypeError(f"stop_strings must be a string or a list of strings, got {stop_strings!r}")
+    if any(not s for s in stop_strings):
+        raise ValueError("stop_strings must not contain an empty string")
+    if stop_strings and tokenizer is None:
+        raise ValueError("stop_strings are matched on decoded text: pass tokenizer=...")
+    return list(stop_strings)
+
+
 def _start(model, input_ids_or_prompts, *, tokenizer, max_new_tokens, temperature, top_k, top_p, seed,
            eos_token_id, ignore_eos, attention_mask, backend, cuda_graph, compile, max_cache_len, check_every,
-           session=None):
-    """Check every argument, patch the model if needed, and return the engine's (not yet started) steps."""
+           session=None, stop_strings=None):
+    """Check every argument, patch the model if needed, and return the engine's (not yet started) steps
+    and the stop-string watch (None without ``stop_strings``)."""
     from fastlm.ops._backend import BACKEND_CHOICES
 
     max_new_tokens = _int_arg("max_new_tokens", max_new_tokens, minimum=0)
@@ -176,6 +196,7 @@ def _start(model, input_ids_or_prompts, *, tokenizer, max_new_tokens, temperatur
         raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
     if not isinstance(compile, (bool, str)):
         raise TypeError(f"compile must be a bool or a torch.compile backend name, got {type(compile).__name__}")
+    stop_strings = _stop_strings(stop_strings, tokenizer)
     prompts, single = _as_prompts(input_ids_or_prompts, tokenizer, attention_mask)
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -198,11 +219,31 @@ def _start(model, input_ids_or_prompts, *, tokenizer, max_new_tokens, temperatur
 
     result = GenerationResult(tokens=[], finish_reasons=[], prompt_lengths=[len(p) for p in prompts],
                               backend=patched_backend(model))
+    watch = StopStringWatch(tokenizer, prompts, stop_strings, NO_TOKEN) if stop_strings else None
     engine = engine_for(model, cuda_graph=bool(cuda_graph), compile=compile)
     steps = engine.run(prompts, config=config, max_new_tokens=max_new_tokens, stop_ids=stop_ids, seed=seed,
-                       limit=limit, result=result, check_every=check_every, session=session
-                       ) if max_new_tokens > 0 else iter(())
-    return prompts, single, result, steps
+                       limit=limit, result=result, check_every=check_every, session=session,
+                       stop_check=None if watch is None else watch.check) if max_new_tokens > 0 else iter(())
+    return prompts, single, result, steps, watch
+
+
+def _finish(result: GenerationResult, per_step: list[torch.Tensor], watch, max_new_tokens: int) -> None:
+    """finalize, with each sequence that reached a stop string cut after the token that completed it."""
+    stopped = []
+    if watch is not None and per_step:
+        watch.check()  # the steps since the last check
+        stopped = [b for b, n in enumerate(watch.stop_at) if n is not None]
+        if stopped:
+            table = torch.stack(per_step)  # [steps, B]
+            codes = result.extra.get("reason_codes")
+            for b in stopped:
+                table[watch.stop_at[b]:, b] = NO_TOKEN
+                if codes is not None:
+                    codes[b] = 0  # whatever the device saw after the stop string does not count
+            per_step = list(table.unbind(0))
+    finalize(result, per_step, result.prompt_lengths, max_new_tokens)
+    for b in stopped:
+        result.finish_reasons[b] = "stop"
 
 
 def generate(model, input_ids_or_prompts, tokenizer=None, max_new_tokens: int = 32, temperature: float = 0.0,
@@ -210,16 +251,17 @@ def generate(model, input_ids_or_prompts, tokenizer=None, max_new_tokens: int = 
              eos_token_id: int | Sequence[int] | None = None, ignore_eos: bool = False, attention_mask=None,
              backend: str = "auto", cuda_graph: bool = True, *, compile: bool | str = False,
              max_cache_len: int | None = None, return_result: bool = False, check_every: int | None = None,
-             session=None):
+             session=None, stop_strings: str | Sequence[str] | None = None):
     """Generate new tokens (see the module docstring for inputs, outputs and stopping). ``session``: a
     :class:`fastlm.Session` whose cache continues (used by ``Session.generate``)."""
-    prompts, single, result, steps = _start(
+    prompts, single, result, steps, watch = _start(
         model, input_ids_or_prompts, tokenizer=tokenizer, max_new_tokens=max_new_tokens, temperature=temperature,
         top_k=top_k, top_p=top_p, seed=seed, eos_token_id=eos_token_id, ignore_eos=ignore_eos,
         attention_mask=attention_mask, backend=backend, cuda_graph=cuda_graph, compile=compile,
-        max_cache_len=max_cache_len, check_every=check_every, session=session)
-    per_step = list(steps)
-    finalize(result, per_step, result.prompt_lengths, operator.index(max_new_tokens))
+        max_cache_len=max_cache_len, check_every=check_every, session=session, stop_strings=stop_strings)
+    per_step = [] if watch is None else watch.per_step  # the watch reads it at the engine's checks
+    per_step.extend(steps)
+    _finish(result, per_step, watch, operator.index(max_new_tokens))
     if return_result:
         return result
     return result.tokens[0] if single else result.tokens
@@ -229,35 +271,44 @@ def stream(model, input_ids_or_prompts, tokenizer=None, max_new_tokens: int = 32
            top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
            eos_token_id: int | Sequence[int] | None = None, ignore_eos: bool = False, attention_mask=None,
            backend: str = "auto", cuda_graph: bool = True, *, compile: bool | str = False,
-           max_cache_len: int | None = None, result: GenerationResult | None = None, session=None) -> Iterator:
+           max_cache_len: int | None = None, result: GenerationResult | None = None, session=None,
+           stop_strings: str | Sequence[str] | None = None) -> Iterator:
     """Yield new tokens as they are generated (see the module docstring). Pass a
     :class:`GenerationResult` as ``result`` to receive finish reasons and timings when the stream ends.
     Arguments are checked (and the model patched) at the call, not at the first ``next()``; the stream
     owns its KV cache and decode state, so streams and other calls on the same model can interleave."""
-    prompts, single, res, steps = _start(
+    prompts, single, res, steps, watch = _start(
         model, input_ids_or_prompts, tokenizer=tokenizer, max_new_tokens=max_new_tokens, temperature=temperature,
         top_k=top_k, top_p=top_p, seed=seed, eos_token_id=eos_token_id, ignore_eos=ignore_eos,
         attention_mask=attention_mask, backend=backend, cuda_graph=cuda_graph, compile=compile,
-        max_cache_len=max_cache_len, check_every=1, session=session)
+        max_cache_len=max_cache_len, check_every=1, session=session, stop_strings=stop_strings)
     if result is not None and not isinstance(result, GenerationResult):
         raise TypeError(f"result must be a fastlm GenerationResult (or None), got {type(result).__name__}")
-    return _stream(single, res, steps, result, operator.index(max_new_tokens))
+    return _stream(single, res, steps, result, operator.index(max_new_tokens), watch)
 
 
-def _stream(single: bool, res: GenerationResult, steps, result: GenerationResult | None, max_new_tokens: int
-            ) -> Iterator:
-    per_step = []
-    for emitted in steps:
-        per_step.append(emitted)
-        row = emitted.tolist()  # the one host sync per token a stream needs
-        if all(t == NO_TOKEN for t in row):
-            break
-        if single:
-            yield row[0]
-        else:
-            yield [None if t == NO_TOKEN else t for t in row]
-    for _ in steps:  # drain (no-op after a break; lets the engine record its timings)
-        pass
-    finalize(res, per_step, res.prompt_lengths, max_new_tokens)
+def _stream(single: bool, res: GenerationResult, steps, result: GenerationResult | None, max_new_tokens: int,
+            watch) -> Iterator:
+    per_step = [] if watch is None else watch.per_step
+    try:
+        for emitted in steps:
+            per_step.append(emitted)
+            row = emitted.tolist()  # the one host sync per token a stream needs
+            if watch is not None:  # a sequence that reached a stop string emits nothing more
+                before = list(watch.done)
+                watch.feed_row(row)
+                row = [NO_TOKEN if was_done else t for t, was_done in zip(row, before)]
+            if all(t == NO_TOKEN for t in row):
+                break
+            if single:
+                yield row[0]
+            else:
+                yield [None if t == NO_TOKEN else t for t in row]
+        for _ in steps:  # drain (no-op after a break; lets the engine record its timings)
+            pass
+    finally:
+        if hasattr(steps, "close"):  # (max_new_tokens=0: an empty iterator)
+            steps.close()  # closed early (the caller's close(), an exception): the slot goes back now
+    _finish(res, per_step, watch, max_new_tokens)
     if result is not None:
         result.__dict__.update(res.__dict__)
