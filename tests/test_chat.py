@@ -218,9 +218,8 @@ def test_three_turns_in_a_terminal_match_hf_and_prefill_only_their_own_tokens(te
             prev_ids, prev_reply = previous
             assert ids[: len(prev_ids) + len(prev_reply)] == prev_ids + prev_reply
             own = len(ids) - len(prev_ids) - len(prev_reply)
-            # Prefilled: those, and the previous reply's last token, which was sampled but never fed
-            # through the model (its keys and values are written with the next prefill).
-            assert prefilled == own + 1 < len(ids) // 2
+            # Prefilled: exactly those (the session fed the previous reply's last token when it ended).
+            assert prefilled == own < len(ids) // 2
         turns.append((message, reply))
         previous = (ids, expected)
 
@@ -315,7 +314,7 @@ def test_pipe_demo_checkpoint_continues_the_whole_text(monkeypatch, capsys):
         assert out.startswith(reply + "\n"), (out, reply)
         out = out[len(reply) + 1:]
         assert prefills[n] == len(ids) - min(common_prefix(cached, ids), len(ids) - 1)
-        cached = ids + expected[:-1]
+        cached = ids + expected  # the session fed the reply's last token too
         text += reply
     assert out == ""  # "/exit" ended it: the last line was never read
 

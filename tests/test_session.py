@@ -35,13 +35,12 @@ def test_turns_prefill_only_their_tokens_and_match_a_fresh_run(variant, backend)
         conversation += turn
         result = session.generate(conversation, max_new_tokens=6, ignore_eos=True, return_result=True)
         reply = result.tokens[0]
-        # Cached: everything up to this turn but the previous reply's last token (never fed).
-        expected_prefill = len(turn) + (1 if n else 0)
-        assert result.extra["prefill_tokens"] == expected_prefill == session.last_prefill_tokens
+        # Cached: everything up to this turn, the previous reply's last token included.
+        assert result.extra["prefill_tokens"] == len(turn) == session.last_prefill_tokens
         fresh = fastlm.generate(model, conversation, max_new_tokens=6, ignore_eos=True, backend=backend)
         assert reply == fresh == hf_greedy(hf, conversation, 6)
         conversation += reply
-        assert session.tokens == conversation[:-1]
+        assert session.tokens == conversation
 
 
 def test_diverging_sequence_keeps_only_the_shared_prefix():
@@ -67,7 +66,7 @@ def test_session_grows_its_cache_and_keeps_the_prefix():
     seq += random_ids(1, 60, seed=4)[0].tolist()
     result = session.generate(seq, max_new_tokens=10, ignore_eos=True, return_result=True)
     assert session._slot.runner.max_len > small
-    assert result.extra["prefill_tokens"] == 61
+    assert result.extra["prefill_tokens"] == 60
     assert result.tokens[0] == fastlm.generate(model, seq, max_new_tokens=10, ignore_eos=True, backend="cpp")
 
 

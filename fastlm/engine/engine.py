@@ -155,20 +155,24 @@ class Engine:
         else:
             slot, start = session.lease(prompts[0], max(alloc, need))
         emitted: list[torch.Tensor] = []
+        fed_last = None if session is None else [False]
         try:
             yield from self._run(slot, prompts, rows, start, emitted, config=config, max_new_tokens=max_new_tokens,
                                  stop_ids=stop_ids, seed=seed, limit=limit, result=result, check_every=check_every,
-                                 stop_check=stop_check)
+                                 stop_check=stop_check, fed_last=fed_last)
         finally:
             if session is None:
                 self._release(slot)
             else:
-                session.record(prompts[0], emitted)
+                session.record(prompts[0], emitted, fed_last[0])
 
     def _run(self, slot: _Slot, prompts, rows: int, start: int, emitted: list, *, config, max_new_tokens, stop_ids,
-             seed, limit, result, check_every, stop_check=None) -> Iterator[torch.Tensor]:
+             seed, limit, result, check_every, stop_check=None, fed_last: list | None = None
+             ) -> Iterator[torch.Tensor]:
         """The call on ``slot``: prefill of every prompt's tokens from ``start`` on, then decode steps.
-        Appends what it yields to ``emitted``."""
+        Appends what it yields to ``emitted``. ``fed_last`` (a session's call): a one-item list, set to
+        True when the last new token was fed through the model too (the loop ran to its end and the
+        cache had room)."""
         B = len(prompts)
         lengths_host = [len(p) for p in prompts]
         S = max(lengths_host) - start
@@ -243,6 +247,15 @@ class Engine:
         result.decode_steps = steps
         result.extra["reason_codes"] = st.reason[:B].tolist()
         result.extra["limit"] = limit
+        if fed_last is not None and min(lengths_host) + steps < limit:
+            # A session's reply ends with a token that no step has fed yet: one more step writes its keys
+            # and values (its own sample is dropped), so the next call prefills only its new tokens.
+            with torch.inference_mode():
+                if mode == "cuda_graph":
+                    slot.graphs.replay(rows, step_config)
+                else:
+                    step(rows, step_config)
+            fed_last[0] = True
 
 
 def finalize(result: GenerationResult, per_step: list[torch.Tensor], prompt_lengths: list[int], max_new_tokens: int

@@ -7,9 +7,10 @@ not the conversation's. A sequence that diverges from the cache (an edited turn,
 re-tokenises differently, dropped old turns) just keeps the shared prefix and prefills the remainder,
 so the result is always what a fresh call on the whole sequence would give.
 
-What the cache holds after a call: the prompt and every new token but the last (a token is written
-to the cache when it is fed to the next step; the last one was never fed). A stream closed early (Ctrl-C
-in ``fastlm chat``) keeps what it fed until then.
+What the cache holds after a call: the prompt and every new token. A token is written to the cache
+when a step feeds it, so a session's call runs one step more than a plain call, after its last token,
+to feed that one too (skipped when the cache is full). A stream closed early (Ctrl-C in ``fastlm chat``)
+keeps what it fed until then: every token it showed but the last.
 
 The session owns its slot (a runner: cache and decode state) until ``close()``, and grows it (copying
 the cached prefix) when a call needs more room, up to ``max_cache_len``. The cache is reused only
@@ -93,11 +94,15 @@ class Session:
             self._busy.release()
             raise
 
-    def record(self, prompt: list[int], emitted: list[torch.Tensor]) -> None:
-        """After a call (finished, or closed early): the cache holds the prompt and the fed tokens."""
+    def record(self, prompt: list[int], emitted: list[torch.Tensor], fed_last: bool = False) -> None:
+        """After a call (finished, or closed early): the cache holds the prompt and the fed tokens (the
+        last new token too when ``fed_last``)."""
         try:
             new = [t for t in torch.cat(emitted).tolist() if t != NO_TOKEN] if emitted else []
-            self.tokens = list(prompt) + new[:-1] if new else list(prompt[: len(self.tokens)])
+            if new:
+                self.tokens = list(prompt) + (new if fed_last else new[:-1])
+            else:
+                self.tokens = list(prompt[: len(self.tokens)])
             self._cached_key = self._weights_key()
         finally:
             self._busy.release()
