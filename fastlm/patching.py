@@ -8,6 +8,7 @@ forward, so training and gradients are exactly HF's.
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 
 import torch.nn as nn
 
@@ -18,9 +19,18 @@ from fastlm.modules._swap import restore_class
 from fastlm.ops._backend import BACKEND_CHOICES, resolve
 
 SUPPORTED_MODEL_TYPES = tuple(FAMILY_ADAPTERS)
-_BACKEND_ATTR = "_fastlm_backend"
-_PATCH_ID_ATTR = "_fastlm_patch_id"
-_PATCH_IDS = itertools.count(1)  # one id per patch() that swapped modules: what the engine cache keys on
+_RECORD_ATTR = "_fastlm_patch"
+_PATCH_IDS = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class PatchRecord:
+    """What ``patch()`` put in place, stored on the base model (read with :func:`patch_record`)."""
+
+    requested: str   # the backend asked for ("auto" included)
+    backend: str     # the concrete backend the fused modules run (auto resolved once, at patch time)
+    patch_id: int    # unique to this patch(): what the engine's cache keys on (never id() of a tensor)
+    final_norm: str  # the base model's attribute holding the final norm
 
 
 def _check_module(model, fn: str) -> None:
@@ -44,10 +54,14 @@ def _base_model(model: nn.Module):
     return base, model_type
 
 
+def patch_record(model: nn.Module) -> PatchRecord | None:
+    """The :class:`PatchRecord` of a patched model, or None."""
+    return getattr(model, "base_model", model).__dict__.get(_RECORD_ATTR)
+
+
 def is_patched(model: nn.Module) -> bool:
     _check_module(model, "is_patched")
-    base = getattr(model, "base_model", model)
-    return _BACKEND_ATTR in base.__dict__
+    return patch_record(model) is not None
 
 
 def patch(model: nn.Module, backend: str = "auto") -> nn.Module:
@@ -60,15 +74,15 @@ def patch(model: nn.Module, backend: str = "auto") -> nn.Module:
         raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
     base, model_type = _base_model(model)
     param = next(model.parameters(), None)
-    resolve(backend, param.device.type if param is not None else "cpu")  # fail now, not mid-forward
-    if is_patched(model):
-        if base.__dict__[_BACKEND_ATTR] == backend:
+    concrete = resolve(backend, param.device.type if param is not None else "cpu")  # fail now, not mid-forward
+    record = patch_record(model)
+    if record is not None:
+        if record.backend == concrete:
             refresh_fused_weights(model)  # re-fuse what was replaced since (a no-op when nothing was)
             return model
         unpatch(model)
-    FAMILY_ADAPTERS[model_type](base, backend)
-    base.__dict__[_BACKEND_ATTR] = backend
-    base.__dict__[_PATCH_ID_ATTR] = next(_PATCH_IDS)
+    final_norm = FAMILY_ADAPTERS[model_type](base, concrete)
+    base.__dict__[_RECORD_ATTR] = PatchRecord(backend, concrete, next(_PATCH_IDS), final_norm)
     return model
 
 
@@ -78,17 +92,17 @@ def unpatch(model: nn.Module) -> nn.Module:
     base = getattr(model, "base_model", model)
     for module in base.modules():
         restore_class(module)
-    base.__dict__.pop(_BACKEND_ATTR, None)
-    base.__dict__.pop(_PATCH_ID_ATTR, None)
-    base.__dict__.pop("_fastlm_final_norm", None)
+    base.__dict__.pop(_RECORD_ATTR, None)
     return model
 
 
 def patch_id(model: nn.Module) -> int | None:
     """A number unique to the ``patch()`` that put the current fused modules in place (None: unpatched)."""
-    return getattr(model, "base_model", model).__dict__.get(_PATCH_ID_ATTR)
+    record = patch_record(model)
+    return None if record is None else record.patch_id
 
 
 def patched_backend(model: nn.Module) -> str | None:
-    """The backend ``model`` was patched with, or None."""
-    return getattr(model, "base_model", model).__dict__.get(_BACKEND_ATTR)
+    """The concrete backend ``model``'s fused modules run, or None."""
+    record = patch_record(model)
+    return None if record is None else record.backend

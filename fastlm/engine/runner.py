@@ -23,6 +23,7 @@ from fastlm.engine.rope import RopeTables
 from fastlm.engine.sampling import SamplingConfig, sample
 from fastlm.modules._linear import project_linear
 from fastlm.modules.decoder import layer_body
+from fastlm.patching import patch_record
 
 # Finish reasons, as stored in DecodeState.reason.
 RUNNING, EOS, CACHE_FULL = 0, 1, 2
@@ -60,17 +61,17 @@ class ModelRunner:
 
     def __init__(self, model, batch: int, max_len: int):
         base = model.base_model
-        if "_fastlm_final_norm" not in base.__dict__:
+        record = patch_record(model)
+        if record is None:
             raise ValueError("ModelRunner needs a model patched with fastlm.patch()")
         self.model, self.base = model, base
         self.layers = list(base.layers)
         self.embed = base.embed_tokens
-        self.final_norm = getattr(base, base.__dict__["_fastlm_final_norm"])
+        self.final_norm = getattr(base, record.final_norm)
         self.lm_head = model.lm_head
-        attn0 = self.layers[0].self_attn
-        spec = attn0._fastlm_spec
+        spec = self.layers[0].self_attn.fused_spec()
         self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
-        self.backend = attn0._fastlm_backend
+        self.backend = record.backend
         weight = self.embed.weight
         self.dtype, self.device = weight.dtype, weight.device
         self.batch, self.max_len = batch, max_len
@@ -78,7 +79,7 @@ class ModelRunner:
         # modules at each use, so a re-fuse (fastlm.modules._fused_storage) is seen by the next step.
         self._decode_attention = dispatch("decode_attention", self.backend, self.device)
         self.attn = [layer.self_attn for layer in self.layers]
-        self.out_proj = [getattr(layer.self_attn, layer.self_attn._fastlm_spec.out_name) for layer in self.layers]
+        self.out_proj = [attn.output_projection() for attn in self.attn]
         self.scaling = [float(layer.self_attn.scaling) for layer in self.layers]
         self.cache = StaticKVCache(len(self.layers), batch, self.num_kv_heads, max_len, self.head_dim,
                                    self.dtype, self.device)

@@ -26,9 +26,10 @@ def mlp_activation(hidden_act: str, gated: bool) -> str:
 
 
 def patch_layers(base_model, backend: str, *, norm_kind: str, attention_spec, mlp_spec: MLPSpec,
-                 final_norm: str, rms_weight_in_fp32: bool = False, parallel_residual: bool = False) -> None:
+                 final_norm: str, rms_weight_in_fp32: bool = False, parallel_residual: bool = False) -> str:
     """Swap every decoder layer's norms, attention, MLP and the layer itself, then the final norm.
-    ``attention_spec(attn) -> AttentionSpec`` builds each layer's (identical) spec."""
+    ``attention_spec(attn) -> AttentionSpec`` builds each layer's (identical) spec. Returns ``final_norm``
+    (kept in the model's fastlm.patching.PatchRecord)."""
     for layer in base_model.layers:
         patch_norm(layer.input_layernorm, norm_kind, backend, rms_weight_in_fp32)
         if layer.post_attention_layernorm is not None:
@@ -37,11 +38,11 @@ def patch_layers(base_model, backend: str, *, norm_kind: str, attention_spec, ml
         patch_mlp(layer.mlp, mlp_spec, backend)
         patch_decoder_layer(layer, parallel_residual)
     patch_norm(getattr(base_model, final_norm), norm_kind, backend, rms_weight_in_fp32)
-    base_model.__dict__["_fastlm_final_norm"] = final_norm  # read by the engine; dropped by unpatch
+    return final_norm
 
 
 def patch_llama_layout(base_model, backend: str, *, interleaved: bool, gated: bool,
-                       rms_weight_in_fp32: bool) -> None:
+                       rms_weight_in_fp32: bool) -> str:
     """Arcee and Helium share Llama's layout (RMSNorm, separate q/k/v/o with GQA, full-head RoPE,
     ``model.norm``); they differ in the RoPE pairing, the MLP and the RMSNorm cast order."""
     config = base_model.config
@@ -54,8 +55,8 @@ def patch_llama_layout(base_model, backend: str, *, interleaved: bool, gated: bo
 
     mlp = MLPSpec(gated=gated, up_name="up_proj", down_name="down_proj",
                   activation=mlp_activation(config.hidden_act, gated=gated))
-    patch_layers(base_model, backend, norm_kind="rms", attention_spec=attention_spec, mlp_spec=mlp,
-                 final_norm="norm", rms_weight_in_fp32=rms_weight_in_fp32)
+    return patch_layers(base_model, backend, norm_kind="rms", attention_spec=attention_spec, mlp_spec=mlp,
+                        final_norm="norm", rms_weight_in_fp32=rms_weight_in_fp32)
 
 
 __all__ = ["patch_llama_layout", "AttentionSpec", "MLPSpec", "rotary_dim_of", "eager_attention_of", "mlp_activation", "patch_layers"]

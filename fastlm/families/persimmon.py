@@ -4,7 +4,7 @@ from fastlm.families._common import (AttentionSpec, MLPSpec, eager_attention_of,
                                      rotary_dim_of)
 
 
-def patch_persimmon(base_model, backend: str) -> None:
+def patch_persimmon(base_model, backend: str) -> str:
     config = base_model.config
     rotary_dim = rotary_dim_of(base_model)
 
@@ -16,5 +16,5 @@ def patch_persimmon(base_model, backend: str) -> None:
 
     mlp = MLPSpec(gated=False, up_name="dense_h_to_4h", down_name="dense_4h_to_h",
                   activation=mlp_activation(config.hidden_act, gated=False))
-    patch_layers(base_model, backend, norm_kind="layer", attention_spec=attention_spec, mlp_spec=mlp,
-                 final_norm="final_layernorm")
+    return patch_layers(base_model, backend, norm_kind="layer", attention_spec=attention_spec, mlp_spec=mlp,
+                        final_norm="final_layernorm")

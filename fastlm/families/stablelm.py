@@ -4,7 +4,7 @@ from fastlm.families._common import (AttentionSpec, MLPSpec, eager_attention_of,
                                      rotary_dim_of)
 
 
-def patch_stablelm(base_model, backend: str) -> None:
+def patch_stablelm(base_model, backend: str) -> str:
     config = base_model.config
     rotary_dim = rotary_dim_of(base_model)
 
@@ -16,5 +16,5 @@ def patch_stablelm(base_model, backend: str) -> None:
 
     mlp = MLPSpec(gated=True, up_name="up_proj", down_name="down_proj",
                   activation=mlp_activation(config.hidden_act, gated=True))
-    patch_layers(base_model, backend, norm_kind="layer", attention_spec=attention_spec, mlp_spec=mlp,
-                 final_norm="norm", parallel_residual=bool(config.use_parallel_residual))
+    return patch_layers(base_model, backend, norm_kind="layer", attention_spec=attention_spec, mlp_spec=mlp,
+                        final_norm="norm", parallel_residual=bool(config.use_parallel_residual))

@@ -110,6 +110,14 @@ class FusedAttention:
         if data_ptrs(self._fastlm_sources()) != self.__dict__["_fastlm_source_ptrs"]:
             self._fastlm_fuse()
 
+    def fused_spec(self) -> AttentionSpec:
+        """The head layout and epilogue settings this module was patched with."""
+        return self.__dict__["_fastlm_spec"]
+
+    def output_projection(self) -> nn.Linear:
+        """The attention's output projection (``o_proj``; Persimmon's ``dense``)."""
+        return getattr(self, self.__dict__["_fastlm_spec"].out_name)
+
     def epilogue(self) -> tuple[str, tuple, tuple]:
         """(backend, norm tensors, static ints) of this layer's QKV epilogue (``qkv_rope[_cache]``), as
         of the last fuse or refresh."""
