@@ -1,7 +1,7 @@
 """Tiny random-weight models of each family and config variant, shared by every model-level test.
 
 Norm weights and biases are perturbed away from their 1/0 init (or the norms would go untested),
-and every variant named in the foundation issue is here. Build with :func:`build_model`.
+and every config option the README's family table lists is covered by a variant here. Build with :func:`build_model`.
 """
 from __future__ import annotations
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import threading
 
 import pytest
-import torch
 
 import fastlm
 from fastlm.engine.engine import engine_for

@@ -110,7 +110,8 @@ def test_batch_and_sampling_options(checkpoint, capsys):
     assert [line[:3] for line in out.splitlines()] == ["[0]", "[1]"]
     j1 = run_cli(capsys, *argv, "--json")[1]
     j2 = run_cli(capsys, *argv, "--json")[1]
-    assert [json.loads(x)["token_ids"] for x in j1.splitlines()] == [json.loads(x)["token_ids"] for x in j2.splitlines()]
+    ids1, ids2 = ([json.loads(x)["token_ids"] for x in j.splitlines()] for j in (j1, j2))
+    assert ids1 == ids2
 
 
 def test_incremental_detokenizer_handles_split_characters(checkpoint):

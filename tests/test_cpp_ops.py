@@ -241,7 +241,7 @@ def test_qkv_rope_large_outputs_streamed(cfg, dtype):
 @pytest.mark.parametrize("BS", [(1, 1), (3, 7)])
 def test_qkv_rope_cache(name, BS, pos_dtype, dtype):
     cfg = QKV_CONFIGS[name]
-    H, Hkv, D = cfg[0], cfg[1], cfg[2]
+    Hkv, D = cfg[1], cfg[2]
     B, S = BS
     Tmax = 40
     qkv, cos, sin, nw = make_qkv(cfg, B, S, dtype, seed=3)
@@ -380,7 +380,8 @@ def test_swiglu_fp32_silu_within_torchs_ulps():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows", [(1, 1), (1, 3), (2, 2), (7,), (1, 16), (17,)])  # > 4 / > 16 rows: ATen (16-bit / fp32)
+# > 4 / > 16 rows: ATen (16-bit / fp32)
+@pytest.mark.parametrize("rows", [(1, 1), (1, 3), (2, 2), (7,), (1, 16), (17,)])
 @pytest.mark.parametrize("nk", [(3000, 80), (5, 3000), (37, 129)])  # odd N (tail rows), odd K (tail chunks)
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("residual", [False, True])

@@ -49,7 +49,8 @@ from fastlm.engine.sampling import SamplingConfig
 
 
 def _int_arg(name: str, value, *, minimum: int | None = None, optional: bool = False) -> int | None:
-    """``value`` as a Python int (anything with ``__index__``, not bool), or one ValueError/TypeError naming ``name``."""
+    """``value`` as a Python int (anything with ``__index__``, not bool), or one ValueError / TypeError
+    naming ``name``."""
     if value is None and optional:
         return None
     if isinstance(value, bool) or not hasattr(type(value), "__index__"):

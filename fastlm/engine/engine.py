@@ -211,8 +211,11 @@ class Engine:
             first = sample(logits, config, st.seed, st.counter, st.temperature, st.top_p)
             is_stop = (first.unsqueeze(1) == st.stop_ids.unsqueeze(0)).any(dim=1)
             # Rows past B (bucket padding) are finished dummies: they decode at slot 0 and emit nothing.
-            st.tokens.zero_(); st.positions.zero_(); st.out.fill_(NO_TOKEN)
-            st.done.fill_(True); st.reason.fill_(EOS)
+            st.tokens.zero_()
+            st.positions.zero_()
+            st.out.fill_(NO_TOKEN)
+            st.done.fill_(True)
+            st.reason.fill_(EOS)
             st.tokens[:B].copy_(first)
             st.positions[:B].copy_(lengths)
             st.done[:B].copy_(is_stop)

@@ -59,4 +59,5 @@ def patch_llama_layout(base_model, backend: str, *, interleaved: bool, gated: bo
                         final_norm="norm", rms_weight_in_fp32=rms_weight_in_fp32)
 
 
-__all__ = ["patch_llama_layout", "AttentionSpec", "MLPSpec", "rotary_dim_of", "eager_attention_of", "mlp_activation", "patch_layers"]
+__all__ = ["patch_llama_layout", "AttentionSpec", "MLPSpec", "rotary_dim_of", "eager_attention_of", "mlp_activation",
+           "patch_layers"]

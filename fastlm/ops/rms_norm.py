@@ -2,7 +2,7 @@
 
 The residual stream ``h`` is rounded to the model dtype before the statistics, exactly as HF's
 ``residual + hidden_states`` does, and returned so the caller carries it to the next residual add.
-Statistics are fp32. Two cast orders exist in the families (FAMILIES.md):
+Statistics are fp32. Two cast orders exist in the families (their HF RMSNorm forwards):
 
 * Arcee (``weight_in_fp32=False``): ``weight * (h.float() * rstd).to(dtype)``: normalise, round, then
   multiply by the weight in the model dtype (a second rounding in bf16/fp16).
