@@ -1,6 +1,5 @@
-"""pytest-benchmark files for fastlm: ``pytest benchmarks --benchmark-enable``. Knobs: see _bench_env.py."""
-import os
-import sys
+"""``pytest benchmarks --benchmark-enable``: the benchmark allocator settings first, while torch is not
+imported yet (fastlm.bench.alloc; ``fastlm bench`` applies the same)."""
+from fastlm.bench.alloc import set_allocator_defaults
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+set_allocator_defaults()

@@ -6,8 +6,9 @@ __version__ = "0.1.0"
 __all__ = ["patch", "unpatch", "is_patched", "generate", "stream", "Session", "UnsupportedModelError",
            "BackendUnavailableError", "SUPPORTED_MODEL_TYPES", "__version__"]
 
-# Everything that needs torch is imported on first use: `import fastlm` stays light, and the `fastlm`
-# command (fastlm.cli) can set allocator options before torch is first imported.
+# Everything that needs torch is imported on first use: `import fastlm` stays light, the `fastlm`
+# command checks its arguments before torch loads, and `fastlm bench` (fastlm.bench.alloc) can set
+# allocator options before torch is first imported.
 _LAZY = {
     "patch": "fastlm.patching", "unpatch": "fastlm.patching", "is_patched": "fastlm.patching",
     "SUPPORTED_MODEL_TYPES": "fastlm.patching",

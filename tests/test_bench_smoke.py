@@ -84,11 +84,13 @@ def test_cli_filter_and_list(tmp_path, capsys):
 
 
 def test_count_ops_per_layer_restores_patch_state():
+    import torch
+
     import fastlm
-    from fastlm.bench import cases as C
+    from fastlm.bench import configs
     from fastlm.bench.opcount import count_ops_per_layer
 
-    model = C.build_model("helium", C.E2E_TINY["helium"], "cpu", __import__("torch").float32)
+    model = configs.build_model("helium", configs.model_sizes("helium", "tiny", "cpu"), "cpu", torch.float32)
     hf = count_ops_per_layer(model, None)
     fused = count_ops_per_layer(model, "torch")
     assert hf > 0 and fused > 0
@@ -108,3 +110,43 @@ def test_merge_combines_runs_suite_by_suite(tiny_run, tmp_path, capsys):
         sorted((r.suite, r.case, r.provider) for r in rows)
     summary = (merged / "summary.md").read_text()
     assert "suite `kernels` from `test`" in summary
+
+
+def _traits(layer):
+    """What a benchmark layer keeps of its checkpoint's: the head grouping, the RoPE and qk-norm kind,
+    the norm and its cast order, the MLP, its width ratio, which projections carry a bias."""
+    a = layer.attention
+    return (a.num_heads // a.num_kv_heads, a.rotary_dim / a.head_dim, a.interleaved, a.per_head_layout, a.qk_norm,
+            layer.norm, layer.rms_weight_in_fp32, layer.mlp, round(layer.intermediate / layer.hidden, 1),
+            [p.bias for p in layer.projections])
+
+
+@pytest.mark.parametrize("family", ["arcee", "stablelm", "persimmon", "helium"])
+def test_every_size_comes_from_the_checkpoint_config(family):
+    from fastlm.bench import configs
+
+    real = configs.layer(family, "full")
+    assert configs.model_sizes(family, "full", "cuda") == configs.CHECKPOINTS[family][1]
+    for scale in ("tiny", "quick"):
+        small = configs.patched_layer(family, configs.model_sizes(family, scale, "cpu"))
+        assert _traits(small) == _traits(real), scale
+    assert configs.patched_layer(family, configs.model_sizes(family, "quick", "cpu")).attention.head_dim == \
+        real.attention.head_dim
+    params = configs.num_params(configs.meta_model(family, configs.model_sizes(family, "quick", "cpu")))
+    assert 80e6 < params < 120e6, params
+
+
+def test_kernel_cases_are_the_patched_layers_calls():
+    """The qkv and linear cases take their shapes from the specs fastlm.patch builds for the checkpoint."""
+    from fastlm.bench import configs
+    from fastlm.bench.kernels import kernel_cases
+
+    cases = {c.name: c for c in kernel_cases("quick")}
+    arcee = configs.layer("arcee", "quick")
+    assert (arcee.attention.num_heads, arcee.attention.num_kv_heads, arcee.attention.head_dim) == (20, 4, 128)
+    assert cases["qkv_rope[arcee]/decode-B1"].layer is arcee
+    assert [(p.name, p.out_features, p.in_features) for p in arcee.projections] == \
+        [("qkv", (20 + 2 * 4) * 128, 2560), ("o", 2560, 2560), ("up", 18432, 2560), ("down", 2560, 18432)]
+    assert {"linear[helium:gate_up]/decode-B8", "qkv_rope_cache[stablelm:qk-norm]/decode-B1"} <= set(cases)
+    assert configs.layer("stablelm", "quick", "qk-norm").attention.qk_norm == "per_head"
+    assert not any(n.startswith(("linear[stablelm:qk-norm", "swiglu[stablelm:qk-norm")) for n in cases)

@@ -1,6 +1,7 @@
-"""The ``fastlm`` command's CPU allocation settings (fastlm.cli.set_allocator_defaults): glibc keeps
-freed memory, so a tensor allocated again after a free does not fault its pages in again; and the
-opt-out leaves glibc alone. Each case runs in a fresh interpreter (the settings precede torch)."""
+"""The benchmark harness's CPU allocation settings (fastlm.bench.alloc): glibc keeps freed memory, so a
+tensor allocated again after a free does not fault its pages in again; the opt-out leaves glibc alone;
+``fastlm bench`` applies them before torch is imported, and the product's commands never do. Each case
+runs in a fresh interpreter (the settings precede torch)."""
 import os
 import platform
 import subprocess
@@ -10,11 +11,11 @@ import pytest
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
-    reason="the malloc settings are glibc's (Linux); elsewhere the command leaves malloc alone")
+    reason="the malloc settings are glibc's (Linux); elsewhere the harness leaves malloc alone")
 
 PROBE = r"""
-import fastlm.cli as cli
-cli.set_allocator_defaults()
+from fastlm.bench.alloc import set_allocator_defaults
+set_allocator_defaults()
 import os, resource, torch
 
 def faults():
@@ -57,3 +58,28 @@ def test_opt_out_leaves_malloc_alone():
     faults, keep, tunables = run_probe(FASTLM_MALLOC_KEEP="0")
     assert keep == "0" and tunables == "None"
     assert faults > 8, "without the setting glibc unmaps the chunk on free; the probe should see faults"
+
+
+# The settings as a command leaves them: `fastlm bench` sets them (THP_MEM_ALLOC_ENABLE only while torch
+# is not imported yet, so this also checks the import order); the product's commands leave them unset.
+COMMAND = r"""
+import os, sys
+import fastlm.cli
+status = fastlm.cli.main(sys.argv[1:])
+print("SETTINGS", status, os.environ.get("THP_MEM_ALLOC_ENABLE"), os.environ.get("FASTLM_MALLOC_KEEP"))
+"""
+
+
+def run_command(*argv):
+    settings = ("GLIBC_TUNABLES", "FASTLM_MALLOC_KEEP", "THP_MEM_ALLOC_ENABLE")
+    env = {k: v for k, v in os.environ.items() if k not in settings}
+    out = subprocess.run([sys.executable, "-c", COMMAND, *argv], env=env, capture_output=True, text=True, check=True)
+    return out.stdout.split("SETTINGS ")[-1].split()
+
+
+def test_fastlm_bench_sets_them_before_torch():
+    assert run_command("bench", "--list", "--tiny", "opcount") == ["0", "1", "1"]
+
+
+def test_product_commands_leave_malloc_alone():
+    assert run_command("info") == ["0", "None", "None"]

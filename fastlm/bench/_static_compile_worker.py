@@ -1,6 +1,7 @@
 """Subprocess worker for the ``hf-static-compile`` provider: HF ``generate`` with a static cache and
-a ``torch.compile``d decode step. Runs in its own process so the driver can cap its time (compiling
-takes minutes on CPU) and a compile crash cannot take the driver down. Prints ``RESULT {json}``."""
+a ``torch.compile``d decode step (fastlm.bench.e2e builds it). Runs in its own process so the driver
+can cap its time (compiling takes minutes on CPU) and a compile crash cannot take the driver down.
+Prints ``RESULT {json}`` per shape."""
 from __future__ import annotations
 
 import json
@@ -11,38 +12,20 @@ import torch
 
 
 def main(argv) -> int:
+    from fastlm.bench.e2e import STATIC_COMPILE, EndToEnd, time_generate
+
     job = json.loads(argv[0])
-    from transformers import CompileConfig
-
-    from fastlm.bench import cases as C
-    from fastlm.bench.timing import time_once
-
-    device = torch.device(job["device"])
-    dtype = getattr(torch, job["dtype"])
-    sizes = C.e2e_sizes(job["scale"], device.type)[job["family"]]
-    model = C.build_model(job["family"], sizes, device, dtype)
-    cc = CompileConfig(fullgraph=False, dynamic=False, mode="reduce-overhead" if device.type == "cuda" else "default")
-    cc._compile_all_devices = True  # transformers only auto-compiles on accelerators otherwise
-
-    for batch, prompt, n in job["shapes"]:
-        ids = C.random_ids(batch, prompt, sizes["vocab_size"], device)
-        mask = torch.ones_like(ids)
-
-        def gen(k):
-            with torch.no_grad():
-                return model.generate(ids, attention_mask=mask, max_new_tokens=k, min_new_tokens=k, do_sample=False,
-                                      pad_token_id=0, cache_implementation="static", compile_config=cc)
-
+    device, dtype = torch.device(job["device"]), getattr(torch, job["dtype"])
+    suite = EndToEnd()
+    for case in suite.cases(job["scale"], device):
+        if case.family != job["family"] or case.key not in job["shapes"]:
+            continue
+        generate = suite.build(case, STATIC_COMPILE, device, dtype).generate
         t0 = time.perf_counter()
-        gen(n)
+        generate(case.new_tokens)
         compile_s = time.perf_counter() - t0
-        gen(1)
-        gen(n)
-        t1, tn = [], []
-        for _ in range(job["reps"]):
-            t1.append(time_once(lambda: gen(1), device))
-            tn.append(time_once(lambda: gen(n), device))
-        print("RESULT " + json.dumps(dict(key=f"{batch}x{prompt}x{n}", t1=t1, tn=tn, compile_s=compile_s)),
+        t1, tn = time_generate(generate, case.new_tokens, device, 1, job["reps"])
+        print("RESULT " + json.dumps(dict(key="x".join(map(str, case.key)), t1=t1, tn=tn, compile_s=compile_s)),
               flush=True)
     return 0
 

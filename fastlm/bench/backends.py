@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fastlm.bench.suite import Unavailable
 from fastlm.ops import _backend
 
 
@@ -40,3 +41,18 @@ def has_impl(op: str, backend: str) -> bool:
     if backend == "torch":
         return True
     return _backend.has_impl(op, backend)
+
+
+def timed_backend(provider: str, device_type: str, op: str | None = None, *, timed: bool = True) -> str:
+    """The backend a ``<kind>-<backend>`` provider names (``fastlm-cpp``, ``patched-torch``) when it can
+    run here (``timed``: and its timings mean something) and implements ``op`` itself; else raises
+    :class:`Unavailable` saying why."""
+    name = provider.split("-", 1)[-1]
+    info = {b.name: b for b in discover(device_type)}.get(name)
+    if info is None:
+        raise Unavailable(f"unknown backend {name!r}")
+    if not (info.timed if timed else info.available):
+        raise Unavailable(info.reason)
+    if op is not None and not has_impl(op, name):
+        raise Unavailable(f"backend {name!r} registers no {op} kernel (would fall back to the reference)")
+    return name

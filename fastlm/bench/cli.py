@@ -36,6 +36,9 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     from fastlm.bench import SUITES
+    from fastlm.bench.alloc import set_allocator_defaults
+
+    set_allocator_defaults()  # before anything imports torch
 
     bad = [s for s in args.suites if s not in SUITES]
     if bad:

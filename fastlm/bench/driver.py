@@ -13,13 +13,14 @@ import warnings
 
 import torch
 
-from fastlm.bench import SUITES
-from fastlm.bench import suites as S
+from fastlm.bench import SUITES, configs
 from fastlm.bench.backends import discover
 from fastlm.bench.machine import copy_bandwidth_gbs, describe
 from fastlm.bench.progress import Progress
 from fastlm.bench.report import make_plots, write_summary
 from fastlm.bench.results import Row, fill_speedups, write_csv
+from fastlm.bench.suite import Context
+from fastlm.bench.suites import plan
 from fastlm.bench.timing import FULL, QUICK, TINY
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -75,14 +76,14 @@ def run_benchmarks(out_dir: str = "bench-results", *, suites=None, quick: bool =
     os.makedirs(out_dir, exist_ok=True)
     selected = make_filter(filter)
 
-    tasks = [t for t in S.plan(suites, scale, dtypes, dev) if any(selected(s, c) for s, c in t.keys)]
+    tasks = [t for t in plan(suites, scale, dtypes, dev) if any(selected(s, c) for s, c in t.keys)]
     bar = Progress(len(tasks) + 1, enabled=progress)
     bar.start("machine: copy bandwidth")
     machine = describe(dev)
     copy_mib = 16 if tiny else 256
     copy_bw = copy_bandwidth_gbs(dev, copy_mib * 2**20, policy if tiny else None)
     bar.advance()
-    ctx = S.Context(device=dev, scale=scale, policy=policy, copy_bw_gbs=copy_bw, compile=compile,
+    ctx = Context(device=dev, scale=scale, policy=policy, copy_bw_gbs=copy_bw, compile=compile,
                     compile_timeout_s=compile_timeout_s, progress=bar, selected=selected)
 
     rows: list[Row] = []
@@ -108,7 +109,9 @@ def run_benchmarks(out_dir: str = "bench-results", *, suites=None, quick: bool =
     plot_paths, plot_note = make_plots(out_dir, rows) if plots else ([], "Plots disabled (--no-plots).")
     backends = [dict(name=b.name, device=dev.type, available=b.available, timed=b.timed, reason=b.reason)
                 for b in discover(dev.type)]
-    notes = []
+    notes = ["Sizes from the checkpoints' configs (fastlm.bench.configs): "
+             + ", ".join(f"{f}: {configs.checkpoint(f)}" for f in configs.FAMILIES)
+             + "; kernel shapes are the fused modules fastlm.patch builds for them."]
     if scale == "quick":
         notes.append("--quick: fewer shapes (prefill T=512 only, attention context up to 2k) and repetitions; "
                      "`compile` is measured on the prefill shape only; hf-static-compile is skipped on CPU.")

@@ -42,10 +42,10 @@ def describe(device: torch.device) -> dict:
         "transformers": transformers.__version__,
         "fastlm": fastlm.__version__,
         "device": str(device),
-        # c10's THP_MEM_ALLOC_ENABLE (the `fastlm` command sets it; see fastlm.cli): large CPU tensors on
+        # c10's THP_MEM_ALLOC_ENABLE (`fastlm bench` sets it; see fastlm.bench.alloc): large CPU tensors on
         # huge pages, i.e. far fewer page faults, for every provider alike
         "thp_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE", "0") == "1",
-        # glibc keeps freed memory for reuse (fastlm.cli.set_allocator_defaults): no page faults per tensor
+        # glibc keeps freed memory for reuse (fastlm.bench.alloc): no page faults per tensor
         "malloc_keep": os.environ.get("FASTLM_MALLOC_KEEP") == "1",
     }
     try:

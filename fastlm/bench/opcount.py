@@ -11,11 +11,16 @@ counts each aten op it calls. On a GPU each counted op is (at least) one kernel 
 from __future__ import annotations
 
 import collections
+import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from fastlm.bench import configs
+from fastlm.bench.backends import discover, timed_backend
+from fastlm.bench.suite import Built, Suite, error_text
 
 
 # Ops with no alias annotation in their schema that still only re-describe an existing buffer.
@@ -122,8 +127,6 @@ def count_decode_step_ops(model, backend: str | None = None, *, batch: int = 1, 
         counter.depth -= 1
 
     # transformers >= 5.24 names the cache argument `cache` (`past_key_values` before)
-    import inspect
-
     cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     with _patched_as(model, backend), torch.no_grad():
         if cache is None:
@@ -150,3 +153,56 @@ def count_ops_per_layer(model, backend: str | None = None, *, batch: int = 1, co
     backend)``. The model is returned to its previous patch state. See :func:`count_decode_step_ops`
     for the per-op breakdown."""
     return count_decode_step_ops(model, backend, batch=batch, context=context, input_ids=input_ids).per_layer
+
+
+@dataclass(frozen=True)
+class OpcountCase:
+    family: str
+    name = property(lambda self: f"{self.family}/decode-step")
+    group = property(lambda self: self.family)
+    shape = "decode-step"
+
+
+class Opcount(Suite):
+    """The ``opcount`` suite: ops per decoder layer per decode step, per family (test-sized models: the
+    count does not depend on the sizes), plain ``transformers`` (``hf``) and patched per backend (an
+    interpreter counts too: it dispatches the same ops)."""
+    name = "opcount"
+    per_dtype = False
+
+    def __init__(self):
+        self._model = None  # (family, device, dtype, model)
+
+    def cases(self, scale=None, device=None):
+        return [OpcountCase(f) for f in configs.FAMILIES]
+
+    def providers(self, device_type):
+        return ["hf"] + [f"fastlm-{b.name}" for b in discover(device_type)]
+
+    def build(self, case, provider, device, dtype):
+        backend = None if provider == "hf" else timed_backend(provider, torch.device(device).type, timed=False)
+        key = (case.family, torch.device(device), dtype)
+        if self._model is None or self._model[0] != key:
+            self._model = None
+            sizes = configs.model_sizes(case.family, "tiny", torch.device(device).type)
+            self._model = (key, configs.build_model(case.family, sizes, device, dtype))
+        model = self._model[1]
+        return Built(lambda: count_decode_step_ops(model, backend), rounds=1,
+                     info=lambda oc: dict(ops_per_layer=oc.per_layer, top=oc.top(8)))
+
+    def rows(self, ctx, case, dtype):
+        out = []
+        for provider in self.providers(ctx.device.type):
+            built, row = self.prepare(ctx, case, provider, dtype)
+            if built is not None:
+                row = self.row(ctx, case, provider, dtype)
+                try:
+                    oc = built.fn()
+                    row.ops_per_layer = oc.per_layer
+                    row.note = f"top ops/layer: {oc.top(6)}; outside layers: {oc.outside_layers}"
+                    if provider == "fastlm-triton" and ctx.device.type == "cpu":
+                        row.note = "counted under the Triton interpreter; " + row.note
+                except Exception as exc:
+                    row.status, row.note = "failed", error_text(exc)
+            out.append(row)
+        return out

@@ -36,36 +36,31 @@ def _esc(text: str) -> str:
 
 
 def _table(rows: list[Row], suite: str) -> list[str]:
-    out = []
+    """The suite's measured rows as a markdown table: (column, right-aligned) and each row's cells."""
+    ms = lambda v: _f(v / 1e3, "{:.2f}")  # noqa: E731
     if suite in ("kernels", "attention"):
-        out.append("| case | dtype | provider | median µs | p20–p80 µs | GB/s | % of copy BW | speedup | note |")
-        out.append("|---|---|---|---:|---:|---:|---:|---:|---|")
-        for r in rows:
-            if not r.ok:
-                continue
-            out.append(f"| {r.case} | {r.dtype} | {r.provider} | {_f(r.median_us, '{:.1f}')} | "
-                       f"{_f(r.p20_us, '{:.1f}')}–{_f(r.p80_us, '{:.1f}')} | {_f(r.gb_per_s, '{:.1f}')} | "
-                       f"{_f(r.copy_bw_frac * 100 if not math.isnan(r.copy_bw_frac) else math.nan, '{:.0f}%')} | "
-                       f"{_speedup(r)} | {_esc(r.note)} |")
+        columns = [("case", 0), ("dtype", 0), ("provider", 0), ("median µs", 1), ("p20–p80 µs", 1), ("GB/s", 1),
+                   ("% of copy BW", 1), ("speedup", 1), ("note", 0)]
+
+        def cells(r):
+            return [r.case, r.dtype, r.provider, _f(r.median_us), f"{_f(r.p20_us)}–{_f(r.p80_us)}", _f(r.gb_per_s),
+                    _f(r.copy_bw_frac * 100 if not math.isnan(r.copy_bw_frac) else math.nan, "{:.0f}%")]
     elif suite in ("prefill", "decode"):
         unit = "ms per generate(1)" if suite == "prefill" else "ms per step"
-        out.append(f"| case | dtype | provider | tokens/s | {unit} (p20–p80) | speedup | note |")
-        out.append("|---|---|---|---:|---:|---:|---|")
-        for r in rows:
-            if not r.ok:
-                continue
-            out.append(f"| {r.case} | {r.dtype} | {r.provider} | {_f(r.tokens_per_s, '{:.1f}')} | "
-                       f"{_f(r.median_us / 1e3, '{:.2f}')} ({_f(r.p20_us / 1e3, '{:.2f}')}–"
-                       f"{_f(r.p80_us / 1e3, '{:.2f}')}) | {_speedup(r)} | {_esc(r.note)} |")
+        columns = [("case", 0), ("dtype", 0), ("provider", 0), ("tokens/s", 1), (f"{unit} (p20–p80)", 1),
+                   ("speedup", 1), ("note", 0)]
+
+        def cells(r):
+            return [r.case, r.dtype, r.provider, _f(r.tokens_per_s),
+                    f"{ms(r.median_us)} ({ms(r.p20_us)}–{ms(r.p80_us)})"]
     else:
-        out.append("| case | provider | ops / layer | fewer ops than hf | note |")
-        out.append("|---|---|---:|---:|---|")
-        for r in rows:
-            if not r.ok:
-                continue
-            out.append(f"| {r.case} | {r.provider} | {_f(r.ops_per_layer, '{:g}')} | {_speedup(r)} | "
-                       f"{_esc(r.note)} |")
-    return out
+        columns = [("case", 0), ("provider", 0), ("ops / layer", 1), ("fewer ops than hf", 1), ("note", 0)]
+
+        def cells(r):
+            return [r.case, r.provider, _f(r.ops_per_layer, "{:g}")]
+    out = ["| " + " | ".join(c for c, _ in columns) + " |", "|" + "|".join("---:" if right else "---"
+                                                                        for _, right in columns) + "|"]
+    return out + ["| " + " | ".join(cells(r) + [_speedup(r), _esc(r.note)]) + " |" for r in rows if r.ok]
 
 
 def write_summary(path, rows: list[Row], machine: dict, copy_bw: float, meta: dict, backends: list,
@@ -82,11 +77,11 @@ def write_summary(path, rows: list[Row], machine: dict, copy_bw: float, meta: di
     L.append(f"- python {machine.get('python')}, torch {machine.get('torch')}, transformers "
              f"{machine.get('transformers')}, fastlm {machine.get('fastlm')}")
     if machine.get("device") == "cpu" and "thp_alloc" in machine:
-        L.append("- large CPU tensors on transparent huge pages (`THP_MEM_ALLOC_ENABLE=1`, set by the `fastlm` "
-                 "command; applies to every provider): " + ("yes" if machine["thp_alloc"] else
+        L.append("- large CPU tensors on transparent huge pages (`THP_MEM_ALLOC_ENABLE=1`, set by `fastlm bench` "
+                 "(fastlm.bench.alloc); applies to every provider): " + ("yes" if machine["thp_alloc"] else
                                                            "no (each large output pays 4 KiB page faults)"))
     if machine.get("device") == "cpu" and "malloc_keep" in machine:
-        L.append("- freed CPU memory reused by glibc malloc instead of unmapped (set by the `fastlm` command; applies to "
+        L.append("- freed CPU memory reused by glibc malloc instead of unmapped (set by `fastlm bench`; applies to "
                  "every provider): " + ("yes" if machine["malloc_keep"] else
                                         "no (large outputs get fresh, zero-filled pages on every call)"))
     if "loadavg" in machine:
@@ -211,59 +206,50 @@ def _plot_speedups(plt, out_dir, rows, suite):
         ax.invert_yaxis()
         ax.set_xlabel(f"speedup over {BASELINES[suite]} (log; >1 is faster)")
         ax.set_title(f"{suite} speedup, {dtype}")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        p = os.path.join(out_dir, f"{suite}_speedup_{dtype}.png")
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        paths.append(p)
+        paths.append(_save(plt, fig, ax, out_dir, f"{suite}_speedup_{dtype}.png"))
     return paths
+
+
+def _save(plt, fig, ax, out_dir, name: str) -> str:
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = os.path.join(out_dir, name)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _bars(plt, out_dir, name: str, rows, key, value, labels, ylabel: str, title: str = "", width=None):
+    """Grouped bars: one group per ``key(row)`` (labelled by ``labels``), one bar per provider."""
+    keys = list(OrderedDict.fromkeys(key(r) for r in rows))
+    provs = list(OrderedDict.fromkeys(r.provider for r in rows))
+    fig, ax = plt.subplots(figsize=(width or max(6, 1.4 * len(keys)), 4))
+    w = 0.8 / max(len(provs), 1)
+    val = defaultdict(dict)
+    for r in rows:
+        val[r.provider][key(r)] = value(r)
+    for j, p in enumerate(provs):
+        ax.bar([i + j * w for i, k in enumerate(keys) if k in val[p]], [val[p][k] for k in keys if k in val[p]],
+               width=w, label=p)
+    ax.set_xticks([i + w * (len(provs) - 1) / 2 for i in range(len(keys))])
+    ax.set_xticklabels(labels(keys), fontsize=7)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    return [_save(plt, fig, ax, out_dir, name)]
 
 
 def _plot_tokens(plt, out_dir, rows, suite):
     rows = [r for r in rows if r.suite == suite and r.ok and not math.isnan(r.tokens_per_s)]
     if not rows:
         return []
-    keys = list(OrderedDict.fromkeys((r.case, r.dtype) for r in rows))
-    provs = list(OrderedDict.fromkeys(r.provider for r in rows))
-    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(keys)), 4))
-    w = 0.8 / max(len(provs), 1)
-    val = defaultdict(dict)
-    for r in rows:
-        val[r.provider][(r.case, r.dtype)] = r.tokens_per_s
-    for j, p in enumerate(provs):
-        xs = [i + j * w for i, k in enumerate(keys) if k in val[p]]
-        ys = [val[p][k] for k in keys if k in val[p]]
-        ax.bar(xs, ys, width=w, label=p)
-    ax.set_xticks([i + w * (len(provs) - 1) / 2 for i in range(len(keys))])
-    ax.set_xticklabels([f"{c}\n{d}" for c, d in keys], fontsize=7)
-    ax.set_ylabel("tokens/s")
-    ax.set_title(f"{suite} tokens/s per family")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    p = os.path.join(out_dir, f"{suite}_tokens_per_s.png")
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    return [p]
+    return _bars(plt, out_dir, f"{suite}_tokens_per_s.png", rows, lambda r: (r.case, r.dtype), lambda r: r.tokens_per_s,
+                 lambda keys: [f"{c}\n{d}" for c, d in keys], "tokens/s", f"{suite} tokens/s per family")
 
 
 def _plot_opcount(plt, out_dir, rows):
     rows = [r for r in rows if r.suite == "opcount" and r.ok]
     if not rows:
         return []
-    fams = list(OrderedDict.fromkeys(r.group for r in rows))
-    provs = list(OrderedDict.fromkeys(r.provider for r in rows))
-    fig, ax = plt.subplots(figsize=(7, 4))
-    w = 0.8 / max(len(provs), 1)
-    for j, p in enumerate(provs):
-        pr = {r.group: r.ops_per_layer for r in rows if r.provider == p}
-        ax.bar([i + j * w for i, f in enumerate(fams) if f in pr], [pr[f] for f in fams if f in pr], width=w, label=p)
-    ax.set_xticks([i + w * (len(provs) - 1) / 2 for i in range(len(fams))])
-    ax.set_xticklabels(fams)
-    ax.set_ylabel("non-view ops per layer per decode step")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    p = os.path.join(out_dir, "opcount.png")
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    return [p]
+    return _bars(plt, out_dir, "opcount.png", rows, lambda r: r.group, lambda r: r.ops_per_layer, list,
+                 "non-view ops per layer per decode step", width=7)
