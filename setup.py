@@ -6,7 +6,7 @@ publishes one of that name).
 Build knobs (environment):
   FASTLM_SKIP_EXT=1          build no extension (pure-Python install: the reference backend only)
   FASTLM_SKIP_CUDA_BUILD=1   build the CPU extension only, even with a CUDA torch and nvcc
-  FASTLM_CUDA_ARCHS="80;90"  SM architectures for the CUDA kernels
+  FASTLM_CUDA_ARCHS="80;90"  SM architectures for the CUDA kernels (SASS for each, plus PTX for the newest)
   FASTLM_CPU_ISA=auto|avx512|avx2|default  SIMD level of the CPU kernels. `auto` (the default) takes
                              what ATen itself dispatches to on the building machine
                              (torch.backends.cpu.get_cpu_capability(): AVX512 -> avx512, else avx2 on
@@ -98,6 +98,10 @@ def _extensions():
                 "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-U__CUDA_NO_HALF2_OPERATORS__"]
         for a in archs:
             nvcc += [f"-gencode=arch=compute_{a},code=sm_{a}"]
+        # Also PTX for the newest arch built: the driver JIT-compiles it on newer GPUs (sm_100, sm_120)
+        # for which no SASS is embedded, instead of failing with "no kernel image is available".
+        newest = max(archs, key=lambda a: int("".join(ch for ch in a if ch.isdigit()) or 0))
+        nvcc += [f"-gencode=arch=compute_{newest},code=compute_{newest}"]
         sources += _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
         sources += _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda_kernels", "*.cu")))
         ext = cpp_extension.CUDAExtension(

@@ -10,6 +10,7 @@
 # path even under the interpreter (used to smoke-test it eagerly on CPU).
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -29,6 +30,11 @@ INTERPRET = isinstance(_probe, InterpretedFunction)
 USE_TRITON_OP = (not INTERPRET) or os.environ.get("FASTLM_TRITON_FORCE_TRITON_OP") == "1"
 
 
+# [0]: CPU tensors may reach the launchers. True under the interpreter; fastlm.kernels.resources sets it
+# while it drives the launchers with a stand-in GPU driver (compiled, never launched).
+CPU_LAUNCHES = [INTERPRET]
+
+
 def check_device(*tensors: torch.Tensor | None) -> None:
     """Raise a clear RuntimeError where Triton cannot run on these tensors (instead of crashing inside it)."""
     for t in tensors:
@@ -36,15 +42,30 @@ def check_device(*tensors: torch.Tensor | None) -> None:
             continue
         dev = t.device.type
         if dev == "cuda":
+            if INTERPRET:
+                raise RuntimeError(
+                    "fastlm.kernels: the Triton kernels were built for the interpreter (TRITON_INTERPRET=1 when "
+                    "triton was imported), which is never used for CUDA tensors (it copies every storage to the "
+                    "host per launch); unset TRITON_INTERPRET for compiled kernels")
             continue
         if dev == "cpu":
-            if INTERPRET:
+            if CPU_LAUNCHES[0]:
                 continue
             raise RuntimeError(
                 "fastlm.kernels: Triton kernels need CUDA tensors; CPU tensors run only under the Triton "
                 "interpreter (set TRITON_INTERPRET=1 before triton is imported). Use backend='torch' or "
                 "'cpp' for CPU tensors.")
         raise RuntimeError(f"fastlm.kernels: Triton kernels do not support device type {dev!r}")
+
+
+_NO_GUARD = contextlib.nullcontext()
+
+
+def on_device(t: torch.Tensor):
+    """Context under which ``t``'s CUDA device is current: Triton launches on the current device's current
+    stream, so a model on cuda:1 while cuda:0 is current would otherwise launch on the wrong GPU.
+    Nothing for CPU tensors (the interpreter)."""
+    return torch.cuda.device(t.device) if t.is_cuda else _NO_GUARD
 
 
 def own_rows(t: torch.Tensor) -> torch.Tensor | None:
@@ -117,3 +138,14 @@ def cast_out(x, dtype: tl.constexpr):
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
         x = bits.to(tl.float32, bitcast=True)
     return x.to(dtype)
+
+
+@triton.jit
+def dot16(a, b):
+    """tl.dot of two 16-bit tiles with fp32 accumulation (tensor cores). The interpreter's bf16 dot is wrong
+    (Triton 3.9 reads the bf16 bits as another type), so there the bf16 operands are upcast: bf16 products
+    are exact in fp32, so the result is the MMA's up to the summation order."""
+    if FIX_BF16 and a.dtype == tl.bfloat16:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b)
+

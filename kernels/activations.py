@@ -27,7 +27,7 @@ import triton.language as tl
 
 from fastlm.ops._checks import check_no_internal_overlap
 
-from ._utils import cast_out, check_device, launch, own_rows, register_op, rows_view
+from ._utils import cast_out, check_device, launch, on_device, own_rows, register_op, rows_view
 
 
 @triton.jit
@@ -61,8 +61,9 @@ def _launch_rows(kernel, x2: torch.Tensor, out: torch.Tensor, n: int) -> torch.T
     stride); returns out."""
     y2 = out if out.dim() == 2 else out.view(-1, n)
     block = _block(n)
-    launch(kernel)[(x2.shape[0], triton.cdiv(n, block))](x2, y2, x2.stride(0), y2.stride(0), n, BLOCK=block,
-                                                          num_warps=4)
+    with on_device(x2):
+        launch(kernel)[(x2.shape[0], triton.cdiv(n, block))](x2, y2, x2.stride(0), y2.stride(0), n, BLOCK=block,
+                                                              num_warps=4)
     return out
 
 

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import cast_out, check_device, launch, num_warps_for, register_op, rows_view
+from ._utils import cast_out, check_device, launch, num_warps_for, on_device, register_op, rows_view
 
 MAX_BLOCK = 8192  # widest row kept entirely in registers (fp32: 16 values a thread at 16 warps)
 
@@ -149,10 +149,11 @@ def _add_norm(x, residual, weight, bias, eps, is_rms, weight_in_fp32, out_dtype,
     w = weight.contiguous() if weight is not None else x2
     b = bias.contiguous() if bias is not None else w
     block = block_n or block_for(n)
-    launch(_add_norm_kernel)[(rows,)](
-        x2, r2, w, b, y2, h2, x2.stride(0), r2.stride(0), y2.stride(0), h2.stride(0), n, eps,
-        HAS_RES=residual is not None, IS_RMS=is_rms, HAS_W=weight is not None, HAS_BIAS=bias is not None, WEIGHT_FP32=weight_in_fp32,
-        BLOCK_N=block, SINGLE=block >= n, num_warps=num_warps_for(block))
+    with on_device(x):
+        launch(_add_norm_kernel)[(rows,)](
+            x2, r2, w, b, y2, h2, x2.stride(0), r2.stride(0), y2.stride(0), h2.stride(0), n, eps,
+            HAS_RES=residual is not None, IS_RMS=is_rms, HAS_W=weight is not None, HAS_BIAS=bias is not None,
+            WEIGHT_FP32=weight_in_fp32, BLOCK_N=block, SINGLE=block >= n, num_warps=num_warps_for(block))
     return y, h
 
 

@@ -41,7 +41,7 @@ import triton.language as tl
 
 from fastlm.ops.qkv_rope import check_positions
 
-from ._utils import cast_out, check_device, launch, register_op
+from ._utils import cast_out, check_device, launch, on_device, register_op
 
 TILE = 2048  # elements per program (BLOCK_H * BLOCK_D)
 
@@ -68,7 +68,9 @@ def _qk_affine(xf, cidx, cmask, mean, rstd, hq, hk, is_q, is_k, QW, QB, KW, KB, 
     return xf
 
 
-@triton.jit
+# t_max (the cache length) only masks the cache stores: not specialised, so every cache length shares one
+# compiled kernel.
+@triton.jit(do_not_specialize=["t_max"])
 def _qkv_rope_kernel(QKV, COS, SIN, QW, QB, KW, KB, Q, K, V, POS,
                      S, stride_xb, stride_xs,
                      stride_cb, stride_cs, stride_cd, stride_sb, stride_ss, stride_sd,
@@ -182,18 +184,19 @@ def _launch(qkv, cos, sin, qw, qb, kw, kb, q, k, v, pos, H, HKV, D, ROT, interle
     slots = H + 2 * HKV
     block_h = max(1, min(triton.next_power_of_2(slots), TILE // block_d))
     grid = (B * S, triton.cdiv(slots, block_h))
-    launch(_qkv_rope_kernel)[grid](
-        qkv, cos if ROT > 0 else dummy, sin if ROT > 0 else dummy,
-        qw if qw is not None else dummy, qb if qb is not None else dummy,
-        kw if kw is not None else dummy, kb if kb is not None else dummy,
-        q, k, v, pos if cache else dummy,
-        S, qkv.stride(0), qkv.stride(1), *cos_args, qw_hs, qb_hs, kw_hs, kb_hs,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), *pos_args, eps,
-        H=H, HKV=HKV, D=D, ROT=ROT, INTERLEAVED=interleaved, PER_HEAD=per_head,
-        HAS_QN=qw is not None, HAS_QB=qw is not None and qb is not None,
-        HAS_KN=kw is not None, HAS_KB=kw is not None and kb is not None,
-        CACHE=cache, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=4)
+    with on_device(qkv):
+        launch(_qkv_rope_kernel)[grid](
+            qkv, cos if ROT > 0 else dummy, sin if ROT > 0 else dummy,
+            qw if qw is not None else dummy, qb if qb is not None else dummy,
+            kw if kw is not None else dummy, kb if kb is not None else dummy,
+            q, k, v, pos if cache else dummy,
+            S, qkv.stride(0), qkv.stride(1), *cos_args, qw_hs, qb_hs, kw_hs, kb_hs,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), *pos_args, eps,
+            H=H, HKV=HKV, D=D, ROT=ROT, INTERLEAVED=interleaved, PER_HEAD=per_head,
+            HAS_QN=qw is not None, HAS_QB=qw is not None and qb is not None,
+            HAS_KN=kw is not None, HAS_KB=kw is not None and kb is not None,
+            CACHE=cache, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=4)
 
 
 @register_op("triton_qkv_rope")

@@ -1,10 +1,27 @@
 import os
+import sys
 
-# No GPU here: every Triton kernel runs on CPU tensors through the interpreter. This must be set
-# before triton is first imported, so it lives at the top of conftest (imported before any test).
-os.environ.setdefault("TRITON_INTERPRET", "1")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _gpu import GPU_TEST_MODE  # noqa: E402  (decides the mode without importing triton)
+
+if GPU_TEST_MODE:
+    # CUDA and TRITON_INTERPRET unset: compiled kernels on CUDA tensors. Decorate the kernels now, before
+    # any test module's os.environ.setdefault("TRITON_INTERPRET", "1") could make them interpreted.
+    try:
+        import fastlm.kernels  # noqa: F401
+    except ImportError:
+        pass
+else:
+    # No GPU: every Triton kernel runs on CPU tensors through the interpreter. This must be set before
+    # triton is first imported, so it lives at the top of conftest (imported before any test).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402  (after TRITON_INTERPRET, which must come first)
+
+
+def pytest_report_header(config):
+    return "fastlm: GPU test mode (compiled kernels on CUDA tensors)" if GPU_TEST_MODE else \
+        "fastlm: CPU mode (Triton kernels under the interpreter on CPU tensors)"
 
 
 @pytest.fixture(scope="module")

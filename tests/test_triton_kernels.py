@@ -1,13 +1,14 @@
-"""fastlm.kernels (Triton backend) against the plain-PyTorch references, under TRITON_INTERPRET=1 on CPU.
+"""fastlm.kernels (Triton backend) against the plain-PyTorch references.
+
+Where: on CPU tensors under TRITON_INTERPRET=1 (set by tests/conftest.py on a machine without a GPU), or,
+in the GPU test mode (tests/_gpu.py: CUDA available, TRITON_INTERPRET unset), on CUDA tensors with the
+compiled kernels; the same tests either way.
 
 Tolerance (flash-attention's rule, tests/_tolerance.py): the kernel's error against the reference run
 on upcast inputs must be at most twice eager PyTorch's own error in the low dtype, plus a small atol.
 Shapes are small: the interpreter runs every program in Python.
 """
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"  # must precede any import of triton
-
+import os  # noqa: E402
 import inspect  # noqa: E402
 import math  # noqa: E402
 import subprocess  # noqa: E402
@@ -23,6 +24,7 @@ pytest.importorskip("triton", reason="triton is not installed: the Triton backen
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from _gpu import DEVICE, GPU_TEST_MODE, requires_gpu_mode  # noqa: E402
 from _tolerance import assert_close_to_ref  # noqa: E402
 
 import fastlm.kernels as fk  # noqa: E402
@@ -66,7 +68,7 @@ def check(out, ref_fn, args, dtype, name):
 
 def gen(*shape, dtype, seed=0, scale=1.0):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=g) * scale).to(dtype)
+    return (torch.randn(*shape, generator=g) * scale).to(dtype=dtype, device=DEVICE)
 
 
 # ----------------------------------------------------------------------------------------------- norms
@@ -137,7 +139,7 @@ def test_norms_row_strided_inputs(dtype):
 
 # ------------------------------------------------------------------------------------------- qkv rope
 def rope_tables(positions, rotary_dim, dtype, theta=10000.0):
-    inv = 1.0 / theta ** (torch.arange(0, rotary_dim, 2).float() / rotary_dim)
+    inv = 1.0 / theta ** (torch.arange(0, rotary_dim, 2, device=positions.device).float() / rotary_dim)
     freqs = positions[..., None].float() * inv
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -156,7 +158,7 @@ def qkv_inputs(case, dtype, B, S, cos_batch, seed=0, stride_pad=0):
     _, H, Hkv, D, R, il, ph, norm = case
     W = (H + 2 * Hkv) * D
     qkv = gen(B, S, W + stride_pad, dtype=dtype, seed=seed)[..., stride_pad // 2: stride_pad // 2 + W]
-    pos = torch.arange(S)[None].expand(B, S) + torch.arange(B)[:, None] * 3
+    pos = torch.arange(S, device=DEVICE)[None].expand(B, S) + torch.arange(B, device=DEVICE)[:, None] * 3
     cos, sin = rope_tables(pos[:1] if cos_batch == 1 else pos, R, dtype)
     if norm == "per_head":
         qw, qb, kw, kb = gen(H, D, dtype=dtype, seed=seed + 1) + 1, None, gen(Hkv, D, dtype=dtype, seed=seed + 2), None
@@ -200,8 +202,8 @@ def test_qkv_rope_cache(dtype, case):
     assert_close_to_ref(q, q32, q_lo, a, name="q")
     assert_close_to_ref(kc, kc32, kc_ref, atol_for(dtype, kc32), name="k_cache")
     assert torch.equal(vc, vc_ref), "v is copied into the cache unchanged"
-    written = torch.zeros(B, T, dtype=torch.bool)
-    written[torch.arange(B)[:, None], pos] = True
+    written = torch.zeros(B, T, dtype=torch.bool, device=DEVICE)
+    written[torch.arange(B, device=DEVICE)[:, None], pos] = True
     untouched = ~written[:, None, :, None].expand_as(kc)
     assert torch.equal(kc[untouched], kc_ref[untouched])
 
@@ -218,7 +220,7 @@ def test_qkv_rope_long_sequence_fp32():
 def test_qkv_rope_public_api_and_no_rotary():
     """Through fastlm.ops with backend='triton'; rotary_dim=0 passes values through."""
     qkv = gen(2, 3, (2 + 2) * 64, dtype=torch.float32, seed=7)
-    cos = sin = torch.zeros(1, 3, 0)
+    cos = sin = torch.zeros(1, 3, 0, device=DEVICE)
     q, k, v = ops.qkv_rope(qkv, cos, sin, num_heads=2, num_kv_heads=1, head_dim=64, rotary_dim=0, backend="triton")
     qr, kr, vr = qkv_mod.qkv_rope_ref(qkv, cos, sin, None, None, None, None, 2, 1, 64, 0, False, False, 1e-5)
     assert torch.equal(q, qr) and torch.equal(k, kr) and torch.equal(v, vr)
@@ -247,52 +249,97 @@ def test_relu2(dtype):
 def sdpa_decode(q, k_cache, v_cache, lengths, scale):
     """Independent reference: SDPA (GQA via enable_gqa) with a length mask, in q's dtype math."""
     T = k_cache.shape[2]
-    mask = (torch.arange(T)[None, :] < lengths[:, None])[:, None, None, :]  # [B, 1, 1, T]
+    mask = (torch.arange(T, device=q.device)[None, :] < lengths[:, None])[:, None, None, :]  # [B, 1, 1, T]
     out = F.scaled_dot_product_attention(q.unsqueeze(2), k_cache, v_cache, attn_mask=mask, scale=scale,
                                          enable_gqa=k_cache.shape[1] != q.shape[1])
     return out.squeeze(2)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("H,Hkv,D,T,lengths,splits", [
-    (4, 2, 64, 320, [1, 17, 300], None),  # GQA, ragged, default split count (2 splits here)
-    (2, 2, 80, 40, [33, 7], None),  # no GQA, head_dim 80 (masked), one split
-    (8, 2, 40, 300, [300], 5),  # G = 4, head_dim 40, many splits: most end early / are empty
-])
-def test_decode_attention(dtype, H, Hkv, D, T, lengths, splits):
-    B = len(lengths)
-    q = gen(B, H, D, dtype=dtype, seed=40)
-    # Garbage (large) values past each length: must never be read.
-    kc, vc = gen(B, Hkv, T, D, dtype=dtype, seed=41), gen(B, Hkv, T, D, dtype=dtype, seed=42)
-    L = torch.tensor(lengths, dtype=torch.int32)
+def decode_case(B, H, Hkv, D, T, lengths, dtype, seed=40, lengths_dtype=torch.int32, strided=False):
+    """(q, k_cache, v_cache, lengths) with garbage past each length: 1e4 in K, NaN in V (never to be read).
+    ``strided``: lengths as a stride-3 view whose neighbours hold out-of-range values."""
+    q = gen(B, H, D, dtype=dtype, seed=seed)
+    kc, vc = gen(B, Hkv, T, D, dtype=dtype, seed=seed + 1), gen(B, Hkv, T, D, dtype=dtype, seed=seed + 2)
     for b, n in enumerate(lengths):
         kc[b, :, n:] = 1e4
         vc[b, :, n:] = float("nan")
-    scale = 1 / math.sqrt(D)
-    if splits is None:
-        out = backend.impl("decode_attention", "triton")(q, kc, vc, L, scale)
-    else:
-        out = decode_k._decode(q, kc, vc, L, scale, num_splits=splits)
-    assert out.shape == (B, H, D) and out.dtype == dtype
-    assert not torch.isnan(out).any()
-    clean = lambda c: torch.where(torch.arange(T)[None, None, :, None] < L.view(B, 1, 1, 1), c, 0)  # noqa: E731
-    kc0, vc0 = clean(kc), clean(vc)
+    L = torch.tensor(lengths, dtype=lengths_dtype, device=DEVICE)
+    if strided:
+        wide = torch.full((B, 3), T + 1000, dtype=lengths_dtype, device=DEVICE)
+        wide[:, 0] = L
+        L = wide[:, 0]
+        assert L.stride(0) == 3
+    return q, kc, vc, L
+
+
+def check_decode(out, q, kc, vc, L, scale):
+    B, _, T, _ = kc.shape
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert not torch.isnan(out).any(), "a slot past a length was read (NaN there)"
+    valid = torch.arange(T, device=kc.device)[None, None, :, None] < L.view(B, 1, 1, 1)
+    kc0, vc0 = torch.where(valid, kc, 0), torch.where(valid, vc, 0)
     ref32 = sdpa_decode(q.float(), kc0.float(), vc0.float(), L, scale)
     ref_lo = sdpa_decode(q, kc0, vc0, L, scale)
-    assert_close_to_ref(out, ref32, ref_lo, atol_for(dtype, ref32), name="decode_attention")
+    assert_close_to_ref(out, ref32, ref_lo, atol_for(q.dtype, ref32), name="decode_attention")
     # and the contract's reference
     ref_c = attn_mod.decode_attention_ref(q.float(), kc0.float(), vc0.float(), L, scale)
-    assert_close_to_ref(out, ref_c, ref_lo, atol_for(dtype, ref_c), name="decode_attention_ref")
+    assert_close_to_ref(out, ref_c, ref_lo, atol_for(q.dtype, ref_c), name="decode_attention_ref")
 
 
-def test_decode_split_count_is_static():
-    """Split count comes from Tmax and B * Hkv only (no lengths, no host sync)."""
-    params = inspect.signature(decode_k.num_splits_for).parameters
-    assert list(params) == ["t_max", "batch_kv_heads", "device"]
-    cpu = torch.device("cpu")
-    assert decode_k.num_splits_for(100, 4, cpu) == 1
-    assert 1 < decode_k.num_splits_for(4096, 4, cpu) <= decode_k.MAX_SPLITS
-    assert decode_k.num_splits_for(4096, 4096, cpu) == 1
+DECODE_CASES = [  # (H, Hkv, D, Tmax, lengths)
+    (4, 2, 64, 600, [1, 300, 600]),  # GQA G=2, ragged: 1 slot, across a chunk boundary, Tmax (not a multiple of 256)
+    (5, 1, 80, 40, [33, 7]),  # G=5 (padded rows), head_dim 80 (masked columns), one chunk
+    (2, 2, 160, 300, [257]),  # no GQA, head_dim 160 (BLOCK_D 256, BLOCK_T 32), one slot into the 2nd chunk
+    (2, 1, 16, 1, [1]),  # context 1
+    (2, 1, 16, 4096, [4096, 2500]),  # context 4k: 16 chunks, 10 of them empty for the second row
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("H,Hkv,D,T,lengths", DECODE_CASES, ids=[f"H{c[0]}-Hkv{c[1]}-D{c[2]}-T{c[3]}"
+                                                                  for c in DECODE_CASES])
+def test_decode_attention(dtype, H, Hkv, D, T, lengths):
+    q, kc, vc, L = decode_case(len(lengths), H, Hkv, D, T, lengths, dtype)
+    scale = 1 / math.sqrt(D)
+    check_decode(backend.impl("decode_attention", "triton")(q, kc, vc, L, scale), q, kc, vc, L, scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lengths_dtype", [torch.int32, torch.int64])
+def test_decode_attention_strided_lengths(dtype, lengths_dtype):
+    """lengths read at their stride: a stride-3 view whose neighbours are out of range (and int64)."""
+    q, kc, vc, L = decode_case(3, 4, 2, 32, 300, [5, 300, 129], dtype, seed=50, lengths_dtype=lengths_dtype,
+                               strided=True)
+    check_decode(decode_k.decode_attention(q, kc, vc, L, 0.2), q, kc, vc, L, 0.2)
+
+
+@requires_gpu_mode
+def test_decode_attention_lengths_clamped_on_cuda():
+    """On CUDA lengths are not checked (a host sync): one above Tmax attends to all Tmax slots, never past
+    the cache, as the reference does (fastlm.ops.attention's docstring)."""
+    q, kc, vc, L = decode_case(2, 4, 2, 64, 100, [100, 100], torch.bfloat16, seed=60)
+    over = torch.tensor([100 + 5000, 100], dtype=torch.int32, device=DEVICE)
+    out = decode_k.decode_attention(q, kc, vc, over, 0.125)
+    assert torch.equal(out, decode_k.decode_attention(q, kc, vc, L, 0.125))
+
+
+def test_decode_grid_is_static():
+    """The grid comes from Tmax (and the shapes) only: the lengths' values never reach the host."""
+    assert list(inspect.signature(decode_k.num_chunks_for).parameters) == ["t_max"]
+    assert decode_k.num_chunks_for(1) == 1
+    assert decode_k.num_chunks_for(decode_k.CHUNK) == 1
+    assert decode_k.num_chunks_for(32768) == 32768 // decode_k.CHUNK
+    assert 128 <= decode_k.CHUNK <= 512 and decode_k.CHUNK % 64 == 0  # a few hundred slots, whole tiles
+    for dtype in DTYPES:
+        for G, D in ((1, 64), (5, 128), (4, 160)):
+            mma, block_g, block_t, block_d = decode_k.blocks_for(dtype, G, D)
+            assert decode_k.CHUNK % block_t == 0 and block_d >= D and block_g >= G
+            assert mma == (dtype != torch.float32)
+            assert mma or block_g == triton_next_pow2(G), "the fp32 path does not pad the group to 16 rows"
+
+
+def triton_next_pow2(n):
+    return 1 << (n - 1).bit_length()
 
 
 # ------------------------------------------------------------------------------- registration, opcheck
@@ -303,7 +350,17 @@ def test_backend_table_matches_reference_signatures():
         ref_params = list(inspect.signature(table["torch"]).parameters)
         assert list(inspect.signature(table["triton"]).parameters) == ref_params, op
         assert hasattr(torch.ops.fastlm, f"triton_{op}"), op
-    assert backend.backend_status("triton", "cpu")[0]
+    assert backend.backend_status("triton", DEVICE)[0]
+
+
+def test_interpreter_never_for_cuda_tensors():
+    """The interpreter copies whole storages to the host per launch: the backend refuses CUDA tensors
+    under it (and in the GPU test mode the kernels are compiled)."""
+    ok, why = backend.backend_status("triton", "cuda")
+    if GPU_TEST_MODE:
+        assert ok and not fk.INTERPRET, why
+    else:
+        assert fk.INTERPRET and not ok and "interpreter" in why and "TRITON_INTERPRET" in why, why
 
 
 def _opcheck_args():
@@ -312,7 +369,7 @@ def _opcheck_args():
     case = ("t", 2, 1, 40, 20, False, False, "per_head")
     qkv, cos, sin, qw, qb, kw, kb, pos = qkv_inputs(case, f32, 2, 3, 1)
     tail = (2, 1, 40, 20, False, False, 1e-5)
-    kc, vc = torch.zeros(2, 1, 8, 40), torch.zeros(2, 1, 8, 40)
+    kc, vc = torch.zeros(2, 1, 8, 40, device=DEVICE), torch.zeros(2, 1, 8, 40, device=DEVICE)
     q = gen(2, 2, 40, dtype=f32, seed=3)
     kd, vd = gen(2, 1, 8, 40, dtype=f32, seed=4), gen(2, 1, 8, 40, dtype=f32, seed=5)
     return {
@@ -322,7 +379,7 @@ def _opcheck_args():
         "qkv_rope_cache": [(qkv, cos, sin, qw, qb, kw, kb, kc, vc, pos, *tail)],
         "swiglu": [(gen(2, 3, 64, dtype=f32),)],
         "relu2": [(gen(2, 3, 33, dtype=f32),)],
-        "decode_attention": [(q, kd, vd, torch.tensor([3, 8]), 40 ** -0.5)],
+        "decode_attention": [(q, kd, vd, torch.tensor([3, 8], device=DEVICE), 40 ** -0.5)],
     }
 
 
@@ -374,73 +431,25 @@ def test_compile_fullgraph():
     args = (gen(2, 64, dtype=torch.float32, seed=1), gen(2, 64, dtype=torch.float32, seed=2),
             gen(64, dtype=torch.float32, seed=3), gen(2, 4, 64, dtype=torch.float32, seed=4),
             gen(2, 2, 16, 64, dtype=torch.float32, seed=5), gen(2, 2, 16, 64, dtype=torch.float32, seed=6),
-            torch.tensor([3, 16]), gen(2, 128, dtype=torch.float32, seed=7))
+            torch.tensor([3, 16], device=DEVICE), gen(2, 128, dtype=torch.float32, seed=7))
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     for a, b in zip(compiled(*args), step(*args)):
         assert torch.equal(a, b)
 
 
-_COMPILE_SCRIPT = r'''
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from fastlm.kernels import activations, decode_attention, norm, qkv_rope
-try:
-    from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
-except Exception as exc:
-    print("SKIP no CUDA backend:", exc); raise SystemExit(0)
-
-def sig(names, types, consts):
-    s = dict(zip(names, types))
-    s.update({k: "constexpr" for k in consts})
-    return s
-
-jobs = []
-nn = ["X", "R", "W", "B", "Y", "H", "stride_x", "stride_r", "stride_y", "stride_h", "N", "eps"]
-for single in (True, False):
-    for rms in (True, False):
-        c = dict(HAS_RES=True, IS_RMS=rms, HAS_W=True, HAS_BIAS=not rms, WEIGHT_FP32=False, BLOCK_N=4096, SINGLE=single)
-        jobs.append((norm._add_norm_kernel, sig(nn, ["*bf16"] * 6 + ["i32"] * 5 + ["fp32"], c), c))
-an = ["X", "Y", "stride_x", "stride_y", "N"]
-for kern in (activations._swiglu_kernel, activations._relu2_kernel):
-    jobs.append((kern, sig(an, ["*bf16", "*bf16", "i32", "i32", "i32"], {"BLOCK": 1024}), {"BLOCK": 1024}))
-qn = ["QKV", "COS", "SIN", "QW", "QB", "KW", "KB", "Q", "K", "V", "POS", "S", "stride_xb", "stride_xs",
-      "stride_cb", "stride_cs", "stride_cd", "stride_sb", "stride_ss", "stride_sd", "qw_hs", "qb_hs", "kw_hs",
-      "kb_hs", "stride_qb", "stride_qh", "stride_qs", "stride_kb", "stride_kh", "stride_ks", "stride_vb",
-      "stride_vh", "stride_vs", "stride_pb", "stride_ps", "t_max", "eps"]
-qt = ["*bf16"] * 10 + ["*i64"] + ["i32"] * 25 + ["fp32"]
-for H, HKV, D, ROT, il, ph, qn_, cache in [(32, 8, 80, 20, False, False, True, True),
-                                           (64, 64, 64, 32, False, True, True, False),
-                                           (20, 20, 128, 128, True, False, False, True)]:
-    c = dict(H=H, HKV=HKV, D=D, ROT=ROT, INTERLEAVED=il, PER_HEAD=ph, HAS_QN=qn_, HAS_QB=ph, HAS_KN=qn_,
-             HAS_KB=ph, CACHE=cache, BLOCK_H=max(1, 2048 // triton.next_power_of_2(D)),
-             BLOCK_D=triton.next_power_of_2(D))
-    jobs.append((qkv_rope._qkv_rope_kernel, sig(qn, qt, c), c))
-dn = ["Q", "K", "V", "LEN", "M_OUT", "L_OUT", "ACC", "stride_qb", "stride_qh", "stride_kb", "stride_kh",
-      "stride_kt", "stride_vb", "stride_vh", "stride_vt", "stride_len", "t_max", "chunk", "qk_scale"]
-dt = ["*bf16"] * 3 + ["*i32"] + ["*fp32"] * 3 + ["i32"] * 11 + ["fp32"]
-for G, D in [(4, 128), (1, 80)]:
-    c = dict(HKV=8, G=G, D=D, NUM_SPLITS=8, BLOCK_G=16, BLOCK_T=64, BLOCK_D=triton.next_power_of_2(D))
-    jobs.append((decode_attention._decode_split_kernel, sig(dn, dt, c), c))
-rn = ["M_IN", "L_IN", "ACC", "O", "stride_ob", "stride_oh"]
-c = dict(H=32, D=80, NUM_SPLITS=8, BLOCK_S=8, BLOCK_D=128)
-jobs.append((decode_attention._decode_reduce_kernel, sig(rn, ["*fp32"] * 3 + ["*bf16", "i32", "i32"], c), c))
-for cc in (80, 90):
-    for fn, s, c in jobs:
-        k = triton.compile(ASTSource(fn, s, c), target=GPUTarget("cuda", cc, 32))
-        assert "cubin" in k.asm or "ptx" in k.asm, fn
-        print(f"sm_{cc} {fn.__name__} ok")
+def test_top_level_kernels_import_defines_nothing():
+    """From the source tree's root, `import kernels` (transformers probes for a package of that name)
+    finds this backend's folder: it must not load a second copy that registers the ops again."""
+    code = _LOADER + r'''
+import sys
+sys.path.insert(0, sys.argv[1])
+import kernels
+assert kernels.__file__ and not hasattr(kernels, "activations"), dir(kernels)
+assert not [m for m in sys.modules if m.startswith("kernels.")]
+from transformers.utils.import_utils import is_kernels_available
+assert not is_kernels_available()
 print("OK")
 '''
-
-
-def test_kernels_compile_for_sm80_sm90():
-    """Every kernel compiles (no interpreter) through ttir/ttgir/llir/ptx for sm_80 and sm_90: GPU code
-    paths the interpreter does not check (types of loop-carried values, tl.dot shapes, constexpr use)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    res = subprocess.run([sys.executable, "-c", _LOADER + _COMPILE_SCRIPT], env=env, capture_output=True,
-                         text=True, timeout=600, cwd=tempfile.gettempdir())
-    if "SKIP" in res.stdout:
-        pytest.skip(res.stdout.strip())
-    assert res.returncode == 0 and "OK" in res.stdout, res.stdout[-3000:] + res.stderr[-5000:]
+    res = subprocess.run([sys.executable, "-c", code, str(HERE.parent)], capture_output=True, text=True, timeout=300,
+                         cwd=tempfile.gettempdir())
+    assert res.returncode == 0 and "OK" in res.stdout, res.stdout + res.stderr

@@ -1,7 +1,8 @@
 """Backend registry and dispatch for fastlm's fused ops.
 
 Every op has a plain-PyTorch reference (backend ``torch``) and up to two kernel backends:
-``triton`` (``fastlm.kernels``; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``) and
+``triton`` (``fastlm.kernels``; CUDA tensors with compiled kernels, never the interpreter, or CPU
+tensors under ``TRITON_INTERPRET=1``) and
 ``cpp`` (``fastlm._C``: C++ CPU kernels, plus CUDA C++ kernels when built with CUDA).
 
 Backend modules register implementations with :func:`register`; they are imported lazily the first
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from os import environ as _environ
 import warnings
 from typing import Callable
@@ -72,11 +74,18 @@ def backend_status(backend: str, device_type: str = "cpu") -> tuple[bool, str]:
     if backend in _LOAD_ERRORS:
         return False, f"{_BACKEND_MODULES[backend]} failed to import ({_LOAD_ERRORS[backend]})"
     if backend == "triton":
-        if device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        # Whether the kernels were decorated for the interpreter (TRITON_INTERPRET as it was at import)
+        interpreted = getattr(sys.modules.get(_BACKEND_MODULES["triton"]), "INTERPRET", False)
+        if device_type == "cpu" and (os.environ.get("TRITON_INTERPRET") != "1" or not interpreted):
             return False, ("Triton kernels need a CUDA device; on CPU tensors they run only under "
                            "TRITON_INTERPRET=1 (set before triton is imported)")
         if device_type not in ("cpu", "cuda"):
             return False, f"Triton backend does not support device type {device_type!r}"
+        if device_type == "cuda" and interpreted:
+            # The interpreter copies every storage a kernel touches to the host and back per launch (the
+            # whole KV cache), which also breaks CUDA-graph capture: never for CUDA tensors.
+            return False, ("the Triton kernels were built for the interpreter (TRITON_INTERPRET=1 when triton "
+                           "was imported), which is never used for CUDA tensors; unset TRITON_INTERPRET")
         return True, "Triton kernels" + (" (interpreter)" if device_type == "cpu" else "")
     # cpp
     from fastlm.ops import _cpp
