@@ -17,7 +17,8 @@ from _models import VARIANTS, build_model, left_padded_batch, make_config, rando
 NEW = 24
 EOS = 2
 BACKENDS = ["torch", "cpp", "triton"]
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="GPU test mode (README: GPU): needs a CUDA GPU (CUDA graphs, CUDA tensors)")
 
 
 @pytest.fixture(scope="module", autouse=True)
