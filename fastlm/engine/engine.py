@@ -154,23 +154,30 @@ class Engine:
             slot, start = self._acquire(rows, max(alloc, need)), 0
         else:
             slot, start = session.lease(prompts[0], max(alloc, need))
-        emitted: list[torch.Tensor] = []
         fed_last = None if session is None else [False]
-        try:
-            yield from self._run(slot, prompts, rows, start, emitted, config=config, max_new_tokens=max_new_tokens,
-                                 stop_ids=stop_ids, seed=seed, limit=limit, result=result, check_every=check_every,
-                                 stop_check=stop_check, fed_last=fed_last)
-        finally:
-            if session is None:
+        steps = self._run(slot, prompts, rows, start, config=config, max_new_tokens=max_new_tokens,
+                          stop_ids=stop_ids, seed=seed, limit=limit, result=result, check_every=check_every,
+                          stop_check=stop_check, fed_last=fed_last)
+        if session is None:
+            try:
+                yield from steps
+            finally:
                 self._release(slot)
-            else:
-                session.record(prompts[0], emitted, fed_last[0])
+            return
+        emitted: list[torch.Tensor] = []  # what the session's cache now holds past the prompt
+        try:
+            for out in steps:
+                emitted.append(out)
+                yield out
+        finally:
+            steps.close()  # an early close: finish the inner generator before recording
+            session.record(prompts[0], emitted, fed_last[0])
 
-    def _run(self, slot: _Slot, prompts, rows: int, start: int, emitted: list, *, config, max_new_tokens, stop_ids,
+    def _run(self, slot: _Slot, prompts, rows: int, start: int, *, config, max_new_tokens, stop_ids,
              seed, limit, result, check_every, stop_check=None, fed_last: list | None = None
              ) -> Iterator[torch.Tensor]:
         """The call on ``slot``: prefill of every prompt's tokens from ``start`` on, then decode steps.
-        Appends what it yields to ``emitted``. ``fed_last`` (a session's call): a one-item list, set to
+        ``fed_last`` (a session's call): a one-item list, set to
         True when the last new token was fed through the model too (the loop ran to its end and the
         cache had room)."""
         B = len(prompts)
@@ -225,7 +232,6 @@ class Engine:
             out = st.out[:B].clone()
             _sync(device)
             result.prefill_s = time.perf_counter() - t0
-        emitted.append(out)
         yield out
 
         t1 = time.perf_counter()
@@ -243,7 +249,6 @@ class Engine:
                     step(rows, step_config)
                 out = st.out[:B].clone()
             steps += 1
-            emitted.append(out)
             yield out
         _sync(device)
         result.decode_s = time.perf_counter() - t1
