@@ -14,7 +14,7 @@ Build knobs (environment):
                              avx512 = -mavx512f/bw/vl/dq with at::vec's CPU_CAPABILITY_AVX512 path,
                              avx2 = -mavx2 -mfma -mf16c with CPU_CAPABILITY_AVX2, default = torch's
                              portable baseline. The chosen level is written to fastlm/_build_config.py,
-                             and fastlm.ops._cpp refuses to load a build on a CPU that lacks it.
+                             and fastlm.backends.cpp refuses to load a build on a CPU that lacks it.
   FASTLM_CPU_BF16=0          with avx512, do not use AVX512-BF16 even where the building CPU has it
   MAX_JOBS                   parallel compile jobs (ninja)
 Install: pip install --no-build-isolation ".[test]"   (or -e . for an in-place build)

@@ -99,14 +99,14 @@ struct QkvDims {
 inline QkvDims check_qkv_args(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
                               const std::optional<at::Tensor>& qw, const std::optional<at::Tensor>& qb,
                               const std::optional<at::Tensor>& kw, const std::optional<at::Tensor>& kb,
-                              int64_t H, int64_t Hkv, int64_t D, int64_t R, bool per_head_layout, double eps) {
+                              int64_t H, int64_t Hkv, int64_t D, int64_t R, bool qkv_head_major, double eps) {
   check_float("qkv", qkv);
   TORCH_CHECK_VALUE(qkv.dim() == 3, "fastlm: qkv must be [B, S, W], got ", qkv.sizes());
   TORCH_CHECK_VALUE(H > 0 && Hkv > 0 && D > 0, "fastlm: num_heads, num_kv_heads and head_dim must be positive, got ",
                     H, ", ", Hkv, ", ", D);
   TORCH_CHECK_VALUE(H % Hkv == 0, "fastlm: num_heads (", H, ") must be a multiple of num_kv_heads (", Hkv, ")");
-  TORCH_CHECK_VALUE(!per_head_layout || H == Hkv,
-                    "fastlm: the per-head [H, 3, D] layout needs num_kv_heads == num_heads");
+  TORCH_CHECK_VALUE(!qkv_head_major || H == Hkv,
+                    "fastlm: the head-major [H, 3, D] layout needs num_kv_heads == num_heads");
   TORCH_CHECK_VALUE(qkv.size(2) == (H + 2 * Hkv) * D, "fastlm: qkv's last dim must be (H + 2*Hkv) * D = ",
                     (H + 2 * Hkv) * D, ", got ", qkv.size(2));
   TORCH_CHECK_VALUE(R % 2 == 0 && R >= 0 && R <= D, "fastlm: rotary_dim must be even and in [0, head_dim], got ", R);

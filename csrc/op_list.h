@@ -1,12 +1,20 @@
 // The op contract: one line per op, its name and its schema's arguments and returns (the Python
-// declaration of each op, its reference and checks: fastlm/ops/<op>.py). Every list below is
-// expanded by csrc/ops.cpp into the TORCH_LIBRARY(fastlm) schemas and the unboxed call_<op> entry
-// points, and by each device backend into its TORCH_LIBRARY_IMPL registrations
-// (csrc/cpu/register_cpu.cpp, csrc/cuda/ops_cuda.cu).
+// declaration of each op, its reference and checks: fastlm/ops/<op>.py), and below the lists the C++
+// signatures of the CPU implementations. Every list is expanded by csrc/ops.cpp into the
+// TORCH_LIBRARY(fastlm) schemas and the unboxed call_<op> entry points, and by each device backend into
+// its TORCH_LIBRARY_IMPL registrations (csrc/cpu/register_cpu.cpp, csrc/cuda/ops_cuda.cu, which defines
+// its fastlm::cuda functions with the same signatures). The Python backend plugin
+// (fastlm/backends/cpp.py) reads which op has which device's kernel off the dispatcher.
 //
-// Adding an op: one line here, its functions in csrc/ops.h and a backend's source file, its Python
-// declaration in fastlm/ops. X(name, schema) is called with `name` a bare identifier.
+// Adding an op: one line in a list here and its CPU signature below, its kernels in a backend's source
+// file, its Python declaration in fastlm/ops (CONTRIBUTING.md). X(name, schema) is called with `name` a
+// bare identifier.
 #pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
 
 // Implemented by every device backend (CPU and CUDA).
 #define FASTLM_DEVICE_OPS(X)                                                                                        \
@@ -17,12 +25,12 @@
   /* QKV epilogue */                                                                                                \
   X(qkv_rope, "(Tensor qkv, Tensor cos, Tensor sin, Tensor? q_norm_weight, Tensor? q_norm_bias, "                  \
               "Tensor? k_norm_weight, Tensor? k_norm_bias, int num_heads, int num_kv_heads, int head_dim, "         \
-              "int rotary_dim, bool interleaved, bool per_head_layout, float qk_norm_eps) "                         \
+              "int rotary_dim, bool interleaved, bool qkv_head_major, float qk_norm_eps) "                         \
               "-> (Tensor, Tensor, Tensor)")                                                                        \
   X(qkv_rope_cache, "(Tensor qkv, Tensor cos, Tensor sin, Tensor? q_norm_weight, Tensor? q_norm_bias, "            \
                     "Tensor? k_norm_weight, Tensor? k_norm_bias, Tensor(a!) k_cache, Tensor(b!) v_cache, "          \
                     "Tensor cache_positions, int num_heads, int num_kv_heads, int head_dim, int rotary_dim, "       \
-                    "bool interleaved, bool per_head_layout, float qk_norm_eps) -> Tensor")                         \
+                    "bool interleaved, bool qkv_head_major, float qk_norm_eps) -> Tensor")                         \
   /* MLP epilogues, and in place on the GEMM output they consume (swiglu_ writes the gate half) */                 \
   X(swiglu, "(Tensor gate_up) -> Tensor")                                                                           \
   X(relu2, "(Tensor x) -> Tensor")                                                                                  \
@@ -37,3 +45,37 @@
   X(decode_attention, "(Tensor q, Tensor k_cache, Tensor v_cache, Tensor lengths, float scale) -> Tensor")
 
 #define FASTLM_ALL_OPS(X) FASTLM_DEVICE_OPS(X) FASTLM_CPU_OPS(X)
+
+// The CPU implementations (csrc/cpu/*.cpp), registered by csrc/cpu/register_cpu.cpp.
+namespace fastlm::cpu {
+
+using OptT = std::optional<at::Tensor>;
+
+std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const OptT& residual, const at::Tensor& weight,
+                                                double eps, bool weight_in_fp32);
+std::tuple<at::Tensor, at::Tensor> add_layer_norm(const at::Tensor& x, const OptT& residual, const at::Tensor& weight,
+                                                  const OptT& bias, double eps);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> qkv_rope(const at::Tensor& qkv, const at::Tensor& cos,
+                                                        const at::Tensor& sin, const OptT& qw, const OptT& qb,
+                                                        const OptT& kw, const OptT& kb, int64_t H, int64_t Hkv,
+                                                        int64_t D, int64_t R, bool interleaved, bool qkv_head_major,
+                                                        double eps);
+at::Tensor qkv_rope_cache(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const OptT& qw,
+                          const OptT& qb, const OptT& kw, const OptT& kb, const at::Tensor& k_cache,
+                          const at::Tensor& v_cache, const at::Tensor& cache_positions, int64_t H, int64_t Hkv,
+                          int64_t D, int64_t R, bool interleaved, bool qkv_head_major, double eps);
+
+at::Tensor swiglu(const at::Tensor& gate_up);
+at::Tensor relu2(const at::Tensor& x);
+// In place: swiglu_ writes silu(gate) * up into gate_up's gate half; relu2_ overwrites x.
+void swiglu_(const at::Tensor& gate_up);
+void relu2_(const at::Tensor& x);
+
+// y = x @ weight^T (+ bias) (+ residual); a streaming kernel for decode-sized x (csrc/cpu/linear.cpp).
+at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const OptT& bias, const OptT& residual);
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                            const at::Tensor& lengths, double scale);
+
+}  // namespace fastlm::cpu

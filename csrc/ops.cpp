@@ -11,7 +11,6 @@
 #include <vector>
 
 #include "op_list.h"
-#include "ops.h"
 
 TORCH_LIBRARY(fastlm, m) {
 #define FASTLM_DEF_SCHEMA(op, schema) m.def(#op schema);

@@ -9,7 +9,7 @@ def info_lines() -> list[str]:
     import transformers
 
     import fastlm
-    from fastlm.ops._backend import BACKENDS, backend_status, resolve
+    from fastlm.ops._registry import BACKENDS, backend_status, resolve
 
     cuda = torch.cuda.is_available()
     device = torch.cuda.get_device_name(0) if cuda else f"cpu ({platform.processor() or platform.machine()})"

@@ -16,7 +16,7 @@ from fastlm.errors import UnsupportedModelError
 from fastlm.families import FAMILY_ADAPTERS
 from fastlm.modules import refresh_fused_weights
 from fastlm.modules._swap import restore_class
-from fastlm.ops._backend import BACKEND_CHOICES, resolve
+from fastlm.ops._registry import BACKEND_CHOICES, resolve
 
 SUPPORTED_MODEL_TYPES = tuple(FAMILY_ADAPTERS)
 _RECORD_ATTR = "_fastlm_patch"

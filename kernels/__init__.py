@@ -1,8 +1,8 @@
-"""fastlm's Triton backend (installed as ``fastlm.kernels``; never a top-level ``kernels`` package).
+"""fastlm's Triton kernels (installed as ``fastlm.kernels``; never a top-level ``kernels`` package).
 
-Importing this module registers, for each fused op, a ``fastlm::triton_<op>`` torch.library op (with a
-fake implementation) and the backend-table entry ``fastlm.ops._backend.register("<op>", "triton")``
-whose signature is the op's ``*_ref`` signature. Kernels run on CUDA tensors, or on CPU tensors when
+The source of the Triton backend, whose plugin module is fastlm/backends/triton.py. Each op's kernel is
+a ``fastlm::triton_<op>`` torch.library op (its fake is the op's own, registered by the op registry)
+and an entry point with the reference's signature. Kernels run on CUDA tensors, or on CPU tensors when
 ``TRITON_INTERPRET=1`` was set before triton was imported; otherwise they raise a clear RuntimeError.
 
 One file per op family: ``norm`` (add + RMSNorm / LayerNorm), ``qkv_rope`` (QKV epilogue),
@@ -18,23 +18,7 @@ from __future__ import annotations
 # the modules would register the fastlm::triton_* ops again, over this package's. Without a version,
 # transformers treats it as absent.
 if __name__ == "fastlm.kernels":
-    from fastlm.ops._backend import register
-
     from . import activations, decode_attention, norm, qkv_rope
     from ._utils import INTERPRET, USE_TRITON_OP, check_device
-
-    _ENTRY_POINTS = {
-        "add_rms_norm": norm.add_rms_norm,
-        "add_layer_norm": norm.add_layer_norm,
-        "qkv_rope": qkv_rope.qkv_rope,
-        "qkv_rope_cache": qkv_rope.qkv_rope_cache,
-        "swiglu": activations.swiglu,
-        "relu2": activations.relu2,
-        "swiglu_": activations.swiglu_,
-        "relu2_": activations.relu2_,
-        "decode_attention": decode_attention.decode_attention,
-    }
-    for _op, _fn in _ENTRY_POINTS.items():
-        register(_op, "triton")(_fn)
 
     __all__ = ["INTERPRET", "USE_TRITON_OP", "check_device", "activations", "decode_attention", "norm", "qkv_rope"]

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastlm.ops._checks import check_no_internal_overlap
+from fastlm._checks import check_no_internal_overlap
 
 from ._utils import cast_out, check_device, launch, on_device, own_rows, register_op, rows_view
 
@@ -77,11 +77,6 @@ def triton_swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     return _launch_rows(_swiglu_kernel, rows_view(gate_up), out, n)
 
 
-@triton_swiglu.register_fake
-def _(gate_up):
-    return gate_up.new_empty((*gate_up.shape[:-1], gate_up.shape[-1] // 2))
-
-
 @register_op("triton_relu2")
 def triton_relu2(x: torch.Tensor) -> torch.Tensor:
     check_device(x)
@@ -90,11 +85,6 @@ def triton_relu2(x: torch.Tensor) -> torch.Tensor:
         return out
     x2 = rows_view(x.reshape(1) if x.dim() == 0 else x)
     return _launch_rows(_relu2_kernel, x2, out, x2.shape[1])
-
-
-@triton_relu2.register_fake
-def _(x):
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
 def _rows_in_place(t: torch.Tensor) -> torch.Tensor | None:
@@ -156,3 +146,9 @@ def relu2_(x):
     check_device(x)
     torch.ops.fastlm.triton_relu2_inplace(x)
     return x
+
+
+# op -> (entry point, its torch.library op): what the Triton backend plugin (fastlm/backends/triton.py) serves
+ENTRY_POINTS = {"swiglu": (swiglu, "fastlm::triton_swiglu"), "relu2": (relu2, "fastlm::triton_relu2"),
+                "swiglu_": (swiglu_, "fastlm::triton_swiglu_inplace"),
+                "relu2_": (relu2_, "fastlm::triton_relu2_inplace")}

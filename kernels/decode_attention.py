@@ -61,7 +61,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastlm.ops.attention import check_lengths
+from fastlm._checks import check_lengths
 
 from ._utils import cast_out, check_device, dot16, launch, on_device, register_op
 
@@ -219,12 +219,11 @@ def triton_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     return _decode(q, k_cache, v_cache, lengths, scale)
 
 
-@triton_decode_attention.register_fake
-def _(q, k_cache, v_cache, lengths, scale):
-    return q.new_empty(q.shape)
-
-
 def decode_attention(q, k_cache, v_cache, lengths, scale: float):
     """Backend entry point, the signature of fastlm.ops.attention.decode_attention_ref."""
     check_device(q, k_cache, v_cache, lengths)
     return torch.ops.fastlm.triton_decode_attention(q, k_cache, v_cache, lengths, float(scale))
+
+
+# op -> (entry point, its torch.library op): what the Triton backend plugin (fastlm/backends/triton.py) serves
+ENTRY_POINTS = {"decode_attention": (decode_attention, "fastlm::triton_decode_attention")}

@@ -169,22 +169,11 @@ def triton_add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: 
     return _add_norm(x, residual, weight, None, eps, True, weight_in_fp32, _rms_out_dtype(x, weight, weight_in_fp32))
 
 
-@triton_add_rms_norm.register_fake
-def _(x, residual, weight, eps, weight_in_fp32):
-    y = x.new_empty(x.shape, dtype=_rms_out_dtype(x, weight, weight_in_fp32))
-    return y, (torch.empty_like(x) if residual is not None else x.new_empty(0))
-
-
 @register_op("triton_add_layer_norm")
 def triton_add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None,
                           bias: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, h); h is a 0-element tensor when residual is None."""
     return _add_norm(x, residual, weight, bias, eps, False, False, x.dtype)
-
-
-@triton_add_layer_norm.register_fake
-def _(x, residual, weight, bias, eps):
-    return torch.empty_like(x), (torch.empty_like(x) if residual is not None else x.new_empty(0))
 
 
 def add_rms_norm(x, residual, weight, eps: float, weight_in_fp32: bool = False):
@@ -199,3 +188,8 @@ def add_layer_norm(x, residual, weight, bias, eps: float):
     check_device(x, residual, weight, bias)
     y, h = torch.ops.fastlm.triton_add_layer_norm(x, residual, weight, bias, float(eps))
     return y, (h if residual is not None else x)
+
+
+# op -> (entry point, its torch.library op): what the Triton backend plugin (fastlm/backends/triton.py) serves
+ENTRY_POINTS = {"add_rms_norm": (add_rms_norm, "fastlm::triton_add_rms_norm"),
+                "add_layer_norm": (add_layer_norm, "fastlm::triton_add_layer_norm")}

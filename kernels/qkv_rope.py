@@ -1,11 +1,11 @@
-# QKV epilogue (fastlm.ops.qkv_rope): split + optional qk-layernorm + partial RoPE (+ KV-cache write),
+# QKV epilogue (fastlm.ops.qkv): split + optional qk-layernorm + partial RoPE (+ KV-cache write),
 # one kernel launch per call.
 #
 # Algorithm: grid (B*S tokens, blocks of BLOCK_H "head slots"). Slot j in [0, H + 2*Hkv) is q head j,
 # k head j-H or v head j-H-Hkv; a program holds a [BLOCK_H, BLOCK_D] tile (BLOCK_D =
 # next_power_of_2(D), masked, so D = 40/80 work) of one token's head vectors, read straight from the
 # fused GEMM output in either layout: "split" [q heads | k heads | v heads] (slot j at column j*D) or
-# Persimmon's per-head [H, 3, D] (q_h at 3hD, k_h at 3hD+D, v_h at 3hD+2D), no copy, any token/batch
+# Persimmon's head-major [H, 3, D] (q_h at 3hD, k_h at 3hD+D, v_h at 3hD+2D), no copy, any token/batch
 # strides. Per row, in fp32:
 #   1. qk-layernorm (q rows if q weights given, k rows if k weights given): mean/var over D, then
 #      * w[d] (+ b[d]); w is [D] (shared, Persimmon; head stride 0) or [heads, D] (StableLM).
@@ -19,7 +19,7 @@
 #      k_cache / v_cache [B, Hkv, Tmax, D] at row cache_positions[b, s] (cast to the cache dtype). The
 #      stores of a position outside [0, Tmax) are masked off: never out of bounds. On CPU tensors (the
 #      interpreter) such positions raise first, as in every backend; on CUDA checking them would be a
-#      host sync (fastlm.ops.qkv_rope's docstring).
+#      host sync (fastlm.ops.qkv's docstring).
 # Offsets are int64 (batch, token, cache position and head index are widened before multiplying).
 #
 # Bytes moved vs minimum: qkv is read once ((H + 2Hkv) * D elements a token), the r/2 cos and sin
@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastlm.ops.qkv_rope import check_positions
+from fastlm._checks import check_positions
 
 from ._utils import cast_out, check_device, launch, on_device, register_op
 
@@ -80,7 +80,7 @@ def _qkv_rope_kernel(QKV, COS, SIN, QW, QB, KW, KB, Q, K, V, POS,
                      stride_vb, stride_vh, stride_vs,
                      stride_pb, stride_ps, t_max, eps,
                      H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, ROT: tl.constexpr,
-                     INTERLEAVED: tl.constexpr, PER_HEAD: tl.constexpr,
+                     INTERLEAVED: tl.constexpr, HEAD_MAJOR: tl.constexpr,
                      HAS_QN: tl.constexpr, HAS_QB: tl.constexpr, HAS_KN: tl.constexpr, HAS_KB: tl.constexpr,
                      CACHE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
     tok = tl.program_id(0).to(tl.int64)
@@ -95,7 +95,7 @@ def _qkv_rope_kernel(QKV, COS, SIN, QW, QB, KW, KB, Q, K, V, POS,
     hq = slot.to(tl.int64)
     hk = hq - H
     hv = hq - H - HKV
-    if PER_HEAD:
+    if HEAD_MAJOR:
         col = tl.where(is_q, hq * (3 * D), tl.where(is_k, hk * (3 * D) + D, hv * (3 * D) + 2 * D))
     else:
         col = hq * D
@@ -161,7 +161,7 @@ def _norm_param(t, heads):
     return t, (0 if t.dim() == 1 else t.stride(0))
 
 
-def _launch(qkv, cos, sin, qw, qb, kw, kb, q, k, v, pos, H, HKV, D, ROT, interleaved, per_head, eps):
+def _launch(qkv, cos, sin, qw, qb, kw, kb, q, k, v, pos, H, HKV, D, ROT, interleaved, head_major, eps):
     B, S, _ = qkv.shape
     if B * S == 0:
         return
@@ -193,7 +193,7 @@ def _launch(qkv, cos, sin, qw, qb, kw, kb, q, k, v, pos, H, HKV, D, ROT, interle
             S, qkv.stride(0), qkv.stride(1), *cos_args, qw_hs, qb_hs, kw_hs, kb_hs,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), *pos_args, eps,
-            H=H, HKV=HKV, D=D, ROT=ROT, INTERLEAVED=interleaved, PER_HEAD=per_head,
+            H=H, HKV=HKV, D=D, ROT=ROT, INTERLEAVED=interleaved, HEAD_MAJOR=head_major,
             HAS_QN=qw is not None, HAS_QB=qw is not None and qb is not None,
             HAS_KN=kw is not None, HAS_KB=kw is not None and kb is not None,
             CACHE=cache, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=4)
@@ -203,7 +203,7 @@ def _launch(qkv, cos, sin, qw, qb, kw, kb, q, k, v, pos, H, HKV, D, ROT, interle
 def triton_qkv_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_norm_weight: torch.Tensor | None,
                     q_norm_bias: torch.Tensor | None, k_norm_weight: torch.Tensor | None,
                     k_norm_bias: torch.Tensor | None, num_heads: int, num_kv_heads: int, head_dim: int,
-                    rotary_dim: int, interleaved: bool, per_head_layout: bool,
+                    rotary_dim: int, interleaved: bool, qkv_head_major: bool,
                     qk_norm_eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     check_device(qkv, cos, sin)
     B, S, _ = qkv.shape
@@ -211,16 +211,8 @@ def triton_qkv_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_n
     k = qkv.new_empty((B, num_kv_heads, S, head_dim))
     v = qkv.new_empty((B, num_kv_heads, S, head_dim))
     _launch(qkv, cos, sin, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias, q, k, v, None, num_heads,
-            num_kv_heads, head_dim, rotary_dim, interleaved, per_head_layout, qk_norm_eps)
+            num_kv_heads, head_dim, rotary_dim, interleaved, qkv_head_major, qk_norm_eps)
     return q, k, v
-
-
-@triton_qkv_rope.register_fake
-def _(qkv, cos, sin, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias, num_heads, num_kv_heads, head_dim,
-      rotary_dim, interleaved, per_head_layout, qk_norm_eps):
-    B, S, _ = qkv.shape
-    return (qkv.new_empty((B, num_heads, S, head_dim)), qkv.new_empty((B, num_kv_heads, S, head_dim)),
-            qkv.new_empty((B, num_kv_heads, S, head_dim)))
 
 
 @register_op("triton_qkv_rope_cache", mutates_args=("k_cache", "v_cache"))
@@ -229,42 +221,40 @@ def triton_qkv_rope_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
                           k_norm_weight: torch.Tensor | None, k_norm_bias: torch.Tensor | None,
                           k_cache: torch.Tensor, v_cache: torch.Tensor, cache_positions: torch.Tensor,
                           num_heads: int, num_kv_heads: int, head_dim: int, rotary_dim: int, interleaved: bool,
-                          per_head_layout: bool, qk_norm_eps: float) -> torch.Tensor:
+                          qkv_head_major: bool, qk_norm_eps: float) -> torch.Tensor:
     check_device(qkv, cos, sin, k_cache, v_cache, cache_positions)
     if any(c.stride(-1) != 1 and head_dim > 1 and not c.is_contiguous() for c in (k_cache, v_cache)):
         raise ValueError("fastlm.kernels: k_cache/v_cache need a unit stride along head_dim (written in place)")
-    check_positions(cache_positions, k_cache.shape[2])  # CPU tensors only (fastlm.ops.qkv_rope)
+    check_positions(cache_positions, k_cache.shape[2])  # CPU tensors only (fastlm.ops.qkv)
     B, S, _ = qkv.shape
     q = qkv.new_empty((B, num_heads, S, head_dim))
     _launch(qkv, cos, sin, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias, q, k_cache, v_cache,
-            cache_positions, num_heads, num_kv_heads, head_dim, rotary_dim, interleaved, per_head_layout,
+            cache_positions, num_heads, num_kv_heads, head_dim, rotary_dim, interleaved, qkv_head_major,
             qk_norm_eps)
     return q
 
 
-@triton_qkv_rope_cache.register_fake
-def _(qkv, cos, sin, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias, k_cache, v_cache, cache_positions,
-      num_heads, num_kv_heads, head_dim, rotary_dim, interleaved, per_head_layout, qk_norm_eps):
-    B, S, _ = qkv.shape
-    return qkv.new_empty((B, num_heads, S, head_dim))
-
-
 def qkv_rope(qkv, cos, sin, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias, num_heads: int,
-             num_kv_heads: int, head_dim: int, rotary_dim: int, interleaved: bool, per_head_layout: bool,
+             num_kv_heads: int, head_dim: int, rotary_dim: int, interleaved: bool, qkv_head_major: bool,
              qk_norm_eps: float):
-    """Backend entry point, the signature of fastlm.ops.qkv_rope.qkv_rope_ref."""
+    """Backend entry point, the signature of fastlm.ops.qkv.qkv_rope_ref."""
     check_device(qkv, cos, sin)
     return torch.ops.fastlm.triton_qkv_rope(qkv, cos, sin, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias,
                                             num_heads, num_kv_heads, head_dim, rotary_dim, interleaved,
-                                            per_head_layout, qk_norm_eps)
+                                            qkv_head_major, qk_norm_eps)
 
 
 def qkv_rope_cache(qkv, cos, sin, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias, k_cache, v_cache,
                    cache_positions, num_heads: int, num_kv_heads: int, head_dim: int, rotary_dim: int,
-                   interleaved: bool, per_head_layout: bool, qk_norm_eps: float):
-    """Backend entry point, the signature of fastlm.ops.qkv_rope.qkv_rope_cache_ref."""
+                   interleaved: bool, qkv_head_major: bool, qk_norm_eps: float):
+    """Backend entry point, the signature of fastlm.ops.qkv.qkv_rope_cache_ref."""
     check_device(qkv, cos, sin, k_cache, v_cache, cache_positions)
     return torch.ops.fastlm.triton_qkv_rope_cache(qkv, cos, sin, q_norm_weight, q_norm_bias, k_norm_weight,
                                                   k_norm_bias, k_cache, v_cache, cache_positions, num_heads,
                                                   num_kv_heads, head_dim, rotary_dim, interleaved,
-                                                  per_head_layout, qk_norm_eps)
+                                                  qkv_head_major, qk_norm_eps)
+
+
+# op -> (entry point, its torch.library op): what the Triton backend plugin (fastlm/backends/triton.py) serves
+ENTRY_POINTS = {"qkv_rope": (qkv_rope, "fastlm::triton_qkv_rope"),
+                "qkv_rope_cache": (qkv_rope_cache, "fastlm::triton_qkv_rope_cache")}

@@ -69,7 +69,7 @@ class FamilyShape:
     head_dim: int
     rotary_dim: int
     interleaved: bool
-    per_head_layout: bool  # Persimmon's [H, 3, D] fused QKV
+    qkv_head_major: bool  # Persimmon's [H, 3, D] fused QKV
     qk_norm: str  # none | per_head (StableLM-2-12B) | shared (Persimmon, with bias)
     norm: str  # rms | layer
     rms_weight_in_fp32: bool
@@ -293,7 +293,7 @@ def _family_calls(fam: FamilyShape, batch: int, phase: str, context: int, dtype:
         norms = tuple(_empty(D, dtype=dtype) for _ in range(4))
     else:
         norms = (None, None, None, None)
-    static = (H, Hkv, D, R, fam.interleaved, fam.per_head_layout, 1e-5)
+    static = (H, Hkv, D, R, fam.interleaved, fam.qkv_head_major, 1e-5)
     k_cache = _empty(batch, Hkv, t_max, D, dtype=dtype)
     v_cache = _empty(batch, Hkv, t_max, D, dtype=dtype)
     yield f"{tag} qkv_rope_cache", lambda: qkv_rope.qkv_rope_cache(qkv, cos, sin, *norms, k_cache, v_cache,

@@ -2,7 +2,7 @@
 it is not built or cannot run here."""
 import pytest
 
-from fastlm.ops._backend import BACKENDS, backend_status
+from fastlm.ops._registry import BACKENDS, backend_status
 
 
 def backend_params(device_type: str = "cpu"):

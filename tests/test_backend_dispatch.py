@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fastlm
-from fastlm.ops import _backend
+from fastlm.ops import _registry as _backend
 
 
 @pytest.fixture(autouse=True)
@@ -19,7 +19,7 @@ def fresh_auto(monkeypatch):
 
 def test_explicit_unavailable_backend_names_what_is_missing(monkeypatch):
     monkeypatch.setitem(_backend._LOAD_ERRORS, "cpp", "ImportError: No module named 'fastlm._C'")
-    monkeypatch.setattr(_backend, "_LOADED", _backend._LOADED | {"cpp"})
+    monkeypatch.setitem(_backend._MODULES, "cpp", None)
     with pytest.raises(fastlm.BackendUnavailableError, match="cpp.*fastlm._C"):
         _backend.resolve("cpp", "cpu")
     x = torch.randn(2, 8)
@@ -36,7 +36,7 @@ def test_triton_on_cpu_requires_the_interpreter(monkeypatch):
 def test_auto_falls_back_with_one_warning(monkeypatch, fresh_auto):
     monkeypatch.delenv("FASTLM_BACKEND", raising=False)
     monkeypatch.setitem(_backend._LOAD_ERRORS, "cpp", "ImportError: not built")
-    monkeypatch.setattr(_backend, "_LOADED", _backend._LOADED | {"cpp"})
+    monkeypatch.setitem(_backend._MODULES, "cpp", None)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert _backend.resolve("auto", "cpu") == "torch"
@@ -69,10 +69,50 @@ def test_dispatch_follows_fastlm_backend_set_at_run_time(monkeypatch):
 
 
 def test_reference_used_for_ops_a_backend_does_not_implement(monkeypatch):
-    monkeypatch.setattr(_backend, "_LOADED", _backend._LOADED | {"cpp"})
-    monkeypatch.setitem(_backend._IMPLS, "add_rms_norm", {"torch": fastlm.ops.rms_norm.add_rms_norm_ref})
-    assert not _backend.has_impl("add_rms_norm", "cpp")
-    assert _backend.impl("add_rms_norm", "cpp") is fastlm.ops.rms_norm.add_rms_norm_ref
+    """Where a backend has a kernel is data (its KERNELS table): elsewhere the registry itself serves the
+    reference, whatever functions the plugin module defines."""
+    import types
+
+    plugin = types.SimpleNamespace(KERNELS={"relu2": ("cpu",)}, LIBRARY_OPS={}, status=lambda d: (True, "fake"),
+                                   add_rms_norm=lambda *a: "kernel", relu2=lambda x: "relu2 kernel")
+    monkeypatch.setitem(_backend._MODULES, "cpp", plugin)
+    ref = fastlm.ops.rms_norm.add_rms_norm_ref
+    assert not _backend.has_impl("add_rms_norm", "cpp", "cpu")
+    assert _backend.impl("add_rms_norm", "cpp", "cpu") is ref
+    assert _backend.impl("relu2", "cpp", "cpu") is plugin.relu2
+    assert _backend.impl("relu2", "cpp", "cuda") is fastlm.ops.relu2_ref
+    assert _backend.dispatch("add_rms_norm", "cpp", torch.device("cpu")) is ref
+
+
+def test_cpp_kernels_table_matches_the_build():
+    """The real plugin: decode attention and linear have CPU kernels only; every declared op resolves."""
+    from fastlm.backends import cpp
+
+    assert _backend.impl("decode_attention", "cpp", "cuda") is fastlm.ops.decode_attention_ref
+    assert _backend.impl("decode_attention", "cpp", "cpu") is cpp.decode_attention
+    assert _backend.impl("linear", "cpp", "cuda") is fastlm.ops.linear_ref
+    for op in _backend.OPS:
+        for backend in _backend.BACKENDS:
+            assert callable(_backend.impl(op, backend, "cpu"))
+
+
+def test_auto_is_cached_per_device_and_fastlm_backend(monkeypatch):
+    calls = []
+    real = _backend.backend_status
+
+    def counting(backend, device_type="cpu"):
+        calls.append((backend, device_type))
+        return real(backend, device_type)
+
+    monkeypatch.setattr(_backend, "backend_status", counting)
+    monkeypatch.delenv("FASTLM_BACKEND", raising=False)
+    first = _backend.resolve("auto", "cpu")
+    assert _backend.resolve("auto", "cpu") == first and len(calls) == 1  # resolved once per device type
+    monkeypatch.setenv("FASTLM_BACKEND", "torch")
+    assert _backend.resolve("auto", "cpu") == "torch" and len(calls) == 2  # a new FASTLM_BACKEND: resolved again
+    assert _backend.resolve("auto", "cpu") == "torch" and len(calls) == 2
+    monkeypatch.delenv("FASTLM_BACKEND")
+    assert _backend.resolve("auto", "cpu") == first and len(calls) == 2
 
 
 def test_info_command_lists_every_backend():

@@ -116,7 +116,7 @@ def _traits(layer):
     """What a benchmark layer keeps of its checkpoint's: the head grouping, the RoPE and qk-norm kind,
     the norm and its cast order, the MLP, its width ratio, which projections carry a bias."""
     a = layer.attention
-    return (a.num_heads // a.num_kv_heads, a.rotary_dim / a.head_dim, a.interleaved, a.per_head_layout, a.qk_norm,
+    return (a.num_heads // a.num_kv_heads, a.rotary_dim / a.head_dim, a.interleaved, a.qkv_head_major, a.qk_norm,
             layer.norm, layer.rms_weight_in_fp32, layer.mlp, round(layer.intermediate / layer.hidden, 1),
             [p.bias for p in layer.projections])
 

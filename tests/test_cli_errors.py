@@ -172,7 +172,7 @@ def no_triton_interpreter(monkeypatch):
     """TRITON_INTERPRET unset for one test (conftest's interpreter mode is what lets Triton run on CPU).
     Triton reads it once, when it is imported: import the backend first, under the interpreter, or every
     later Triton test in this process would get compiled kernels, which refuse CPU tensors."""
-    from fastlm.ops._backend import backend_status
+    from fastlm.ops._registry import backend_status
 
     backend_status("triton", "cpu")
     monkeypatch.delenv("TRITON_INTERPRET")
@@ -222,7 +222,7 @@ def strict_json(line: str) -> dict:
 
 
 def expected_backend() -> str:
-    from fastlm.ops._backend import resolve
+    from fastlm.ops._registry import resolve
 
     return resolve("auto", "cpu")
 

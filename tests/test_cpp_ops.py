@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 try:
-    from fastlm.ops import _cpp
+    from fastlm.backends import cpp as _cpp
 except ImportError as exc:  # extension not built
     pytest.skip(f"fastlm._C is not built ({exc}); build it with `pip install --no-build-isolation -e .`",
                 allow_module_level=True)
@@ -25,7 +25,7 @@ except ImportError as exc:  # extension not built
 from fastlm.ops.activations import relu2_ref, swiglu_ref
 from fastlm.ops.attention import decode_attention_ref
 from fastlm.ops.layer_norm import add_layer_norm_ref
-from fastlm.ops.qkv_rope import qkv_rope_cache_ref, qkv_rope_ref
+from fastlm.ops.qkv import qkv_rope_cache_ref, qkv_rope_ref
 from fastlm.ops.rms_norm import add_rms_norm_ref
 from _tolerance import assert_close_to_ref
 import fastlm.ops as fops
@@ -65,7 +65,7 @@ def test_add_rms_norm(dtype, shape, with_residual, weight_in_fp32):
     r = (3 * torch.randn(shape, generator=g)).to(dtype) if with_residual else None
     w = (1 + 0.5 * torch.randn(shape[-1], generator=g)).to(dtype)
     eps = 1e-5 if not weight_in_fp32 else 1e-8
-    y, h = _cpp.add_rms_norm_cpp(x, r, w, eps, weight_in_fp32)
+    y, h = _cpp.add_rms_norm(x, r, w, eps, weight_in_fp32)
     y32, h32 = add_rms_norm_ref(f32(x), f32(r), f32(w), eps, weight_in_fp32)
     ylo, hlo = add_rms_norm_ref(x, r, w, eps, weight_in_fp32)
     check(y, y32, ylo, dtype, "y")
@@ -81,7 +81,7 @@ def test_add_rms_norm_fp32_weight(dtype):
     x, r = torch.randn(3, 7, 3000).to(dtype), torch.randn(3, 7, 3000).to(dtype)
     w = 1 + 0.5 * torch.randn(3000)
     for wf in (False, True):
-        y, _ = _cpp.add_rms_norm_cpp(x, r, w, 1e-5, wf)
+        y, _ = _cpp.add_rms_norm(x, r, w, 1e-5, wf)
         y32, _ = add_rms_norm_ref(f32(x), f32(r), w, 1e-5, wf)
         ylo, _ = add_rms_norm_ref(x, r, w, 1e-5, wf)
         check(y, y32, ylo, dtype, f"y (weight_in_fp32={wf})")
@@ -98,11 +98,11 @@ def test_norms_non_contiguous(dtype, layout):
         xn, rn = x.transpose(0, 1).contiguous().transpose(0, 1), r.transpose(0, 1).contiguous().transpose(0, 1)
     assert not xn.is_contiguous()
     for wf in (False, True):
-        y, h = _cpp.add_rms_norm_cpp(xn, rn, w, 1e-5, wf)
-        y_c, h_c = _cpp.add_rms_norm_cpp(x, r, w, 1e-5, wf)
+        y, h = _cpp.add_rms_norm(xn, rn, w, 1e-5, wf)
+        y_c, h_c = _cpp.add_rms_norm(x, r, w, 1e-5, wf)
         assert torch.equal(y, y_c) and torch.equal(h, h_c)
-    y, h = _cpp.add_layer_norm_cpp(xn, rn, w, b, 1e-5)
-    y_c, h_c = _cpp.add_layer_norm_cpp(x, r, w, b, 1e-5)
+    y, h = _cpp.add_layer_norm(xn, rn, w, b, 1e-5)
+    y_c, h_c = _cpp.add_layer_norm(x, r, w, b, 1e-5)
     assert torch.equal(y, y_c) and torch.equal(h, h_c)
 
 
@@ -116,7 +116,7 @@ def test_add_layer_norm(dtype, shape, with_residual, with_bias):
     r = (3 * torch.randn(shape, generator=g)).to(dtype) if with_residual else None
     w = (1 + 0.5 * torch.randn(shape[-1], generator=g)).to(dtype)
     b = torch.randn(shape[-1], generator=g).to(dtype) if with_bias else None
-    y, h = _cpp.add_layer_norm_cpp(x, r, w, b, 1e-5)
+    y, h = _cpp.add_layer_norm(x, r, w, b, 1e-5)
     y32, _ = add_layer_norm_ref(f32(x), f32(r), f32(w), f32(b), 1e-5)
     ylo, hlo = add_layer_norm_ref(x, r, w, b, 1e-5)
     check(y, y32, ylo, dtype, "y")
@@ -137,7 +137,7 @@ def rope_tables(B, S, R, dtype, theta=10000.0, offset=0):
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-# name: (H, Hkv, D, R, interleaved, per_head_layout, norm) with norm in
+# name: (H, Hkv, D, R, interleaved, qkv_head_major, norm) with norm in
 # None | "shared" (weight [D]) | "shared_bias" | "per_head" ([heads, D]) | "per_head_bias"
 QKV_CONFIGS = {
     "arcee_gqa": (4, 2, 80, 80, False, False, None),
@@ -184,7 +184,7 @@ def test_qkv_rope(name, BS, dtype):
     cfg = QKV_CONFIGS[name]
     qkv, cos, sin, nw = make_qkv(cfg, *BS, dtype, cos_batch=BS[0] > 1)
     args = qkv_args(qkv, cos, sin, nw, cfg)
-    outs = _cpp.qkv_rope_cpp(*args)
+    outs = _cpp.qkv_rope(*args)
     refs32 = qkv_rope_ref(*up(args))
     refslo = qkv_rope_ref(*args)
     for label, o, r32, rlo in zip("qkv", outs, refs32, refslo):
@@ -199,13 +199,13 @@ def test_qkv_rope_non_contiguous(name, dtype):
     qkv, cos, sin, nw = make_qkv(cfg, 3, 7, dtype)
     qkv_n = row_strided(qkv)
     cos_n, sin_n = cos.expand(3, 7, cfg[3]), sin.expand(3, 7, cfg[3])  # already [B, S, R]; use broadcast too
-    outs_c = _cpp.qkv_rope_cpp(*qkv_args(qkv, cos, sin, nw, cfg))
-    outs_n = _cpp.qkv_rope_cpp(*qkv_args(qkv_n, cos_n, sin_n, nw, cfg))
+    outs_c = _cpp.qkv_rope(*qkv_args(qkv, cos, sin, nw, cfg))
+    outs_n = _cpp.qkv_rope(*qkv_args(qkv_n, cos_n, sin_n, nw, cfg))
     for a, b in zip(outs_c, outs_n):
         assert torch.equal(a, b)
     # cos/sin broadcast over the batch ([1, S, R]), and a table wider than rotary_dim.
     cos1, sin1 = rope_tables(1, 7, cfg[3], dtype)
-    outs_b = _cpp.qkv_rope_cpp(*qkv_args(qkv, cos1, sin1, nw, cfg))
+    outs_b = _cpp.qkv_rope(*qkv_args(qkv, cos1, sin1, nw, cfg))
     refs_b = qkv_rope_ref(*up(qkv_args(qkv, cos1, sin1, nw, cfg)))
     refs_lo = qkv_rope_ref(*qkv_args(qkv, cos1, sin1, nw, cfg))
     for o, r32, rlo in zip(outs_b, refs_b, refs_lo):
@@ -224,9 +224,9 @@ def test_qkv_rope_large_outputs_streamed(cfg, dtype):
     S = 1027 if dtype == torch.float32 else 2053
     assert S * (H + 2 * Hkv) * D * torch.finfo(dtype).bits // 8 >= 16 << 20
     qkv, cos, sin, nw = make_qkv(cfg, 1, S, dtype, seed=11)
-    outs = _cpp.qkv_rope_cpp(*qkv_args(qkv, cos, sin, nw, cfg))
+    outs = _cpp.qkv_rope(*qkv_args(qkv, cos, sin, nw, cfg))
     step = 257
-    pieces = [_cpp.qkv_rope_cpp(*qkv_args(qkv[:, i:i + step], cos[:, i:i + step], sin[:, i:i + step], nw, cfg))
+    pieces = [_cpp.qkv_rope(*qkv_args(qkv[:, i:i + step], cos[:, i:i + step], sin[:, i:i + step], nw, cfg))
               for i in range(0, S, step)]
     for label, o, parts in zip("qkv", outs, zip(*pieces)):
         assert torch.equal(o, torch.cat(parts, dim=2)), label
@@ -254,7 +254,7 @@ def test_qkv_rope_cache(name, BS, pos_dtype, dtype):
         return args[:7] + (k, v, pos) + args[7:]
 
     k_k, v_k = kc.clone(), vc.clone()
-    q = _cpp.qkv_rope_cache_cpp(*with_cache(base, k_k, v_k))
+    q = _cpp.qkv_rope_cache(*with_cache(base, k_k, v_k))
     k32, v32 = kc.float(), vc.float()
     q32 = qkv_rope_cache_ref(*with_cache(up(base), k32, v32))
     klo, vlo = kc.clone(), vc.clone()
@@ -273,7 +273,7 @@ def test_qkv_rope_cache_bad_position():
     kc = torch.zeros(1, 2, 4, 80)
     args = qkv_args(qkv, cos, sin, nw, cfg)
     with pytest.raises(ValueError, match="outside the cache"):  # the public op's error type (CPU)
-        _cpp.qkv_rope_cache_cpp(*args[:7], kc, kc.clone(), torch.tensor([[4]]), *args[7:])
+        _cpp.qkv_rope_cache(*args[:7], kc, kc.clone(), torch.tensor([[4]]), *args[7:])
 
 
 # -------------------------------------------------------------------------------- streamed outputs
@@ -300,9 +300,9 @@ def test_norms_large_outputs_streamed(dtype, with_residual):
     r = (2 * torch.randn(rows, n, generator=g)).to(dtype) if with_residual else None
     w, b = (1 + 0.5 * torch.randn(n, generator=g)).to(dtype), torch.randn(n, generator=g).to(dtype)
     w32 = w.float()
-    calls = [lambda x_, r_: _cpp.add_rms_norm_cpp(x_, r_, w, 1e-5, False),
-             lambda x_, r_: _cpp.add_rms_norm_cpp(x_, r_, w32, 1e-8, True),
-             lambda x_, r_: _cpp.add_layer_norm_cpp(x_, r_, w, b, 1e-5)]
+    calls = [lambda x_, r_: _cpp.add_rms_norm(x_, r_, w, 1e-5, False),
+             lambda x_, r_: _cpp.add_rms_norm(x_, r_, w32, 1e-8, True),
+             lambda x_, r_: _cpp.add_layer_norm(x_, r_, w, b, 1e-5)]
     for i, call in enumerate(calls):
         y, h = call(x, r)
         parts = [call(x[j:j + step], None if r is None else r[j:j + step]) for j in range(0, rows, step)]
@@ -327,12 +327,12 @@ def test_activations_large_outputs_streamed(dtype):
     ops.swiglu_(gu_in_place)
     ops.relu2_(x_in_place)
     for name, out, sliced, in_place in (
-        ("swiglu", _cpp.swiglu_cpp(gu), lambda j: _cpp.swiglu_cpp(gu[j:j + step]), gu_in_place[:, :n]),
-        ("relu2", _cpp.relu2_cpp(x), lambda j: _cpp.relu2_cpp(x[j:j + step]), x_in_place),
+        ("swiglu", _cpp.swiglu(gu), lambda j: _cpp.swiglu(gu[j:j + step]), gu_in_place[:, :n]),
+        ("relu2", _cpp.relu2(x), lambda j: _cpp.relu2(x[j:j + step]), x_in_place),
     ):
         assert torch.equal(out, torch.cat([sliced(j) for j in range(0, rows, step)])), name
         assert torch.equal(out, in_place), name
-    check(_cpp.swiglu_cpp(gu)[:64], swiglu_ref(gu[:64].float()), swiglu_ref(gu[:64]), dtype, "streamed swiglu")
+    check(_cpp.swiglu(gu)[:64], swiglu_ref(gu[:64].float()), swiglu_ref(gu[:64]), dtype, "streamed swiglu")
 
 
 # ---------------------------------------------------------------------------------------- activations
@@ -345,8 +345,8 @@ def test_swiglu_relu2(dtype, shape, strided):
     g = torch.Generator().manual_seed(2)
     x = (3 * torch.randn(shape, generator=g)).to(dtype)
     xin = row_strided(x) if strided else x
-    check(_cpp.swiglu_cpp(xin), swiglu_ref(x.float()), swiglu_ref(x), dtype, "swiglu", scale=10)
-    check(_cpp.relu2_cpp(xin), relu2_ref(x.float()), relu2_ref(x), dtype, "relu2", scale=10)
+    check(_cpp.swiglu(xin), swiglu_ref(x.float()), swiglu_ref(x), dtype, "swiglu", scale=10)
+    check(_cpp.relu2(xin), relu2_ref(x.float()), relu2_ref(x), dtype, "relu2", scale=10)
 
 
 def test_swiglu_fp32_silu_within_torchs_ulps():
@@ -360,7 +360,7 @@ def test_swiglu_fp32_silu_within_torchs_ulps():
     specials = torch.tensor([float("inf"), -float("inf"), float("nan"), 0.0, -0.0, 88.72, 88.73, -88.72, -103.9,
                              1e-45, -1e-45, 3e38, -3e38])
     g = torch.cat([floats(0x42D00000, True), floats(0x42B20000, False), specials])  # [-104, 89]
-    out = _cpp.swiglu_cpp(torch.stack([g, torch.ones_like(g)], 1)).squeeze(1)
+    out = _cpp.swiglu(torch.stack([g, torch.ones_like(g)], 1)).squeeze(1)
     g64 = g.double()
     ref = g64 / (1 + torch.exp(-g64))
     ref32 = ref.float().abs()
@@ -386,7 +386,7 @@ def test_swiglu_fp32_silu_within_torchs_ulps():
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("residual", [False, True])
 def test_linear(dtype, rows, nk, bias, residual):
-    from fastlm.ops.linear import linear_ref
+    from fastlm.ops.projection import linear_ref
 
     N, K = nk
     g = torch.Generator().manual_seed(N + K + len(rows))
@@ -396,7 +396,7 @@ def test_linear(dtype, rows, nk, bias, residual):
     r = torch.randn(*rows, N, generator=g).to(dtype) if residual else None
     args = (x, w, b, r)
     ref32 = linear_ref(*(None if t is None else t.double() for t in args)).float()
-    check(_cpp.linear_cpp(*args), ref32, linear_ref(*args), dtype, "linear", scale=K ** 0.5)
+    check(_cpp.linear(*args), ref32, linear_ref(*args), dtype, "linear", scale=K ** 0.5)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -406,7 +406,7 @@ def test_linear_strided(dtype):
     x = row_strided(torch.randn(3, 5, 96, generator=g).to(dtype))
     fused = (torch.randn(3 * 40, 96, generator=g) / 10).to(dtype)
     w = fused[40:80]
-    out = _cpp.linear_cpp(x, w)
+    out = _cpp.linear(x, w)
     ref32 = (x.double() @ w.double().t()).float()
     check(out, ref32, x @ w.t(), dtype, "linear strided", scale=10)
     assert out.is_contiguous() and out.shape == (3, 5, 40)
@@ -436,8 +436,9 @@ BAD_INPUTS = [  # (exception, message, call): the C++ op raises the Python check
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
 @pytest.mark.parametrize("case", range(len(BAD_INPUTS)))
 def test_public_ops_raise_the_same_errors_on_every_backend(case, backend):
-    """The C++ backend's ops check their own arguments (checks_args): the public op skips its Python
-    checks there, so csrc/checks.h must raise the same exception type, naming the same argument."""
+    """The public ops check their arguments in Python before any backend runs; the C++ ops check them
+    again (csrc/checks.h: a direct torch.ops.fastlm call must not read out of bounds) with the same
+    exception types, naming the same arguments."""
     exc, message, call = BAD_INPUTS[case]
     with pytest.raises(exc, match=message):
         call(backend)
@@ -483,7 +484,7 @@ def test_linear_bad_input():
     with pytest.raises(ValueError, match="residual must have shape"):
         fops.linear(x, w, residual=torch.randn(2, 5), backend="cpp")
     with pytest.raises(ValueError, match="weight must be \\[N, K\\]"):  # the C++ op checks too, same type
-        _cpp.linear_cpp(x, torch.randn(4, 7))
+        _cpp.linear(x, torch.randn(4, 7))
 
 
 # ----------------------------------------------------------------------------------- decode attention
@@ -516,7 +517,7 @@ def test_decode_attention(B, heads, ctx, dtype):
     for b in range(B):
         kp[b, :, lengths[b]:] = float("nan")
         vp[b, :, lengths[b]:] = float("nan")
-    out = _cpp.decode_attention_cpp(q, kp, vp, lengths, scale)
+    out = _cpp.decode_attention(q, kp, vp, lengths, scale)
     ref32 = sdpa_decode(q.float(), kc.float(), vc.float(), lengths, scale)
     reflo = sdpa_decode(q, kc, vc, lengths, scale)
     torch.testing.assert_close(decode_attention_ref(q.float(), kc.float(), vc.float(), lengths, scale), ref32,
@@ -528,7 +529,7 @@ def test_decode_attention_strided_q():
     q = torch.randn(2, 8, 3, 64)[:, :, 1]  # [B, H, D] with non-contiguous head stride
     kc, vc = torch.randn(2, 2, 20, 64), torch.randn(2, 2, 20, 64)
     lengths = torch.tensor([20, 7])
-    out = _cpp.decode_attention_cpp(q, kc, vc, lengths, 0.125)
+    out = _cpp.decode_attention(q, kc, vc, lengths, 0.125)
     torch.testing.assert_close(out, decode_attention_ref(q, kc, vc, lengths, 0.125), atol=2e-5, rtol=1e-5)
 
 
@@ -537,7 +538,7 @@ def test_decode_attention_strided_q():
 
 def test_public_api_uses_cpp_backend():
     import fastlm.ops as fops
-    from fastlm.ops._backend import backend_status
+    from fastlm.ops._registry import backend_status
 
     assert backend_status("cpp", "cpu")[0]
     x, r, w = torch.randn(2, 3, 64), torch.randn(2, 3, 64), torch.randn(64)

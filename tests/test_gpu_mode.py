@@ -25,12 +25,12 @@ ATOL = {torch.float32: 1e-5, torch.float16: 2e-4, torch.bfloat16: 1e-3}
 
 def kernel_backend(backend: str):
     """The backend's implementation table entry point on CUDA, or skip naming why it is not there."""
-    from fastlm.ops import _backend
+    from fastlm.ops import _registry as _backend
 
     ok, why = _backend.backend_status(backend, "cuda")
     if not ok:
         pytest.skip(f"GPU test mode: backend {backend} is unavailable on CUDA ({why})")
-    return lambda op: _backend.impl(op, backend)
+    return lambda op: _backend.impl(op, backend, "cuda")
 
 
 def gen(*shape, dtype, seed=0, scale=1.0):
@@ -76,7 +76,7 @@ def rope_tables(positions, rotary_dim, dtype, theta=10000.0):
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-# (name, H, Hkv, D, rotary_dim, interleaved, per_head_layout, qk norm)
+# (name, H, Hkv, D, rotary_dim, interleaved, qkv_head_major, qk norm)
 QKV_CASES = [("stablelm-12b", 8, 2, 160, 40, False, False, "per_head"),
              ("persimmon", 4, 4, 64, 32, False, True, "shared"),
              ("helium", 4, 4, 128, 128, True, False, None), ("stablelm-3b", 4, 4, 80, 20, False, False, None)]
@@ -86,7 +86,7 @@ QKV_CASES = [("stablelm-12b", 8, 2, 160, 40, False, False, "per_head"),
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", QKV_CASES, ids=[c[0] for c in QKV_CASES])
 def test_qkv_rope_on_cuda(backend, dtype, case):
-    from fastlm.ops.qkv_rope import qkv_rope_cache_ref, qkv_rope_ref
+    from fastlm.ops.qkv import qkv_rope_cache_ref, qkv_rope_ref
 
     impl = kernel_backend(backend)
     _, H, Hkv, D, R, il, ph, norm = case

@@ -7,7 +7,7 @@ import torch
 
 from _backends import backend_params
 from fastlm import ops
-from fastlm.ops._backend import impl
+from fastlm.ops._registry import impl
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -79,17 +79,17 @@ def test_inplace_empty_and_bad_input(backend):
 
 def test_kernel_backends_have_their_own_inplace_impls():
     """The in-place ops are real kernels on cpp and triton, not the reference's copy_."""
-    from fastlm.ops._backend import has_impl
+    from fastlm.ops._registry import has_impl
 
     for backend in ("cpp", "triton"):
         for op in ("swiglu_", "relu2_"):
-            assert has_impl(op, backend), (backend, op)
-            assert impl(op, backend) is not impl(op, "torch")
+            assert has_impl(op, backend, "cpu"), (backend, op)
+            assert impl(op, backend, "cpu") is not impl(op, "torch", "cpu")
 
 
 def test_opcheck_cpp_inplace():
     pytest.importorskip("fastlm._C", reason="the C++ extension is not built")
-    import fastlm.ops._cpp  # noqa: F401  (registers the fake impls)
+    assert ops.backend_status("cpp", "cpu")[0]  # loads the plugin: the registry registers the fakes
 
     x = torch.randn(3, 5, 64)
     torch.library.opcheck(torch.ops.fastlm.swiglu_.default, (x,))

@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 import fastlm.ops as ops  # noqa: E402
 from _backends import backend_params  # noqa: E402
-from fastlm.ops._checks import INTERNAL_OVERLAP_MESSAGE  # noqa: E402
+from fastlm._checks import INTERNAL_OVERLAP_MESSAGE  # noqa: E402
 
 BACKENDS = backend_params()
 KERNEL_BACKENDS = [p for p in BACKENDS if p.values[0] != "torch"]
@@ -142,7 +142,7 @@ def test_cpp_meta_path_checks_devices():
     """A direct call of the C++ op with a meta weight and a CPU x reaches the op's fake (Meta) kernel,
     not the CPU kernel and its checks: the fake raises the same error."""
     pytest.importorskip("fastlm._C", reason="the C++ extension is not built")
-    import fastlm.ops._cpp  # noqa: F401  (registers the fake implementations)
+    assert ops.backend_status("cpp", "cpu")[0]  # loads the plugin: the registry registers the fakes
 
     x = randn(3, 64)
     meta_w = torch.empty(64, device="meta")

@@ -35,13 +35,13 @@ import fastlm.ops as ops  # noqa: E402
 from _backends import backend_params  # noqa: E402
 from _tolerance import assert_close_to_ref  # noqa: E402
 from fastlm.errors import BackendUnavailableError  # noqa: E402
-from fastlm.ops._backend import backend_status  # noqa: E402
-from fastlm.ops._checks import INTERNAL_OVERLAP_MESSAGE  # noqa: E402
+from fastlm.ops._registry import backend_status  # noqa: E402
+from fastlm._checks import INTERNAL_OVERLAP_MESSAGE  # noqa: E402
 from fastlm.ops.activations import relu2_inplace_ref, relu2_ref, swiglu_inplace_ref, swiglu_ref  # noqa: E402
 from fastlm.ops.attention import decode_attention_ref  # noqa: E402
 from fastlm.ops.layer_norm import add_layer_norm_ref  # noqa: E402
-from fastlm.ops.linear import linear_ref  # noqa: E402
-from fastlm.ops.qkv_rope import qkv_rope_cache_ref, qkv_rope_ref  # noqa: E402
+from fastlm.ops.projection import linear_ref  # noqa: E402
+from fastlm.ops.qkv import qkv_rope_cache_ref, qkv_rope_ref  # noqa: E402
 from fastlm.ops.rms_norm import add_rms_norm_ref  # noqa: E402
 
 KERNEL_BACKENDS = [p for p in backend_params() if p.values[0] != "torch"]
@@ -315,7 +315,7 @@ def qkv_cases(draw, cache: bool):
     bad = draw(st.sampled_from((None,) * 40 + ("num_heads", "num_kv_heads", "head_dim", "rotary_dim")))
     if bad is not None:
         ints[bad] = draw(st.sampled_from((0, -1, 2.0, True, "2")))
-    kwargs = dict(ints, interleaved=draw(st.booleans()), per_head_layout=per_head,
+    kwargs = dict(ints, interleaved=draw(st.booleans()), qkv_head_major=per_head,
                   q_norm_weight=materialise(wq), q_norm_bias=materialise(bq), k_norm_weight=materialise(wk),
                   k_norm_bias=materialise(bk), qk_norm_eps=draw(EPS))
     static = (H, Hkv, D, R, kwargs["interleaved"], per_head, kwargs["qk_norm_eps"])

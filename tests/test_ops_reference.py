@@ -13,7 +13,7 @@ from fastlm import ops
 from fastlm.ops.activations import relu2_ref, swiglu_ref
 from fastlm.ops.attention import decode_attention_ref
 from fastlm.ops.layer_norm import add_layer_norm_ref
-from fastlm.ops.qkv_rope import qkv_rope_cache_ref, qkv_rope_ref
+from fastlm.ops.qkv import qkv_rope_cache_ref, qkv_rope_ref
 from fastlm.ops.rms_norm import add_rms_norm_ref
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -112,7 +112,7 @@ def test_qkv_rope_per_head_norm_partial_matches_stablelm(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_qkv_rope_per_head_layout_shared_norm_matches_persimmon(dtype):
+def test_qkv_rope_qkv_head_major_shared_norm_matches_persimmon(dtype):
     B, S, H, D, r = 2, 7, 4, 64, 32
     qkv = torch.randn(B, S, 3 * H * D, dtype=dtype)
     cos, sin = _tables(B, S, r, dtype)
@@ -185,7 +185,7 @@ def test_op_argument_errors():
         ops.qkv_rope(qkv, cos[:, :1], sin, num_heads=4, num_kv_heads=2, head_dim=16, rotary_dim=16, backend="torch")
     with pytest.raises(ValueError, match="per-head"):
         ops.qkv_rope(torch.randn(1, 2, 3 * 4 * 16), cos, sin, num_heads=4, num_kv_heads=2, head_dim=16,
-                     rotary_dim=16, per_head_layout=True, backend="torch")
+                     rotary_dim=16, qkv_head_major=True, backend="torch")
     with pytest.raises(TypeError, match="lengths must be int32 or int64"):  # a dtype: TypeError, as elsewhere
         ops.decode_attention(torch.randn(2, 4, 16), torch.randn(2, 2, 8, 16), torch.randn(2, 2, 8, 16),
                              torch.tensor([1.0, 2.0]), 0.25, backend="torch")

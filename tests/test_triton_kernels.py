@@ -31,13 +31,13 @@ import fastlm.kernels as fk  # noqa: E402
 import fastlm.kernels.decode_attention as decode_k  # noqa: E402
 import fastlm.kernels.norm as norm_k  # noqa: E402
 import fastlm.ops as ops  # noqa: E402
-import fastlm.ops._backend as backend  # noqa: E402
+import fastlm.ops._registry as backend  # noqa: E402
 import fastlm.ops.activations as act_mod  # noqa: E402
 import fastlm.ops.attention as attn_mod  # noqa: E402
 import fastlm.ops.layer_norm as ln_mod  # noqa: E402
 import fastlm.ops.rms_norm as rms_mod  # noqa: E402
 
-qkv_mod = sys.modules["fastlm.ops.qkv_rope"]  # the package exports a function of the same name
+import fastlm.ops.qkv as qkv_mod  # noqa: E402
 _LOADER = "import fastlm.ops, fastlm.kernels\n"
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -83,7 +83,7 @@ def test_add_rms_norm(dtype, weight_in_fp32, shape, block, has_res):
     res = r if has_res else None
     y, h = norm_k._add_norm(x, res, w, None, 1e-5, True, weight_in_fp32, dtype, block_n=block)
     if block is None:  # the registered backend entry point (default block heuristic)
-        y, h2 = backend.impl("add_rms_norm", "triton")(x, res, w, 1e-5, weight_in_fp32)
+        y, h2 = backend.impl("add_rms_norm", "triton", DEVICE)(x, res, w, 1e-5, weight_in_fp32)
         h = h2
     ref_fn = lambda x_, r_, w_: rms_mod.add_rms_norm_ref(x_, r_, w_, 1e-5, weight_in_fp32)  # noqa: E731
     ref_lo = ref_fn(x, res, w)
@@ -106,7 +106,7 @@ def test_add_layer_norm(dtype, shape, block, has_res, has_bias):
     w, b = gen(n, dtype=dtype, seed=6), (gen(n, dtype=dtype, seed=7) if has_bias else None)
     res = r if has_res else None
     if block is None:
-        y, h = backend.impl("add_layer_norm", "triton")(x, res, w, b, 1e-5)
+        y, h = backend.impl("add_layer_norm", "triton", DEVICE)(x, res, w, b, 1e-5)
     else:
         y, h = norm_k._add_norm(x, res, w, b, 1e-5, False, False, dtype, block_n=block)
     ref_fn = lambda x_, r_, w_, b_: ln_mod.add_layer_norm_ref(x_, r_, w_, b_, 1e-5)  # noqa: E731
@@ -145,7 +145,7 @@ def rope_tables(positions, rotary_dim, dtype, theta=10000.0):
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-# (name, H, Hkv, D, rotary_dim, interleaved, per_head_layout, norm kind)
+# (name, H, Hkv, D, rotary_dim, interleaved, qkv_head_major, norm kind)
 QKV_CASES = [
     ("stablelm", 4, 2, 80, 20, False, False, "per_head"),
     ("persimmon", 2, 2, 64, 32, False, True, "shared"),
@@ -178,7 +178,7 @@ def test_qkv_rope(dtype, case):
     qkv, cos, sin, qw, qb, kw, kb, _ = qkv_inputs(case, dtype, B, S, cos_batch, stride_pad=16 * (case[0] == "arcee40"))
     tail = (H, Hkv, D, R, il, ph, 1e-5)
     args = (qkv, cos, sin, qw, qb, kw, kb)
-    out = backend.impl("qkv_rope", "triton")(*args, *tail)
+    out = backend.impl("qkv_rope", "triton", DEVICE)(*args, *tail)
     assert [tuple(o.shape) for o in out] == [(B, H, S, D), (B, Hkv, S, D), (B, Hkv, S, D)]
     check(out, lambda *a: qkv_mod.qkv_rope_ref(*a, *tail), args, dtype, f"qkv_rope.{case[0]}")
 
@@ -194,7 +194,7 @@ def test_qkv_rope_cache(dtype, case):
     kc = gen(B, Hkv, T, D, dtype=dtype, seed=20)
     vc = gen(B, Hkv, T, D, dtype=dtype, seed=21)
     kc_ref, vc_ref = kc.clone(), vc.clone()
-    q = backend.impl("qkv_rope_cache", "triton")(qkv, cos, sin, qw, qb, kw, kb, kc, vc, positions, *tail)
+    q = backend.impl("qkv_rope_cache", "triton", DEVICE)(qkv, cos, sin, qw, qb, kw, kb, kc, vc, positions, *tail)
     q_lo = qkv_mod.qkv_rope_cache_ref(qkv, cos, sin, qw, qb, kw, kb, kc_ref, vc_ref, positions, *tail)
     kc32, vc32 = kc.float().clone(), vc.float().clone()
     q32 = qkv_mod.qkv_rope_cache_ref(*[up(a) for a in (qkv, cos, sin, qw, qb, kw, kb)], kc32, vc32, positions, *tail)
@@ -232,7 +232,7 @@ def test_swiglu(dtype):
     x = gen(3, 7, 2 * 1100, dtype=dtype, seed=30, scale=3.0)  # I = 1100: two column blocks, masked tail
     check(fk.activations.swiglu(x), act_mod.swiglu_ref, (x,), dtype, "swiglu")
     xs = gen(5, 2 * 300 + 10, dtype=dtype, seed=31)[1::2, 3:603]  # row-strided
-    check(backend.impl("swiglu", "triton")(xs), act_mod.swiglu_ref, (xs,), dtype, "swiglu.strided")
+    check(backend.impl("swiglu", "triton", DEVICE)(xs), act_mod.swiglu_ref, (xs,), dtype, "swiglu.strided")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -240,7 +240,7 @@ def test_relu2(dtype):
     x = gen(2, 5, 1500, dtype=dtype, seed=32, scale=3.0)
     check(fk.activations.relu2(x), act_mod.relu2_ref, (x,), dtype, "relu2")
     xs = gen(6, 333, dtype=dtype, seed=33)[::3, 10:310]
-    check(backend.impl("relu2", "triton")(xs), act_mod.relu2_ref, (xs,), dtype, "relu2.strided")
+    check(backend.impl("relu2", "triton", DEVICE)(xs), act_mod.relu2_ref, (xs,), dtype, "relu2.strided")
     z = gen(4, dtype=dtype, seed=34)
     check(fk.activations.relu2(z), act_mod.relu2_ref, (z,), dtype, "relu2.1d")
 
@@ -301,7 +301,7 @@ DECODE_CASES = [  # (H, Hkv, D, Tmax, lengths)
 def test_decode_attention(dtype, H, Hkv, D, T, lengths):
     q, kc, vc, L = decode_case(len(lengths), H, Hkv, D, T, lengths, dtype)
     scale = 1 / math.sqrt(D)
-    check_decode(backend.impl("decode_attention", "triton")(q, kc, vc, L, scale), q, kc, vc, L, scale)
+    check_decode(backend.impl("decode_attention", "triton", DEVICE)(q, kc, vc, L, scale), q, kc, vc, L, scale)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -344,13 +344,12 @@ def triton_next_pow2(n):
 
 # ------------------------------------------------------------------------------- registration, opcheck
 def test_backend_table_matches_reference_signatures():
-    for op in OPS:
-        table = backend._IMPLS[op]
-        assert "triton" in table, op
-        ref_params = list(inspect.signature(table["torch"]).parameters)
-        assert list(inspect.signature(table["triton"]).parameters) == ref_params, op
-        assert hasattr(torch.ops.fastlm, f"triton_{op}"), op
     assert backend.backend_status("triton", DEVICE)[0]
+    for op in OPS:
+        assert backend.has_impl(op, "triton", DEVICE), op
+        ref_params = list(inspect.signature(backend.OPS[op].ref).parameters)
+        assert list(inspect.signature(backend.impl(op, "triton", DEVICE)).parameters) == ref_params, op
+        assert hasattr(torch.ops.fastlm, f"triton_{op}"), op
 
 
 def test_interpreter_never_for_cuda_tensors():
@@ -393,7 +392,7 @@ def test_refuses_cpu_tensors_without_interpreter():
     """Without TRITON_INTERPRET=1 the backend reports itself unavailable and the kernels raise clearly."""
     code = _LOADER + r'''
 import torch
-from fastlm.ops._backend import backend_status
+from fastlm.ops._registry import backend_status
 import fastlm.kernels as fk
 import fastlm.ops as ops
 ok, why = backend_status("triton", "cpu")

@@ -6,7 +6,7 @@
 // (no read-for-ownership). The row loops read each chunk before writing the same (or an earlier)
 // address, so out == in is safe.
 #include "../checks.h"
-#include "../ops.h"
+#include "../op_list.h"
 #include "vec_util.h"
 
 #include <type_traits>

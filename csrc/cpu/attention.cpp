@@ -3,7 +3,7 @@
 // online softmax in fp32 over blocks of keys. Reads each valid K/V row once; never touches slots past
 // the length.
 #include "../checks.h"
-#include "../ops.h"
+#include "../op_list.h"
 #include "vec_util.h"
 
 #include <limits>

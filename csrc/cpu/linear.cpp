@@ -12,7 +12,7 @@
 // exactly once. The epilogue adds bias and residual in fp32 and rounds once, as ATen's addmm does.
 // Larger M is a GEMM with reuse that ATen (oneDNN / MKL) already does well: it goes there.
 #include "../checks.h"
-#include "../ops.h"
+#include "../op_list.h"
 #include "vec_util.h"
 
 #include <type_traits>

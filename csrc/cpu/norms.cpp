@@ -1,7 +1,7 @@
 // add + RMSNorm / LayerNorm on CPU: one pass over memory per row (x, residual read once; y, h written
 // once; the row is re-read from cache for the second/third sweep), fp32 statistics (row_norm.h).
 #include "../checks.h"
-#include "../ops.h"
+#include "../op_list.h"
 #include "row_norm.h"
 
 #include <type_traits>

@@ -3,7 +3,7 @@
 // (half-split or interleaved) and either dense q/k/v outputs or a k/v cache write. Each head vector is
 // read once, processed in an fp32 stack buffer, and written once (v is a straight copy).
 #include "../checks.h"
-#include "../ops.h"
+#include "../op_list.h"
 #include "row_norm.h"
 
 #include <cstring>
@@ -25,7 +25,7 @@ struct NormW {  // fp32 copies (the weights are tiny; widening them per head vec
 
 struct QkvArgs {
   int64_t B, S, H, Hkv, D, R;
-  bool interleaved, per_head;
+  bool interleaved, head_major;  // head_major: Persimmon's [H, 3, D] fused layout
   float eps;
   const void* qkv;
   int64_t qkv_sb, qkv_ss;
@@ -277,7 +277,7 @@ void qkv_kernel(const QkvArgs& a) {
       for (int64_t u = 0; u < H + 2 * Hkv; ++u) {
         int kind;  // 0: a q head, 1: a k head, 2: a v head
         int64_t h;
-        if (a.per_head) {
+        if (a.head_major) {
           kind = static_cast<int>(u % 3);
           h = u / 3;
         } else {
@@ -333,7 +333,7 @@ void qkv_kernel(const QkvArgs& a) {
 
 QkvArgs make_args(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const OptT& qw,
                   const OptT& qb, const OptT& kw, const OptT& kb, const QkvDims& d, bool interleaved,
-                  bool per_head_layout, double eps, at::Tensor& qkv_c, at::Tensor& cos_c, at::Tensor& sin_c,
+                  bool qkv_head_major, double eps, at::Tensor& qkv_c, at::Tensor& cos_c, at::Tensor& sin_c,
                   std::array<at::Tensor, 4>& norms_c) {
   qkv_c = qkv.stride(2) == 1 ? qkv : qkv.contiguous();
   cos_c = cos.stride(2) == 1 ? cos : cos.contiguous();
@@ -345,7 +345,7 @@ QkvArgs make_args(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor
   QkvArgs a{};
   a.B = d.B; a.S = d.S; a.H = d.H; a.Hkv = d.Hkv; a.D = d.D; a.R = d.R;
   a.interleaved = interleaved;
-  a.per_head = per_head_layout;
+  a.head_major = qkv_head_major;
   a.eps = static_cast<float>(eps);
   a.qkv = qkv_c.const_data_ptr();
   a.qkv_sb = qkv_c.stride(0);
@@ -391,12 +391,12 @@ void fill_cache_args(QkvArgs& a, const at::Tensor& k_cache, const at::Tensor& v_
 
 // q_out always; k_out/v_out (dense) or, when k_cache is defined, the caches + positions.
 void run_qkv(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const OptT& qw, const OptT& qb,
-             const OptT& kw, const OptT& kb, const QkvDims& d, bool interleaved, bool per_head_layout, double eps,
+             const OptT& kw, const OptT& kb, const QkvDims& d, bool interleaved, bool qkv_head_major, double eps,
              const at::Tensor& q_out, const at::Tensor& k_out, const at::Tensor& v_out, const at::Tensor& k_cache,
              const at::Tensor& v_cache, const at::Tensor& pos) {
   at::Tensor qkv_c, cos_c, sin_c;
   std::array<at::Tensor, 4> norms_c;
-  QkvArgs a = make_args(qkv, cos, sin, qw, qb, kw, kb, d, interleaved, per_head_layout, eps, qkv_c, cos_c, sin_c,
+  QkvArgs a = make_args(qkv, cos, sin, qw, qb, kw, kb, d, interleaved, qkv_head_major, eps, qkv_c, cos_c, sin_c,
                         norms_c);
   a.q_out = q_out.data_ptr();
   if (k_cache.defined()) {
@@ -414,11 +414,11 @@ void run_qkv(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin
 std::tuple<at::Tensor, at::Tensor, at::Tensor> qkv_rope(const at::Tensor& qkv, const at::Tensor& cos,
                                                         const at::Tensor& sin, const OptT& qw, const OptT& qb,
                                                         const OptT& kw, const OptT& kb, int64_t H, int64_t Hkv,
-                                                        int64_t D, int64_t R, bool interleaved, bool per_head_layout,
+                                                        int64_t D, int64_t R, bool interleaved, bool qkv_head_major,
                                                         double eps) {
-  const QkvDims d = check_qkv_args(qkv, cos, sin, qw, qb, kw, kb, H, Hkv, D, R, per_head_layout, eps);
+  const QkvDims d = check_qkv_args(qkv, cos, sin, qw, qb, kw, kb, H, Hkv, D, R, qkv_head_major, eps);
   auto out = qkv_dense_outputs(qkv, d);
-  run_qkv(qkv, cos, sin, qw, qb, kw, kb, d, interleaved, per_head_layout, eps, std::get<0>(out), std::get<1>(out),
+  run_qkv(qkv, cos, sin, qw, qb, kw, kb, d, interleaved, qkv_head_major, eps, std::get<0>(out), std::get<1>(out),
           std::get<2>(out), at::Tensor(), at::Tensor(), at::Tensor());
   return out;
 }
@@ -426,11 +426,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qkv_rope(const at::Tensor& qkv, c
 at::Tensor qkv_rope_cache(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const OptT& qw,
                           const OptT& qb, const OptT& kw, const OptT& kb, const at::Tensor& k_cache,
                           const at::Tensor& v_cache, const at::Tensor& cache_positions, int64_t H, int64_t Hkv,
-                          int64_t D, int64_t R, bool interleaved, bool per_head_layout, double eps) {
-  const QkvDims d = check_qkv_args(qkv, cos, sin, qw, qb, kw, kb, H, Hkv, D, R, per_head_layout, eps);
+                          int64_t D, int64_t R, bool interleaved, bool qkv_head_major, double eps) {
+  const QkvDims d = check_qkv_args(qkv, cos, sin, qw, qb, kw, kb, H, Hkv, D, R, qkv_head_major, eps);
   check_caches(qkv, k_cache, v_cache, cache_positions, d);
   at::Tensor q = at::empty({d.B, H, d.S, D}, qkv.options());
-  run_qkv(qkv, cos, sin, qw, qb, kw, kb, d, interleaved, per_head_layout, eps, q, at::Tensor(), at::Tensor(), k_cache,
+  run_qkv(qkv, cos, sin, qw, qb, kw, kb, d, interleaved, qkv_head_major, eps, q, at::Tensor(), at::Tensor(), k_cache,
           v_cache, cache_positions);
   return q;
 }

@@ -2,7 +2,6 @@
 #include <torch/library.h>
 
 #include "../op_list.h"
-#include "../ops.h"
 
 TORCH_LIBRARY_IMPL(fastlm, CPU, m) {
 #define FASTLM_IMPL_CPU(op, schema) m.impl(#op, &fastlm::cpu::op);

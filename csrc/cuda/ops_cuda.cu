@@ -101,7 +101,7 @@ std::tuple<at::Tensor, at::Tensor> add_layer_norm(const at::Tensor& x, const Opt
 
 // q_out always; k_out/v_out (dense) or caches + positions.
 void run_qkv(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const OptT& qw, const OptT& qb,
-             const OptT& kw, const OptT& kb, const QkvDims& d, bool interleaved, bool per_head_layout, double eps,
+             const OptT& kw, const OptT& kb, const QkvDims& d, bool interleaved, bool qkv_head_major, double eps,
              const at::Tensor& q_out, const at::Tensor& k_out, const at::Tensor& v_out, const at::Tensor& k_cache,
              const at::Tensor& v_cache, const at::Tensor& pos) {
   if (d.B * d.S == 0) return;
@@ -118,7 +118,7 @@ void run_qkv(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin
     QkvParams<T> p{};
     p.B = static_cast<int>(d.B); p.S = static_cast<int>(d.S); p.H = static_cast<int>(d.H);
     p.Hkv = static_cast<int>(d.Hkv); p.D = static_cast<int>(d.D); p.R = static_cast<int>(d.R);
-    p.interleaved = interleaved; p.per_head_layout = per_head_layout; p.eps = static_cast<float>(eps);
+    p.interleaved = interleaved; p.qkv_head_major = qkv_head_major; p.eps = static_cast<float>(eps);
     p.qkv = cptr<T>(q3); p.qkv_sb = q3.stride(0); p.qkv_ss = q3.stride(1);
     p.cos = cptr<T>(c3); p.sin = cptr<T>(s3);
     p.cos_sb = c3.size(0) == 1 ? 0 : c3.stride(0); p.cos_ss = c3.stride(1);
@@ -145,11 +145,11 @@ void run_qkv(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin
 std::tuple<at::Tensor, at::Tensor, at::Tensor> qkv_rope(const at::Tensor& qkv, const at::Tensor& cos,
                                                         const at::Tensor& sin, const OptT& qw, const OptT& qb,
                                                         const OptT& kw, const OptT& kb, int64_t H, int64_t Hkv,
-                                                        int64_t D, int64_t R, bool interleaved, bool per_head_layout,
+                                                        int64_t D, int64_t R, bool interleaved, bool qkv_head_major,
                                                         double eps) {
-  const QkvDims d = check_qkv_args(qkv, cos, sin, qw, qb, kw, kb, H, Hkv, D, R, per_head_layout, eps);
+  const QkvDims d = check_qkv_args(qkv, cos, sin, qw, qb, kw, kb, H, Hkv, D, R, qkv_head_major, eps);
   auto out = qkv_dense_outputs(qkv, d);
-  run_qkv(qkv, cos, sin, qw, qb, kw, kb, d, interleaved, per_head_layout, eps, std::get<0>(out), std::get<1>(out),
+  run_qkv(qkv, cos, sin, qw, qb, kw, kb, d, interleaved, qkv_head_major, eps, std::get<0>(out), std::get<1>(out),
           std::get<2>(out), at::Tensor(), at::Tensor(), at::Tensor());
   return out;
 }
@@ -157,12 +157,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qkv_rope(const at::Tensor& qkv, c
 at::Tensor qkv_rope_cache(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const OptT& qw,
                           const OptT& qb, const OptT& kw, const OptT& kb, const at::Tensor& k_cache,
                           const at::Tensor& v_cache, const at::Tensor& pos, int64_t H, int64_t Hkv, int64_t D,
-                          int64_t R, bool interleaved, bool per_head_layout, double eps) {
-  const QkvDims d = check_qkv_args(qkv, cos, sin, qw, qb, kw, kb, H, Hkv, D, R, per_head_layout, eps);
+                          int64_t R, bool interleaved, bool qkv_head_major, double eps) {
+  const QkvDims d = check_qkv_args(qkv, cos, sin, qw, qb, kw, kb, H, Hkv, D, R, qkv_head_major, eps);
   check_caches(qkv, k_cache, v_cache, pos, d);
   at::Tensor q = at::empty({d.B, H, d.S, D}, qkv.options());
   // cache_positions are not bounds-checked (see qkv_rope_cache_out)
-  run_qkv(qkv, cos, sin, qw, qb, kw, kb, d, interleaved, per_head_layout, eps, q, at::Tensor(), at::Tensor(), k_cache,
+  run_qkv(qkv, cos, sin, qw, qb, kw, kb, d, interleaved, qkv_head_major, eps, q, at::Tensor(), at::Tensor(), k_cache,
           v_cache, pos);
   return q;
 }

@@ -135,7 +135,8 @@ class Attention(Suite):
             return Built(lambda: sdpa_eager_decode(q, k, v, scale), nbytes,
                          note="transformers sdpa_attention_forward, DynamicCache, no mask")
         if backend is not None:
-            return Built(lambda: ops.decode_attention(q, k, v, lengths, scale, backend=backend), nbytes,
+            kernel = ops.impl("decode_attention", backend, device.type)  # as patch() calls it: no public checks
+            return Built(lambda: kernel(q, k, v, lengths, scale), nbytes,
                          expected=lambda: expected,
                          note="plain-PyTorch reference (einsum, fp32)" if backend == "torch" else "")
         if flash is not None:

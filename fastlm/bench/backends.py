@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fastlm.bench.suite import Unavailable
-from fastlm.ops import _backend
+from fastlm.ops import _registry
 
 
 @dataclass
@@ -19,11 +19,11 @@ class BackendInfo:
 def discover(device_type: str, *, include_torch: bool = True) -> list[BackendInfo]:
     """Every backend in ``fastlm.ops.BACKENDS`` with its availability on ``device_type``."""
     out = []
-    for name in _backend.BACKENDS:
+    for name in _registry.BACKENDS:
         if name == "torch" and not include_torch:
             continue
         try:
-            ok, why = _backend.backend_status(name, device_type)
+            ok, why = _registry.backend_status(name, device_type)
         except Exception as exc:  # a broken backend must not break the benchmark
             ok, why = False, f"backend_status raised {type(exc).__name__}: {exc}"
         timed = ok
@@ -35,12 +35,10 @@ def discover(device_type: str, *, include_torch: bool = True) -> list[BackendInf
     return out
 
 
-def has_impl(op: str, backend: str) -> bool:
-    """Whether ``backend`` registered its own implementation of ``op`` (else dispatch would silently
+def has_impl(op: str, backend: str, device_type: str) -> bool:
+    """Whether ``backend`` has its own kernel for ``op`` on ``device_type`` (else dispatch would silently
     fall back to the torch reference, which must not be reported as that backend's timing)."""
-    if backend == "torch":
-        return True
-    return _backend.has_impl(op, backend)
+    return _registry.has_impl(op, backend, device_type)
 
 
 def timed_backend(provider: str, device_type: str, op: str | None = None, *, timed: bool = True) -> str:
@@ -53,6 +51,7 @@ def timed_backend(provider: str, device_type: str, op: str | None = None, *, tim
         raise Unavailable(f"unknown backend {name!r}")
     if not (info.timed if timed else info.available):
         raise Unavailable(info.reason)
-    if op is not None and not has_impl(op, name):
-        raise Unavailable(f"backend {name!r} registers no {op} kernel (would fall back to the reference)")
+    if op is not None and not has_impl(op, name, device_type):
+        raise Unavailable(f"backend {name!r} has no {op} kernel for {device_type} tensors (would fall back to the "
+                          "reference)")
     return name

@@ -1,10 +1,9 @@
 """The ``kernels`` suite: each fused op at each family's layer (fastlm.bench.configs), against its
-``*_ref`` composition (``eager``), ``torch.compile`` of it (``compile``) and the public op per fastlm
-backend (``fastlm-<backend>``). Providers time the same inputs; bytes moved count each input read
-once and each output written once."""
+``*_ref`` composition (``eager``), ``torch.compile`` of it (``compile``) and each fastlm backend's
+implementation as patch() calls it, without the public op's argument checks (``fastlm-<backend>``).
+Providers time the same inputs; bytes moved count each input read once and each output written once."""
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 import time
@@ -19,8 +18,8 @@ from fastlm.bench.backends import discover, timed_backend
 from fastlm.bench.suite import Built, Suite, Unavailable, snapshot
 from fastlm.ops.activations import relu2_ref, swiglu_ref
 from fastlm.ops.layer_norm import add_layer_norm_ref
-from fastlm.ops.linear import linear_ref
-from fastlm.ops.qkv_rope import qkv_rope_cache_ref, qkv_rope_ref
+from fastlm.ops.projection import linear_ref
+from fastlm.ops.qkv import qkv_rope_cache_ref, qkv_rope_ref
 from fastlm.ops.rms_norm import add_rms_norm_ref
 
 QUICK_COMPILE_SKIP = ("skipped in --quick: torch.compile is measured on the prefill shape only (compiling every "
@@ -54,8 +53,10 @@ class Bound:
     """One case's inputs on a device."""
     ref: Callable                                     # the *_ref function (compiled for ``compile``)
     call: Callable[[Callable], Callable[[], object]]  # fn -> zero-arg call of fn on the inputs
-    public: Callable[[str], Callable[[], object]]     # backend -> zero-arg call of the public op
     nbytes: int
+    # fn -> zero-arg call of a backend's implementation (what patch() runs, with the reference's signature)
+    # on the inputs, when that differs from ``call`` (in-place ops: each backend its own copy)
+    kernel: Callable[[Callable], Callable[[], object]] | None = None
 
 
 def _on(*args) -> Callable[[Callable], Callable[[], object]]:
@@ -100,8 +101,7 @@ def _build_rms(case: KernelCase, device, dtype) -> Bound:
     x, res = _randn((B, T, s.hidden), dtype, device, g), _randn((B, T, s.hidden), dtype, device, g)
     w = _randn((s.hidden,), dtype, device, g, 0.1) + 1
     args = (x, res, w, s.norm_eps, s.rms_weight_in_fp32)
-    return Bound(add_rms_norm_ref, _on(*args), lambda b: (lambda: ops.add_rms_norm(*args, backend=b)),
-                 4 * _nbytes(x) + _nbytes(w))
+    return Bound(add_rms_norm_ref, _on(*args), 4 * _nbytes(x) + _nbytes(w))
 
 
 def _build_ln(case: KernelCase, device, dtype) -> Bound:
@@ -110,8 +110,7 @@ def _build_ln(case: KernelCase, device, dtype) -> Bound:
     x, res = _randn((B, T, s.hidden), dtype, device, g), _randn((B, T, s.hidden), dtype, device, g)
     w, bias = _randn((s.hidden,), dtype, device, g, 0.1) + 1, _randn((s.hidden,), dtype, device, g, 0.1)
     args = (x, res, w, bias, s.norm_eps)
-    return Bound(add_layer_norm_ref, _on(*args), lambda b: (lambda: ops.add_layer_norm(*args, backend=b)),
-                 4 * _nbytes(x) + _nbytes(w, bias))
+    return Bound(add_layer_norm_ref, _on(*args), 4 * _nbytes(x) + _nbytes(w, bias))
 
 
 def _qkv_inputs(case: KernelCase, device, dtype):
@@ -134,7 +133,7 @@ def _qkv_inputs(case: KernelCase, device, dtype):
                     k_norm_weight=_randn((D,), dtype, device, g, 0.1) + 1,
                     k_norm_bias=_randn((D,), dtype, device, g, 0.1))
     static = dict(num_heads=H, num_kv_heads=Hkv, head_dim=D, rotary_dim=r, interleaved=a.interleaved,
-                  per_head_layout=a.per_head_layout, qk_norm_eps=a.qk_norm_eps)
+                  qkv_head_major=a.qkv_head_major, qk_norm_eps=a.qk_norm_eps)
     norm_args = tuple(norm.get(k) for k in ("q_norm_weight", "q_norm_bias", "k_norm_weight", "k_norm_bias"))
     nbytes = 2 * _nbytes(qkv) + 2 * B * T * (r // 2) * qkv.element_size() + _nbytes(*norm.values())
     return (qkv, cos, sin), norm, norm_args, static, nbytes
@@ -142,8 +141,7 @@ def _qkv_inputs(case: KernelCase, device, dtype):
 
 def _build_qkv(case: KernelCase, device, dtype) -> Bound:
     tensors, norm, norm_args, st, nbytes = _qkv_inputs(case, device, dtype)
-    return Bound(qkv_rope_ref, _on(*tensors, *norm_args, *st.values()),
-                 lambda b: (lambda: ops.qkv_rope(*tensors, **norm, **st, backend=b)), nbytes)
+    return Bound(qkv_rope_ref, _on(*tensors, *norm_args, *st.values()), nbytes)
 
 
 def _build_qkv_cache(case: KernelCase, device, dtype) -> Bound:
@@ -155,15 +153,13 @@ def _build_qkv_cache(case: KernelCase, device, dtype) -> Bound:
     g = torch.Generator().manual_seed(3)
     positions = (torch.randint(0, t_max - T, (B, 1), generator=g) + torch.arange(T).view(1, T)).to(device)
     caches = (kc, vc, positions)
-    return Bound(qkv_rope_cache_ref, _on(*tensors, *norm_args, *caches, *st.values()),
-                 lambda b: (lambda: ops.qkv_rope_cache(*tensors, *caches, **norm, **st, backend=b)),
-                 nbytes + _nbytes(positions))
+    return Bound(qkv_rope_cache_ref, _on(*tensors, *norm_args, *caches, *st.values()), nbytes + _nbytes(positions))
 
 
 def _build_swiglu(case: KernelCase, device, dtype) -> Bound:
     B, T, I = case.step.batch, case.step.tokens, case.layer.intermediate
     gu = _randn((B, T, 2 * I), dtype, device, torch.Generator().manual_seed(4))
-    return Bound(swiglu_ref, _on(gu), lambda b: (lambda: ops.swiglu(gu, backend=b)), 3 * B * T * I * gu.element_size())
+    return Bound(swiglu_ref, _on(gu), 3 * B * T * I * gu.element_size())
 
 
 def _relu2_input(case: KernelCase, device, dtype) -> torch.Tensor:
@@ -173,12 +169,12 @@ def _relu2_input(case: KernelCase, device, dtype) -> torch.Tensor:
 
 def _build_relu2(case: KernelCase, device, dtype) -> Bound:
     x = _relu2_input(case, device, dtype)
-    return Bound(relu2_ref, _on(x), lambda b: (lambda: ops.relu2(x, backend=b)), 2 * _nbytes(x))
+    return Bound(relu2_ref, _on(x), 2 * _nbytes(x))
 
 
-def _in_place(fn, x):
+def _in_place(x):
     """Each backend times its own copy of ``x``, which every call overwrites."""
-    return lambda backend: (lambda w: (lambda: fn(w, backend=backend)))(x.clone())
+    return lambda fn: (lambda w: (lambda: fn(w)))(x.clone())
 
 
 def _build_swiglu_inplace(case: KernelCase, device, dtype) -> Bound:
@@ -191,7 +187,7 @@ def _build_swiglu_inplace(case: KernelCase, device, dtype) -> Bound:
     B, T, I = case.step.batch, case.step.tokens, case.layer.intermediate
     gate = torch.rand((B, T, I), generator=torch.Generator().manual_seed(4)) * -1.95 - 0.05
     gu = torch.cat([gate, 1 + torch.exp(-gate)], dim=-1).to(device=device, dtype=dtype)
-    return Bound(swiglu_ref, _on(gu), _in_place(ops.swiglu_, gu), 3 * B * T * I * gu.element_size())
+    return Bound(swiglu_ref, _on(gu), 3 * B * T * I * gu.element_size(), kernel=_in_place(gu))
 
 
 def _build_relu2_inplace(case: KernelCase, device, dtype) -> Bound:
@@ -199,7 +195,7 @@ def _build_relu2_inplace(case: KernelCase, device, dtype) -> Bound:
     Repeated calls drive every element to 0 or inf within the warm-up calls (no denormals after), and
     max / multiply cost the same on those."""
     x = _relu2_input(case, device, dtype)
-    return Bound(relu2_ref, _on(x), _in_place(ops.relu2_, x), 2 * _nbytes(x))
+    return Bound(relu2_ref, _on(x), 2 * _nbytes(x), kernel=_in_place(x))
 
 
 def _build_linear(case: KernelCase, device, dtype) -> Bound:
@@ -218,8 +214,7 @@ def _build_linear(case: KernelCase, device, dtype) -> Bound:
         cycle = itertools.cycle(weights)  # each caller starts at the first copy
         return lambda: fn(x, next(cycle), bias, residual)
 
-    return Bound(linear_ref, call, lambda b: call(functools.partial(ops.linear, backend=b)),
-                 _nbytes(weight, x, bias, residual) + B * T * p.out_features * x.element_size())
+    return Bound(linear_ref, call, _nbytes(weight, x, bias, residual) + B * T * p.out_features * x.element_size())
 
 
 def _layer_cases(layer: configs.Layer, step: Step, scale: str) -> list[KernelCase]:
@@ -298,4 +293,5 @@ class Kernels(Suite):
             return Built(fn, bound.nbytes, note=f"first call (compile) {time.perf_counter() - t0:.1f}s")
         if backend is None:
             raise Unavailable(f"unknown kernels provider {provider!r}")
-        return Built(bound.public(backend), bound.nbytes, expected=lambda: expected)
+        return Built((bound.kernel or bound.call)(ops.impl(case.op, backend, device.type)), bound.nbytes,
+                     expected=lambda: expected)

@@ -151,7 +151,7 @@ def _stop_ids(model, tokenizer, eos_token_id, ignore_eos: bool) -> list[int]:
 
 
 def _prepare_model(model, backend: str):
-    from fastlm.ops._backend import resolve
+    from fastlm.ops._registry import resolve
     from fastlm.patching import is_patched, patch, patched_backend
 
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "lm_head") or not hasattr(model, "base_model"):
@@ -182,7 +182,7 @@ def _start(model, input_ids_or_prompts, *, tokenizer, max_new_tokens, temperatur
            session=None, stop_strings=None):
     """Check every argument, patch the model if needed, and return the engine's (not yet started) steps
     and the stop-string watch (None without ``stop_strings``)."""
-    from fastlm.ops._backend import BACKEND_CHOICES
+    from fastlm.ops._registry import BACKEND_CHOICES
 
     max_new_tokens = _int_arg("max_new_tokens", max_new_tokens, minimum=0)
     max_cache_len = _int_arg("max_cache_len", max_cache_len, minimum=1, optional=True)

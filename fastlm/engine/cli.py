@@ -322,7 +322,7 @@ def _device(name: str) -> str:
 def _backend(name: str, device: str) -> str:
     """The concrete backend ``--backend`` gives on ``device``; CLIError where it cannot run there."""
     from fastlm.errors import BackendUnavailableError
-    from fastlm.ops._backend import resolve
+    from fastlm.ops._registry import resolve
 
     chosen_by = f"--backend {name}"
     if name == "auto" and os.environ.get("FASTLM_BACKEND", "auto").strip() not in ("", "auto"):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from fastlm import ops
-from fastlm.ops._backend import dispatch
+from fastlm.ops._registry import dispatch
 from fastlm.engine.cache import StaticKVCache
 from fastlm.engine.rope import RopeTables
 from fastlm.engine.sampling import SamplingConfig, sample

@@ -51,7 +51,7 @@ def patch_llama_layout(base_model, backend: str, *, interleaved: bool, gated: bo
     def attention_spec(attn):
         return AttentionSpec(num_heads=config.num_attention_heads, num_kv_heads=config.num_key_value_heads,
                              head_dim=attn.head_dim, rotary_dim=rotary_dim, interleaved=interleaved,
-                             per_head_layout=False, eager_fn=eager_attention_of(attn))
+                             qkv_head_major=False, eager_fn=eager_attention_of(attn))
 
     mlp = MLPSpec(gated=gated, up_name="up_proj", down_name="down_proj",
                   activation=mlp_activation(config.hidden_act, gated=gated))

@@ -1,4 +1,4 @@
-"""Persimmon: LayerNorm with bias, fused per-head [H, 3, D] ``query_key_value`` (read in place),
+"""Persimmon: LayerNorm with bias, fused head-major [H, 3, D] ``query_key_value`` (read in place),
 shared qk-LayerNorm with bias, partial NeoX RoPE, h -> 4h -> relu2 -> h with biases."""
 from fastlm.families._common import (AttentionSpec, MLPSpec, eager_attention_of, mlp_activation, patch_layers,
                                      rotary_dim_of)
@@ -10,7 +10,7 @@ def patch_persimmon(base_model, backend: str) -> str:
 
     def attention_spec(attn):
         return AttentionSpec(num_heads=attn.num_heads, num_kv_heads=attn.num_heads, head_dim=attn.head_dim,
-                             rotary_dim=rotary_dim, interleaved=False, per_head_layout=True,
+                             rotary_dim=rotary_dim, interleaved=False, qkv_head_major=True,
                              qk_norm_eps=config.layer_norm_eps, qkv_names=("query_key_value",), out_name="dense",
                              qk_norm="shared" if attn.qk_layernorm else "none", eager_fn=eager_attention_of(attn))
 

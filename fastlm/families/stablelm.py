@@ -11,7 +11,7 @@ def patch_stablelm(base_model, backend: str) -> str:
     def attention_spec(attn):
         return AttentionSpec(num_heads=attn.num_heads, num_kv_heads=attn.num_key_value_heads,
                              head_dim=attn.head_dim, rotary_dim=rotary_dim, interleaved=False,
-                             per_head_layout=False, qk_norm_eps=config.layer_norm_eps,
+                             qkv_head_major=False, qk_norm_eps=config.layer_norm_eps,
                              qk_norm="per_head" if attn.qk_layernorm else "none", eager_fn=eager_attention_of(attn))
 
     mlp = MLPSpec(gated=True, up_name="up_proj", down_name="down_proj",

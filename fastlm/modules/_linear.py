@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import torch
 
-from fastlm.ops._backend import dispatch
+from fastlm.ops._registry import dispatch
 
 
 def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, backend: str,
             residual: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ weight.T (+ bias) (+ residual)`` through fastlm's ``linear`` op, the residual add inside it:
-    at decode sizes on CPU a weight-streaming kernel, else ATen's GEMM (fastlm.ops.linear)."""
+    at decode sizes on CPU a weight-streaming kernel, else ATen's GEMM (fastlm.ops.projection)."""
     return dispatch("linear", backend, x.device)(x, weight, bias, residual)
 
 

@@ -25,7 +25,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from fastlm.modules._fused_storage import _is_compiling, data_ptrs, fuse_parameters, unfuse_parameters
 from fastlm.modules._linear import project, project_linear
 from fastlm.modules._swap import swap_in
-from fastlm.ops._backend import dispatch
+from fastlm.ops._registry import dispatch
 
 
 @dataclass
@@ -35,7 +35,7 @@ class AttentionSpec:
     head_dim: int
     rotary_dim: int
     interleaved: bool
-    per_head_layout: bool
+    qkv_head_major: bool
     qk_norm_eps: float = 1e-5
     qkv_names: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")  # one name: already fused (Persimmon)
     out_name: str = "o_proj"
@@ -100,7 +100,7 @@ class FusedAttention:
         self.__dict__["_fastlm_epilogue"] = (
             "torch" if mixed else self._fastlm_backend, norms,
             (spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.rotary_dim, spec.interleaved,
-             spec.per_head_layout, float(spec.qk_norm_eps)))
+             spec.qkv_head_major, float(spec.qk_norm_eps)))
         self.__dict__["_fastlm_source_ptrs"] = data_ptrs(self._fastlm_sources())
 
     def _fastlm_refresh(self) -> None:

@@ -15,13 +15,13 @@ from dataclasses import dataclass
 
 import torch
 
-from fastlm.ops._backend import dispatch
+from fastlm.ops._registry import dispatch
 from fastlm.modules._fused_storage import _is_compiling, data_ptrs, fuse_parameters, unfuse_parameters
 from fastlm.modules._linear import project, project_linear
 from fastlm.modules._swap import swap_in
 
 
-INPLACE_SWIGLU_MIN_ROWS = 17  # beyond the decode-sized row counts (fastlm.ops.linear's streaming kernel: <= 16)
+INPLACE_SWIGLU_MIN_ROWS = 17  # beyond the decode-sized row counts (linear's streaming kernel: <= 16)
 
 
 @dataclass

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from fastlm.modules._swap import swap_in
-from fastlm.ops._backend import dispatch
+from fastlm.ops._registry import dispatch
 
 
 class FusedNorm:

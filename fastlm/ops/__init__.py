@@ -1,13 +1,22 @@
-"""fastlm's fused ops: one file per op, each holding its plain-PyTorch reference and the public function."""
-from fastlm.ops._backend import BACKEND_CHOICES, BACKENDS, BackendUnavailableError, backend_status, resolve
-from fastlm.ops.activations import relu2, relu2_, swiglu, swiglu_
-from fastlm.ops.attention import decode_attention, prefill_attention
-from fastlm.ops.layer_norm import add_layer_norm
-from fastlm.ops.linear import linear
-from fastlm.ops.qkv_rope import qkv_rope, qkv_rope_cache
-from fastlm.ops.rms_norm import add_rms_norm
+"""fastlm's fused ops. Each op is declared once, in its own file: its plain-PyTorch reference, its one fake,
+its public function (argument checks, then the backend's implementation) and its entry in the registry
+(fastlm/ops/_registry.py), which maps (op, backend, device type) to a backend plugin's kernel or the reference.
 
-__all__ = ["BACKENDS", "BACKEND_CHOICES", "BackendUnavailableError", "backend_status", "resolve", "add_rms_norm",
-           "add_layer_norm", "qkv_rope", "qkv_rope_cache", "swiglu", "swiglu_", "relu2", "relu2_",
-           "decode_attention",
-           "prefill_attention", "linear"]
+Files: rms_norm (add_rms_norm), layer_norm (add_layer_norm), qkv (qkv_rope, qkv_rope_cache), activations
+(swiglu, relu2 and their in-place forms), attention (decode_attention; prefill_attention, SDPA only),
+projection (linear). Each file's ``__all__`` (its public ops and references) is re-exported here.
+"""
+from fastlm.errors import BackendUnavailableError
+from fastlm.ops import activations, attention, layer_norm, projection, qkv, rms_norm
+from fastlm.ops._registry import BACKEND_CHOICES, BACKENDS, OPS, backend_status, dispatch, has_impl, impl, resolve
+from fastlm.ops.activations import *  # noqa: F401,F403
+from fastlm.ops.attention import *  # noqa: F401,F403
+from fastlm.ops.layer_norm import *  # noqa: F401,F403
+from fastlm.ops.projection import *  # noqa: F401,F403
+from fastlm.ops.qkv import *  # noqa: F401,F403
+from fastlm.ops.rms_norm import *  # noqa: F401,F403
+
+__all__ = ["BACKENDS", "BACKEND_CHOICES", "BackendUnavailableError", "OPS", "backend_status", "dispatch", "has_impl",
+           "impl", "resolve"]
+for _module in (rms_norm, layer_norm, qkv, activations, attention, projection):
+    __all__ += _module.__all__

@@ -18,22 +18,23 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastlm.ops._backend import dispatch, register
-from fastlm.ops._checks import check_float, device_of
+from fastlm._checks import check_float, device_of
+from fastlm.ops._registry import declare, dispatch
+
+# the public op(s) and reference(s), re-exported by fastlm.ops
+__all__ = ["swiglu", "swiglu_", "relu2", "relu2_", "swiglu_ref", "relu2_ref", "swiglu_inplace_ref",
+           "relu2_inplace_ref"]
 
 
-@register("swiglu", "torch")
 def swiglu_ref(gate_up):
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
 
 
-@register("relu2", "torch")
 def relu2_ref(x):
     return torch.square(F.relu(x))
 
 
-@register("swiglu_", "torch")
 def swiglu_inplace_ref(gate_up):
     gate = gate_up[..., : gate_up.shape[-1] // 2]
     if gate_up.requires_grad and torch.is_grad_enabled():
@@ -42,9 +43,26 @@ def swiglu_inplace_ref(gate_up):
     return gate.copy_(swiglu_ref(gate_up))
 
 
-@register("relu2_", "torch")
 def relu2_inplace_ref(x):
     return x.copy_(relu2_ref(x))
+
+
+def _swiglu_fake(gate_up):
+    return gate_up.new_empty((*gate_up.shape[:-1], gate_up.shape[-1] // 2))
+
+
+def _relu2_fake(x):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _in_place_fake(x):  # the in-place library ops return nothing; the entry points return the written view
+    return None
+
+
+SWIGLU = declare("swiglu", swiglu_ref, fake=_swiglu_fake)
+RELU2 = declare("relu2", relu2_ref, fake=_relu2_fake)
+SWIGLU_ = declare("swiglu_", swiglu_inplace_ref, fake=_in_place_fake)
+RELU2_ = declare("relu2_", relu2_inplace_ref, fake=_in_place_fake)
 
 
 def _check_swiglu(gate_up):
@@ -67,8 +85,7 @@ def _check_relu2(x):
 def swiglu(gate_up: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """``silu(gate_up[..., :I]) * gate_up[..., I:]`` -> [..., I]."""
     fn = dispatch("swiglu", backend, device_of("gate_up", gate_up))
-    if not fn.checks_args:
-        _check_swiglu(gate_up)
+    _check_swiglu(gate_up)
     out = fn(gate_up)
     if out.requires_grad and fn is not swiglu_ref:
         return swiglu_ref(gate_up)
@@ -80,16 +97,14 @@ def swiglu_(gate_up: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     fn = dispatch("swiglu_", backend, device_of("gate_up", gate_up))
     if gate_up.requires_grad and torch.is_grad_enabled():
         fn = swiglu_inplace_ref
-    if not fn.checks_args:
-        _check_swiglu(gate_up)
+    _check_swiglu(gate_up)
     return fn(gate_up)
 
 
 def relu2(x: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """``relu(x) ** 2``."""
     fn = dispatch("relu2", backend, device_of("x", x))
-    if not fn.checks_args:
-        _check_relu2(x)
+    _check_relu2(x)
     out = fn(x)
     if out.requires_grad and fn is not relu2_ref:
         return relu2_ref(x)
@@ -101,6 +116,5 @@ def relu2_(x: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     fn = dispatch("relu2_", backend, device_of("x", x))
     if x.requires_grad and torch.is_grad_enabled():
         fn = relu2_inplace_ref
-    if not fn.checks_args:
-        _check_relu2(x)
+    _check_relu2(x)
     return fn(x)

@@ -22,17 +22,13 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fastlm.ops._backend import dispatch, register
-from fastlm.ops._checks import as_finite, check_float, check_in_range, check_index, check_same
+from fastlm._checks import as_finite, check_float, check_index, check_lengths, check_same
+from fastlm.ops._registry import declare, dispatch
+
+# the public op(s) and reference(s), re-exported by fastlm.ops
+__all__ = ["decode_attention", "prefill_attention", "decode_attention_ref"]
 
 
-def check_lengths(lengths: torch.Tensor, t_max: int) -> tuple[int, int] | None:
-    """lengths in [1, Tmax], and their (min, max); None where they are not read (check_in_range)."""
-    return check_in_range("lengths", lengths, 1, t_max, f"[1, Tmax] = [1, {t_max}]: each sequence attends to 1 to "
-                          "Tmax cache slots")
-
-
-@register("decode_attention", "torch")
 def decode_attention_ref(q, k_cache, v_cache, lengths, scale: float):
     B, H, D = q.shape
     Hkv, T = k_cache.shape[1], k_cache.shape[2]
@@ -53,6 +49,16 @@ def decode_attention_ref(q, k_cache, v_cache, lengths, scale: float):
     else:  # one length: every slot read is valid
         out = torch.einsum("bkgt,bktd->bkgd", probs, v_cache.float())
     return out.reshape(B, H, D).to(q.dtype)
+
+
+def _decode_attention_fake(q, k_cache, v_cache, lengths, scale):
+    # also run for a call mixing meta and real tensors, where no kernel checks the devices
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("lengths", lengths)):
+        check_same(name, t, q, "q", dtype=False)
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+DECODE_ATTENTION = declare("decode_attention", decode_attention_ref, fake=_decode_attention_fake)
 
 
 def _check_decode(q, k_cache, v_cache, lengths, scale):

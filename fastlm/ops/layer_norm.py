@@ -9,14 +9,25 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastlm.ops._backend import dispatch, register
-from fastlm.ops._checks import as_real, check_norm_args, device_of
+from fastlm._checks import as_real, check_norm_args, device_of
+from fastlm.ops._registry import declare, dispatch
+from fastlm.ops.rms_norm import add_norm_fake
+
+# the public op(s) and reference(s), re-exported by fastlm.ops
+__all__ = ["add_layer_norm", "add_layer_norm_ref"]
 
 
-@register("add_layer_norm", "torch")
 def add_layer_norm_ref(x, residual, weight, bias, eps: float):
     h = x if residual is None else residual + x
     return F.layer_norm(h, (h.shape[-1],), weight, bias, eps), h
+
+
+def _add_layer_norm_fake(x, residual, weight, bias, eps):
+    check_norm_args(x, residual, {"weight": weight, "bias": bias}, eps)  # see add_rms_norm's fake
+    return torch.empty_like(x, memory_format=torch.contiguous_format), add_norm_fake(x, residual)
+
+
+OP = declare("add_layer_norm", add_layer_norm_ref, fake=_add_layer_norm_fake)
 
 
 def add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
@@ -24,14 +35,9 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch
     """``(layer_norm(x + residual), x + residual)``; x, residual: [..., N], weight, bias: [N] in x's dtype.
     Differentiable: with grad enabled and an input requiring grad, the reference computes it."""
     fn = dispatch("add_layer_norm", backend, device_of("x", x))
-    eps = eps if type(eps) is float else as_real("eps", eps)  # its range: the checks (C++ or Python)
-    if not fn.checks_args:
-        check_norm_args(x, residual, {"weight": weight, "bias": bias}, eps)
-    try:
-        y, h = fn(x, residual, weight, bias, eps)
-    except (TypeError, NotImplementedError):  # see add_rms_norm
-        check_norm_args(x, residual, {"weight": weight, "bias": bias}, eps)
-        raise
-    if y.requires_grad and fn is not add_layer_norm_ref:
+    eps = as_real("eps", eps)
+    check_norm_args(x, residual, {"weight": weight, "bias": bias}, eps)
+    y, h = fn(x, residual, weight, bias, eps)
+    if y.requires_grad and fn is not add_layer_norm_ref:  # a kernel has no backward: the reference's graph
         return add_layer_norm_ref(x, residual, weight, bias, eps)
     return y, h

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import torch
 
-from fastlm.ops._backend import dispatch, register
-from fastlm.ops._checks import as_real, check_norm_args, device_of
+from fastlm._checks import as_real, check_norm_args, device_of
+from fastlm.ops._registry import declare, dispatch
+
+# the public op(s) and reference(s), re-exported by fastlm.ops
+__all__ = ["add_rms_norm", "add_rms_norm_ref"]
 
 
-@register("add_rms_norm", "torch")
 def add_rms_norm_ref(x, residual, weight, eps: float, weight_in_fp32: bool = False):
     h = x if residual is None else residual + x
     hf = h.float()
@@ -32,22 +34,31 @@ def add_rms_norm_ref(x, residual, weight, eps: float, weight_in_fp32: bool = Fal
     return y, h
 
 
+def add_norm_fake(x, residual):
+    """The add + norm library ops' ``h``: x + residual, or a 0-element tensor when ``residual`` is None (a
+    functional op may not return an alias of its input; the entry points return ``x`` there)."""
+    return torch.empty_like(x, memory_format=torch.contiguous_format) if residual is not None else x.new_empty((0,))
+
+
+def _add_rms_norm_fake(x, residual, weight, eps, weight_in_fp32=False):
+    # Also run for a call mixing meta and real tensors (the Meta key outranks CPU), where no kernel
+    # checks anything: the checks first.
+    check_norm_args(x, residual, {"weight": weight}, eps, params_dtype=False)
+    dtype = x.dtype if weight_in_fp32 else torch.promote_types(x.dtype, weight.dtype)
+    return torch.empty(x.shape, dtype=dtype, device=x.device), add_norm_fake(x, residual)
+
+
+OP = declare("add_rms_norm", add_rms_norm_ref, fake=_add_rms_norm_fake)
+
+
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
                  weight_in_fp32: bool = False, *, backend: str = "auto"):
     """``(rmsnorm(x + residual) * weight, x + residual)``; x, residual: [..., N], weight: [N] (x's dtype or
     float32). Differentiable: with grad enabled and an input requiring grad, the reference computes it."""
     fn = dispatch("add_rms_norm", backend, device_of("x", x))
-    eps = eps if type(eps) is float else as_real("eps", eps)  # its range: the checks (C++ or Python)
-    weight_in_fp32 = bool(weight_in_fp32)
-    if not fn.checks_args:
-        check_norm_args(x, residual, {"weight": weight}, eps, params_dtype=False)
-    try:
-        y, h = fn(x, residual, weight, eps, weight_in_fp32)
-    except (TypeError, NotImplementedError):
-        # A checks_args op failed before its own checks: a non-tensor argument in the binding, or the
-        # dispatcher finding no kernel for some argument's device. The Python checks name the argument.
-        check_norm_args(x, residual, {"weight": weight}, eps, params_dtype=False)
-        raise
+    eps = as_real("eps", eps)
+    check_norm_args(x, residual, {"weight": weight}, eps, params_dtype=False)
+    y, h = fn(x, residual, weight, eps, bool(weight_in_fp32))
     if y.requires_grad and fn is not add_rms_norm_ref:  # a kernel has no backward: the reference's graph
-        return add_rms_norm_ref(x, residual, weight, eps, weight_in_fp32)
+        return add_rms_norm_ref(x, residual, weight, eps, bool(weight_in_fp32))
     return y, h

@@ -80,5 +80,11 @@ cudaError_t relu2(const T* in, int64_t in_stride, T* out, int64_t out_stride, in
   return cudaGetLastError();
 }
 
+// Explicit instantiations for one element type T, expanded by csrc/cuda_kernels/instantiate.cu (a kernel
+// added here is instantiated by adding it to this list).
+#define FASTLM_ACTIVATIONS_INSTANTIATE(T)                                                                       \
+  template cudaError_t swiglu<T>(const T*, int64_t, T*, int64_t, int64_t, int64_t, cudaStream_t);               \
+  template cudaError_t relu2<T>(const T*, int64_t, T*, int64_t, int64_t, int64_t, cudaStream_t);
+
 }  // namespace cuda
 }  // namespace fastlm

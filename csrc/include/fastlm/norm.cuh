@@ -121,5 +121,18 @@ cudaError_t add_layer_norm(const T* x, const T* residual, const T* weight, const
   return launch_add_norm<T, T, T, false>(x, residual, weight, bias, y, h, d, eps, false, stream);
 }
 
+// Explicit instantiations, expanded by csrc/cuda_kernels/instantiate.cu: one element type T throughout, and
+// fp32 weights with a 16-bit T (Helium's order: output in T; Arcee's: promoted to fp32).
+#define FASTLM_NORM_INSTANTIATE(T)                                                                              \
+  template cudaError_t add_rms_norm<T, T, T>(const T*, const T*, const T*, T*, T*, NormRows, float, bool,       \
+                                             cudaStream_t);                                                     \
+  template cudaError_t add_layer_norm<T>(const T*, const T*, const T*, const T*, T*, T*, NormRows, float,       \
+                                         cudaStream_t);
+#define FASTLM_NORM_INSTANTIATE_FP32_WEIGHT(T)                                                                  \
+  template cudaError_t add_rms_norm<T, float, T>(const T*, const T*, const float*, T*, T*, NormRows, float,     \
+                                                 bool, cudaStream_t);                                           \
+  template cudaError_t add_rms_norm<T, float, float>(const T*, const T*, const float*, float*, T*, NormRows,    \
+                                                     float, bool, cudaStream_t);
+
 }  // namespace cuda
 }  // namespace fastlm

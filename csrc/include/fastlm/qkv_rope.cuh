@@ -18,7 +18,7 @@ constexpr int kQkvWarps = 4;
 template <typename T>
 struct QkvParams {
   int B, S, H, Hkv, D, R;
-  bool interleaved, per_head_layout;
+  bool interleaved, qkv_head_major;
   float eps;
   const T* qkv;
   int64_t qkv_sb, qkv_ss;  // strides of [B, S, W] in elements; last dim contiguous
@@ -59,7 +59,7 @@ __global__ void __launch_bounds__(kQkvWarps * 32, 4) qkv_rope_kernel(const QkvPa
     const int kind = slot < p.H ? 0 : (slot < p.H + p.Hkv ? 1 : 2);
     const int h = kind == 0 ? slot : (kind == 1 ? slot - p.H : slot - p.H - p.Hkv);
     if (kind != 0 && p.k_out == nullptr && (pos < 0 || pos >= p.tmax)) continue;  // warp-uniform
-    const T* src = p.per_head_layout ? row + (3 * h + kind) * D : row + slot * D;
+    const T* src = p.qkv_head_major ? row + (3 * h + kind) * D : row + slot * D;
     T* dst;
     if (kind == 0) {
       dst = p.q_out + ((static_cast<int64_t>(b) * p.H + h) * p.S + s) * D;
@@ -190,6 +190,9 @@ cudaError_t qkv_rope(const QkvParams<T>& p, cudaStream_t stream) {
   }
   return cudaGetLastError();
 }
+
+// Explicit instantiations for one element type T, expanded by csrc/cuda_kernels/instantiate.cu.
+#define FASTLM_QKV_ROPE_INSTANTIATE(T) template cudaError_t qkv_rope<T>(const QkvParams<T>&, cudaStream_t);
 
 }  // namespace cuda
 }  // namespace fastlm

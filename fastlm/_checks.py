@@ -1,4 +1,8 @@
-"""Argument checks shared by the public op functions: each failure names the argument and the problem."""
+"""Argument checks of fastlm's ops: each failure names the argument and the problem.
+
+A leaf module (it imports only torch): the public ops (fastlm/ops) run these checks, and the backends
+(fastlm/backends, fastlm.kernels) use the value checks that must run where the values are read (index
+ranges on CPU tensors) without importing the op layer above them."""
 from __future__ import annotations
 
 import math
@@ -149,3 +153,16 @@ def check_norm_args(x: torch.Tensor, residual: torch.Tensor | None, params: dict
             raise TypeError(f"{name} must have x's dtype ({x.dtype}) or float32, got {t.dtype}")
         check_shape(name, t, (x.shape[-1],))
     as_eps("eps", eps)
+
+
+def check_positions(cache_positions: torch.Tensor, t_max: int) -> None:
+    """cache_positions in [0, Tmax), where they are read (check_in_range): fastlm.ops.qkv's docstring says
+    what happens elsewhere."""
+    check_in_range("cache_positions", cache_positions, 0, t_max - 1,
+                   f"the cache: positions must be in [0, Tmax) = [0, {t_max})")
+
+
+def check_lengths(lengths: torch.Tensor, t_max: int) -> tuple[int, int] | None:
+    """lengths in [1, Tmax], and their (min, max); None where they are not read (check_in_range)."""
+    return check_in_range("lengths", lengths, 1, t_max, f"[1, Tmax] = [1, {t_max}]: each sequence attends to 1 to "
+                          "Tmax cache slots")

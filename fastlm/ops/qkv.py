@@ -1,9 +1,11 @@
-"""QKV epilogue: split the fused QKV GEMM output, optional qk-layernorm, partial RoPE, optional KV-cache write.
+"""The QKV epilogue ops ``qkv_rope`` and ``qkv_rope_cache``: split the fused QKV GEMM output, optional
+qk-layernorm, partial RoPE, optional KV-cache write.
 
 Input ``qkv``: [B, S, W], the output of one GEMM against the fused QKV weight, in one of two layouts:
 
-* ``per_head_layout=False`` ("split"): W = (H + 2*Hkv) * D, laid out [q heads | k heads | v heads].
-* ``per_head_layout=True`` (Persimmon): W = 3 * H * D, laid out [H, 3, D]: q_h, k_h, v_h per head.
+* ``qkv_head_major=False`` ("split"): W = (H + 2*Hkv) * D, laid out [q heads | k heads | v heads].
+* ``qkv_head_major=True`` (Persimmon, "head-major"): W = 3 * H * D, laid out [H, 3, D]: q_h, k_h, v_h of
+  each head side by side. (Not to be confused with StableLM's per-head qk-norm below, a weight per head.)
 
 Then, per head vector of D elements:
 
@@ -34,15 +36,18 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fastlm.ops._backend import dispatch, register
-from fastlm.ops._checks import (as_eps, as_int, check_float, check_in_range, check_index, check_no_internal_overlap,
-                                 check_same, device_of)
+from fastlm._checks import (as_eps, as_int, check_float, check_index, check_no_internal_overlap, check_positions,
+                            check_same, device_of)
+from fastlm.ops._registry import declare, dispatch
+
+# the public op(s) and reference(s), re-exported by fastlm.ops
+__all__ = ["qkv_rope", "qkv_rope_cache", "qkv_rope_ref", "qkv_rope_cache_ref"]
 
 
-def split_heads(qkv, num_heads, num_kv_heads, head_dim, per_head_layout):
+def split_heads(qkv, num_heads, num_kv_heads, head_dim, qkv_head_major):
     """Views of q [B, S, H, D], k and v [B, S, Hkv, D] into the fused QKV output (no copy)."""
     B, S, _ = qkv.shape
-    if per_head_layout:
+    if qkv_head_major:
         t = qkv.view(B, S, num_heads, 3, head_dim)
         return t[..., 0, :], t[..., 1, :], t[..., 2, :]
     q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
@@ -84,11 +89,10 @@ def rope_ref(x, cos, sin, rotary_dim, interleaved):
     return out if rotary_dim == x.shape[-1] else torch.cat((out, rest), dim=-1)
 
 
-@register("qkv_rope", "torch")
 def qkv_rope_ref(qkv, cos, sin, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias, num_heads: int,
-                 num_kv_heads: int, head_dim: int, rotary_dim: int, interleaved: bool, per_head_layout: bool,
+                 num_kv_heads: int, head_dim: int, rotary_dim: int, interleaved: bool, qkv_head_major: bool,
                  qk_norm_eps: float):
-    q, k, v = split_heads(qkv, num_heads, num_kv_heads, head_dim, per_head_layout)
+    q, k, v = split_heads(qkv, num_heads, num_kv_heads, head_dim, qkv_head_major)
     q = qk_norm_ref(q, q_norm_weight, q_norm_bias, qk_norm_eps).transpose(1, 2)
     k = qk_norm_ref(k, k_norm_weight, k_norm_bias, qk_norm_eps).transpose(1, 2)
     if rotary_dim:
@@ -98,13 +102,12 @@ def qkv_rope_ref(qkv, cos, sin, q_norm_weight, q_norm_bias, k_norm_weight, k_nor
     return q, k, v.transpose(1, 2)
 
 
-@register("qkv_rope_cache", "torch")
 def qkv_rope_cache_ref(qkv, cos, sin, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias, k_cache, v_cache,
                        cache_positions, num_heads: int, num_kv_heads: int, head_dim: int, rotary_dim: int,
-                       interleaved: bool, per_head_layout: bool, qk_norm_eps: float):
+                       interleaved: bool, qkv_head_major: bool, qk_norm_eps: float):
     check_positions(cache_positions, k_cache.shape[2])  # before writing anything
     q, k, v = qkv_rope_ref(qkv, cos, sin, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias, num_heads,
-                           num_kv_heads, head_dim, rotary_dim, interleaved, per_head_layout, qk_norm_eps)
+                           num_kv_heads, head_dim, rotary_dim, interleaved, qkv_head_major, qk_norm_eps)
     B, S = cache_positions.shape
     batch = torch.arange(B, device=qkv.device).unsqueeze(1).expand(B, S)
     pos = cache_positions.long()
@@ -113,10 +116,32 @@ def qkv_rope_cache_ref(qkv, cos, sin, q_norm_weight, q_norm_bias, k_norm_weight,
     return q
 
 
-def check_positions(cache_positions: torch.Tensor, t_max: int) -> None:
-    """cache_positions in [0, Tmax), where they are read (check_in_range; see the module docstring)."""
-    check_in_range("cache_positions", cache_positions, 0, t_max - 1,
-                   f"the cache: positions must be in [0, Tmax) = [0, {t_max})")
+def _same_device(qkv, **tensors):
+    for name, t in tensors.items():
+        check_same(name, t, qkv, "qkv", dtype=False)
+
+
+def _qkv_rope_fake(qkv, cos, sin, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias, num_heads, num_kv_heads,
+                   head_dim, rotary_dim, interleaved, qkv_head_major, qk_norm_eps):
+    # also run for a call mixing meta and real tensors, where no kernel checks the devices
+    _same_device(qkv, cos=cos, sin=sin, q_norm_weight=q_norm_weight, q_norm_bias=q_norm_bias,
+                 k_norm_weight=k_norm_weight, k_norm_bias=k_norm_bias)
+    B, S = qkv.shape[0], qkv.shape[1]
+    return (qkv.new_empty((B, num_heads, S, head_dim)), qkv.new_empty((B, num_kv_heads, S, head_dim)),
+            qkv.new_empty((B, num_kv_heads, S, head_dim)))
+
+
+def _qkv_rope_cache_fake(qkv, cos, sin, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias, k_cache, v_cache,
+                         cache_positions, num_heads, num_kv_heads, head_dim, rotary_dim, interleaved, qkv_head_major,
+                         qk_norm_eps):
+    _same_device(qkv, cos=cos, sin=sin, q_norm_weight=q_norm_weight, q_norm_bias=q_norm_bias,
+                 k_norm_weight=k_norm_weight, k_norm_bias=k_norm_bias, k_cache=k_cache, v_cache=v_cache,
+                 cache_positions=cache_positions)
+    return qkv.new_empty((qkv.shape[0], num_heads, qkv.shape[1], head_dim))
+
+
+QKV_ROPE = declare("qkv_rope", qkv_rope_ref, fake=_qkv_rope_fake)
+QKV_ROPE_CACHE = declare("qkv_rope_cache", qkv_rope_cache_ref, fake=_qkv_rope_cache_fake)
 
 
 def _as_static(num_heads, num_kv_heads, head_dim, rotary_dim, qk_norm_eps):
@@ -131,14 +156,14 @@ def _as_static(num_heads, num_kv_heads, head_dim, rotary_dim, qk_norm_eps):
     return num_heads, num_kv_heads, head_dim, rotary_dim, qk_norm_eps
 
 
-def _check(qkv, cos, sin, norms, H, Hkv, D, R, per_head_layout, eps) -> None:
+def _check(qkv, cos, sin, norms, H, Hkv, D, R, qkv_head_major, eps) -> None:
     """The qkv_rope arguments (csrc/checks.h, check_qkv_args, raises the same errors); ``norms``: the
     q/k norm weight and bias (or None); the static ones already through :func:`_as_static`."""
     check_float("qkv", qkv)
     if qkv.dim() != 3:
         raise ValueError(f"qkv must be [B, S, W], got shape {tuple(qkv.shape)}")
-    if per_head_layout and Hkv != H:
-        raise ValueError(f"per-head [H, 3, D] layout needs num_kv_heads == num_heads, got {Hkv} != {H}")
+    if qkv_head_major and Hkv != H:
+        raise ValueError(f"head-major [H, 3, D] layout needs num_kv_heads == num_heads, got {Hkv} != {H}")
     if H % Hkv:
         raise ValueError(f"num_heads ({H}) must be a multiple of num_kv_heads ({Hkv})")
     width = (H + 2 * Hkv) * D
@@ -164,7 +189,7 @@ def _check(qkv, cos, sin, norms, H, Hkv, D, R, per_head_layout, eps) -> None:
 
 
 def qkv_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, num_heads: int, num_kv_heads: int,
-             head_dim: int, rotary_dim: int, interleaved: bool = False, per_head_layout: bool = False,
+             head_dim: int, rotary_dim: int, interleaved: bool = False, qkv_head_major: bool = False,
              q_norm_weight=None, q_norm_bias=None, k_norm_weight=None, k_norm_bias=None, qk_norm_eps: float = 1e-5,
              backend: str = "auto"):
     """Split + qk-norm + RoPE. Returns q [B, H, S, D], k, v [B, Hkv, S, D]. Differentiable: with grad
@@ -172,14 +197,9 @@ def qkv_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, num_hea
     norms = (q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias)
     fn = dispatch("qkv_rope", backend, device_of("qkv", qkv))
     H, Hkv, D, R, eps = _as_static(num_heads, num_kv_heads, head_dim, rotary_dim, qk_norm_eps)
-    if not fn.checks_args:
-        _check(qkv, cos, sin, norms, H, Hkv, D, R, per_head_layout, eps)
-    args = (qkv, cos, sin, *norms, H, Hkv, D, R, bool(interleaved), bool(per_head_layout), eps)
-    try:
-        q, k, v = fn(*args)
-    except (TypeError, NotImplementedError):  # a checks_args op failed before its checks (see add_rms_norm)
-        _check(qkv, cos, sin, norms, H, Hkv, D, R, per_head_layout, eps)
-        raise
+    _check(qkv, cos, sin, norms, H, Hkv, D, R, qkv_head_major, eps)
+    args = (qkv, cos, sin, *norms, H, Hkv, D, R, bool(interleaved), bool(qkv_head_major), eps)
+    q, k, v = fn(*args)
     if q.requires_grad and fn is not qkv_rope_ref:  # a kernel has no backward: the reference's graph
         return qkv_rope_ref(*args)
     return q, k, v
@@ -187,7 +207,7 @@ def qkv_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, num_hea
 
 def qkv_rope_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
                    v_cache: torch.Tensor, cache_positions: torch.Tensor, *, num_heads: int, num_kv_heads: int,
-                   head_dim: int, rotary_dim: int, interleaved: bool = False, per_head_layout: bool = False,
+                   head_dim: int, rotary_dim: int, interleaved: bool = False, qkv_head_major: bool = False,
                    q_norm_weight=None, q_norm_bias=None, k_norm_weight=None, k_norm_bias=None,
                    qk_norm_eps: float = 1e-5, backend: str = "auto"):
     """Like :func:`qkv_rope`, but writes k/v into ``k_cache``/``v_cache`` [B, Hkv, Tmax, D] (qkv's dtype,
@@ -196,23 +216,18 @@ def qkv_rope_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_ca
     norms = (q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias)
     fn = dispatch("qkv_rope_cache", backend, device_of("qkv", qkv))
     H, Hkv, D, R, eps = _as_static(num_heads, num_kv_heads, head_dim, rotary_dim, qk_norm_eps)
-    if not fn.checks_args:
-        _check_cache(qkv, cos, sin, norms, k_cache, v_cache, cache_positions, H, Hkv, D, R, per_head_layout, eps)
+    _check_cache(qkv, cos, sin, norms, k_cache, v_cache, cache_positions, H, Hkv, D, R, qkv_head_major, eps)
     args = (qkv, cos, sin, *norms, k_cache, v_cache, cache_positions, H, Hkv, D, R, bool(interleaved),
-            bool(per_head_layout), eps)
-    try:
-        q = fn(*args)
-    except (TypeError, NotImplementedError):  # a checks_args op failed before its checks (see add_rms_norm)
-        _check_cache(qkv, cos, sin, norms, k_cache, v_cache, cache_positions, H, Hkv, D, R, per_head_layout, eps)
-        raise
+            bool(qkv_head_major), eps)
+    q = fn(*args)
     if q.requires_grad and fn is not qkv_rope_cache_ref:  # rewrites the caches with the reference's rows
         return qkv_rope_cache_ref(*args)
     return q
 
 
-def _check_cache(qkv, cos, sin, norms, k_cache, v_cache, cache_positions, H, Hkv, D, R, per_head_layout, eps):
+def _check_cache(qkv, cos, sin, norms, k_cache, v_cache, cache_positions, H, Hkv, D, R, qkv_head_major, eps):
     """The qkv_rope_cache arguments (csrc/checks.h, check_qkv_args and check_caches, raise the same errors)."""
-    _check(qkv, cos, sin, norms, H, Hkv, D, R, per_head_layout, eps)
+    _check(qkv, cos, sin, norms, H, Hkv, D, R, qkv_head_major, eps)
     B, S = qkv.shape[:2]
     for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
         check_same(name, c, qkv, "qkv", required=True)

@@ -1,4 +1,5 @@
-"""Projections at decode sizes: ``linear(x, weight, bias, residual) = x @ weight.T (+ bias) (+ residual)``.
+"""The ``linear`` op, projections at decode sizes: ``linear(x, weight, bias, residual) = x @ weight.T (+ bias)
+(+ residual)``.
 
 At decode a projection multiplies a few rows of x by the whole weight, so its cost is reading the
 weight from memory once. The C++ CPU kernel (csrc/cpu/linear.cpp) streams the weight at close to the
@@ -11,11 +12,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastlm.ops._backend import dispatch, register
-from fastlm.ops._checks import check_float, check_same, check_shape
+from fastlm._checks import check_float, check_same, check_shape
+from fastlm.ops._registry import declare, dispatch
+
+# the public op(s) and reference(s), re-exported by fastlm.ops
+__all__ = ["linear", "linear_ref"]
 
 
-@register("linear", "torch")
 def linear_ref(x, weight, bias=None, residual=None):
     if residual is None:
         return F.linear(x, weight, bias)
@@ -24,6 +27,16 @@ def linear_ref(x, weight, bias=None, residual=None):
         out = torch.addmm(residual.reshape(rows, residual.shape[-1]), x.reshape(rows, x.shape[-1]), weight.t())
         return out.view(residual.shape)
     return residual + F.linear(x, weight, bias)
+
+
+def _linear_fake(x, weight, bias=None, residual=None):
+    # also run for a call mixing meta and real tensors, where no kernel checks the devices
+    for name, t in (("weight", weight), ("bias", bias), ("residual", residual)):
+        check_same(name, t, x, "x", dtype=False)
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+LINEAR = declare("linear", linear_ref, fake=_linear_fake)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
