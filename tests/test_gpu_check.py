@@ -41,7 +41,8 @@ def dry_run(tmp_path_factory):
             return mod
         builtins.__import__ = _record
     """))
-    env = dict(os.environ, PYTHONPATH=str(hook) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHON=sys.executable,  # the interpreter running the tests, venv or not
+               PYTHONPATH=str(hook) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     out = tmp / "out"
     res = subprocess.run(["bash", os.path.join(ROOT, "scripts", "gpu_check.sh"), "--dry-run", str(out)],
                          capture_output=True, text=True, env=env, timeout=600)

@@ -183,7 +183,7 @@ def test_op_argument_errors():
         ops.qkv_rope(qkv, cos, sin, num_heads=4, num_kv_heads=2, head_dim=16, rotary_dim=7, backend="torch")
     with pytest.raises(ValueError, match="cos must be"):
         ops.qkv_rope(qkv, cos[:, :1], sin, num_heads=4, num_kv_heads=2, head_dim=16, rotary_dim=16, backend="torch")
-    with pytest.raises(ValueError, match="per-head"):
+    with pytest.raises(ValueError, match="head-major"):
         ops.qkv_rope(torch.randn(1, 2, 3 * 4 * 16), cos, sin, num_heads=4, num_kv_heads=2, head_dim=16,
                      rotary_dim=16, qkv_head_major=True, backend="torch")
     with pytest.raises(TypeError, match="lengths must be int32 or int64"):  # a dtype: TypeError, as elsewhere
