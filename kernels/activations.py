@@ -148,6 +148,22 @@ def relu2_(x):
     return x
 
 
+
+def resource_launches(fam, tag: str, batch: int, tokens: int, empty):
+    """(label, thunk) for each launch of this module's kernels in one layer of ``fam`` (a
+    fastlm.kernels.resources FamilyShape), for the resource table: the family's MLP activation, out of
+    place and in place, on its GEMM output's shape; ``empty(*shape)`` allocates an input. An activation
+    kernel added here lists its launches here too."""
+    inner = fam.intermediate
+    if fam.mlp == "swiglu":
+        gate_up = empty(batch, tokens, 2 * inner)
+        yield f"{tag} swiglu", lambda: swiglu(gate_up)
+        yield f"{tag} swiglu_", lambda: swiglu_(gate_up)
+    else:
+        up = empty(batch, tokens, inner)
+        yield f"{tag} relu2", lambda: relu2(up)
+        yield f"{tag} relu2_", lambda: relu2_(up)
+
 # op -> (entry point, its torch.library op): what the Triton backend plugin (fastlm/backends/triton.py) serves
 ENTRY_POINTS = {"swiglu": (swiglu, "fastlm::triton_swiglu"), "relu2": (relu2, "fastlm::triton_relu2"),
                 "swiglu_": (swiglu_, "fastlm::triton_swiglu_inplace"),

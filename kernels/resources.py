@@ -300,15 +300,7 @@ def _family_calls(fam: FamilyShape, batch: int, phase: str, context: int, dtype:
                                                                      cache_pos, *static)
     yield f"{tag} qkv_rope", lambda: qkv_rope.qkv_rope(qkv, cos, sin, *norms, *static)
 
-    inner = fam.intermediate
-    if fam.mlp == "swiglu":
-        gate_up = _empty(batch, tokens, 2 * inner, dtype=dtype)
-        yield f"{tag} swiglu", lambda: activations.swiglu(gate_up)
-        yield f"{tag} swiglu_", lambda: activations.swiglu_(gate_up)
-    else:
-        up = _empty(batch, tokens, inner, dtype=dtype)
-        yield f"{tag} relu2", lambda: activations.relu2(up)
-        yield f"{tag} relu2_", lambda: activations.relu2_(up)
+    yield from activations.resource_launches(fam, tag, batch, tokens, lambda *shape: _empty(*shape, dtype=dtype))
 
     if phase == "decode":  # the engine: q.squeeze(2) of the epilogue's [B, H, 1, D], lengths = pos + 1
         q = _empty(batch, H, 1, D, dtype=dtype).squeeze(2)
