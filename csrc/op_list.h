@@ -33,6 +33,9 @@
 #define FASTLM_CPU_OPS(X)                                                                                           \
   /* projections at decode sizes (a weight-streaming kernel for a few rows, ATen's GEMM beyond) */                  \
   X(linear, "(Tensor x, Tensor weight, Tensor? bias=None, Tensor? residual=None) -> Tensor")                        \
+  /* weight-only int8 / int4 projections (fastlm/ops/quant_linear.py's formats; csrc/cpu/quant_linear.cpp) */     \
+  X(quant_linear, "(Tensor x, Tensor qweight, Tensor scales, Tensor? bias, Tensor? residual, int bits, "             \
+                  "int group_size) -> Tensor")                                                                      \
   /* decode attention over a static cache */                                                                        \
   X(decode_attention, "(Tensor q, Tensor k_cache, Tensor v_cache, Tensor lengths, float scale) -> Tensor")
 

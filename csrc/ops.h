@@ -34,6 +34,10 @@ void relu2_(const at::Tensor& x);
 // y = x @ weight^T (+ bias) (+ residual); a streaming kernel for decode-sized x (csrc/cpu/linear.cpp).
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const OptT& bias, const OptT& residual);
 
+// y = x @ dequantize(qweight, scales)^T (+ bias) (+ residual), weight-only int8 / int4 (csrc/cpu/quant_linear.cpp).
+at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, const OptT& bias,
+                        const OptT& residual, int64_t bits, int64_t group_size);
+
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                             const at::Tensor& lengths, double scale);
 

@@ -148,6 +148,12 @@ def _(x, weight, bias=None, residual=None):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
+@torch.library.register_fake("fastlm::quant_linear")
+def _(x, qweight, scales, bias, residual, bits, group_size):
+    _same_device("x", x, qweight=qweight, scales=scales, bias=bias, residual=residual)
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
 # ---------------------------------------------------------------------------------------------------
 # Entry points for fastlm's dispatch table (signatures of the *_ref functions).
 
@@ -166,6 +172,7 @@ _swiglu_inplace, _swiglu_inplace_eager = _ops.swiglu_.default, _C.call_swiglu_
 _relu2_inplace, _relu2_inplace_eager = _ops.relu2_.default, _C.call_relu2_
 _decode_attention, _decode_attention_eager = _ops.decode_attention.default, _C.call_decode_attention
 _linear, _linear_eager = _ops.linear.default, _C.call_linear
+_quant_linear, _quant_linear_eager = _ops.quant_linear.default, _C.call_quant_linear
 
 
 @register("add_rms_norm", "cpp", checks_args=True)
@@ -238,3 +245,13 @@ def linear_cpp(x, weight, bias=None, residual=None):
 
         return linear_ref(x, weight, bias, residual)
     return (_linear if _is_compiling() else _linear_eager)(x, weight, bias, residual)
+
+
+@register("quant_linear", "cpp")
+def quant_linear_cpp(x, qweight, scales, bias, residual, bits: int, group_size: int):
+    if x.device.type != "cpu":  # CPU kernel only: on CUDA the reference (the Triton backend has a kernel)
+        from fastlm.ops.quant_linear import quant_linear_ref
+
+        return quant_linear_ref(x, qweight, scales, bias, residual, bits, group_size)
+    return (_quant_linear if _is_compiling() else _quant_linear_eager)(x, qweight, scales, bias, residual, bits,
+                                                                         group_size)
