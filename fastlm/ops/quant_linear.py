@@ -85,7 +85,7 @@ def _pack_int4(q: torch.Tensor, group_size: int) -> torch.Tensor:
     groups = K // group_size
     nib = (q + 8).to(torch.uint8).view(N, groups, group_size)
     full = (group_size // _BLOCK) * _BLOCK
-    blocks = nib[..., :full].reshape(N, groups, -1, 2, _BLOCK // 2)  # [.., block, half, 16]
+    blocks = nib[..., :full].reshape(N, groups, full // _BLOCK, 2, _BLOCK // 2)  # [.., block, half, 16]
     packed_full = (blocks[..., 0, :] | (blocks[..., 1, :] << 4)).reshape(N, groups, full // 2)
     tail = nib[..., full:]
     half = tail.shape[-1] // 2
@@ -100,8 +100,9 @@ def _unpack_int4(qweight: torch.Tensor, group_size: int) -> torch.Tensor:
     b = qweight.reshape(N, groups, group_size // 2)
     lo, hi = (b & 0xF).to(torch.int8) - 8, (b >> 4).to(torch.int8) - 8
     full = (group_size // _BLOCK) * (_BLOCK // 2)  # bytes of the whole blocks of a group
-    whole = torch.stack([lo[..., :full].reshape(N, groups, -1, _BLOCK // 2),
-                         hi[..., :full].reshape(N, groups, -1, _BLOCK // 2)], dim=-2).reshape(N, groups, 2 * full)
+    blocks = (N, groups, group_size // _BLOCK, _BLOCK // 2)
+    whole = torch.stack([lo[..., :full].reshape(blocks), hi[..., :full].reshape(blocks)], dim=-2)
+    whole = whole.reshape(N, groups, 2 * full)
     tail = torch.cat([lo[..., full:], hi[..., full:]], dim=-1)
     return torch.cat([whole, tail], dim=-1).reshape(N, K)
 
