@@ -6,7 +6,8 @@ whose signature is the op's ``*_ref`` signature. Kernels run on CUDA tensors, or
 ``TRITON_INTERPRET=1`` was set before triton was imported; otherwise they raise a clear RuntimeError.
 
 One file per op family: ``norm`` (add + RMSNorm / LayerNorm), ``qkv_rope`` (QKV epilogue),
-``activations`` (swiglu, relu2), ``decode_attention`` (split-K decode over a static cache).
+``activations`` (swiglu, relu2), ``decode_attention`` (split-K decode over a static cache), ``quant_linear``
+(weight-only int8 / int4 projections).
 ``python -m fastlm.kernels.resources`` prints every kernel's registers, spills and shared memory as
 compiled for sm_80/86/89/90 at the families' launch shapes (no GPU needed). CUDA tensors under the
 interpreter are refused: it would copy every storage to the host per launch.
@@ -20,7 +21,7 @@ from __future__ import annotations
 if __name__ == "fastlm.kernels":
     from fastlm.ops._backend import register
 
-    from . import activations, decode_attention, norm, qkv_rope
+    from . import activations, decode_attention, norm, qkv_rope, quant_linear
     from ._utils import INTERPRET, USE_TRITON_OP, check_device
 
     _ENTRY_POINTS = {
@@ -33,8 +34,10 @@ if __name__ == "fastlm.kernels":
         "swiglu_": activations.swiglu_,
         "relu2_": activations.relu2_,
         "decode_attention": decode_attention.decode_attention,
+        "quant_linear": quant_linear.quant_linear,
     }
     for _op, _fn in _ENTRY_POINTS.items():
         register(_op, "triton")(_fn)
 
-    __all__ = ["INTERPRET", "USE_TRITON_OP", "check_device", "activations", "decode_attention", "norm", "qkv_rope"]
+    __all__ = ["INTERPRET", "USE_TRITON_OP", "check_device", "activations", "decode_attention", "norm", "qkv_rope",
+               "quant_linear"]

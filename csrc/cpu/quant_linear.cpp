@@ -63,14 +63,6 @@ inline void widen8(const int8_t* p, VF w[2]) {
   w[0] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
   w[1] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16))));
 }
-inline void widen4(const uint8_t* p, VF w[2]) {
-  const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  const __m512i two23 = _mm512_set1_epi32(0x4B000000);  // the float 2^23
-  const __m512 offset = _mm512_set1_ps(8388616.f);       // 2^23 + 8
-  // 0xEA: (v & 0xF) | two23 in one instruction (the truth table of (a & b) | c)
-  w[0] = _mm512_sub_ps(_mm512_castsi512_ps(_mm512_ternarylogic_epi32(v, _mm512_set1_epi32(0xF), two23, 0xEA)), offset);
-  w[1] = _mm512_sub_ps(_mm512_castsi512_ps(_mm512_or_si512(_mm512_srli_epi32(v, 4), two23)), offset);
-}
 #elif defined(CPU_CAPABILITY_AVX2)
 using VF = __m256;
 constexpr int kL = 8;
@@ -122,6 +114,51 @@ inline void widen4(const uint8_t* p, VF w[32]) {
 }
 #endif
 constexpr int kVecs = kQBlock / kL;
+// Blocks of 32 weights per step of the decode loop: enough independent accumulator chains per row of x
+// (kUnroll * kVecs) to hide the FMA latency. With two chains (one block a step on AVX-512) the int8 loop
+// was bound by the FMA latency, at 24 G weights/s from L2 on one Zen 4 core.
+constexpr int kUnroll = kVecs >= 4 ? 1 : 4 / kVecs;
+
+// Widens a block of 32 weights at a time to fp32, multiplied by the current group's scale when kScaled
+// (exactly the reference's fp32 products q * scale), else the bare q.
+template <int kBits, bool kScaled>
+struct Widener {
+  VF scale = vset1(1.f);
+#if defined(CPU_CAPABILITY_AVX512)
+  // int4 on AVX-512: the 16 values (n - 8) * scale of a nibble n as a table, which vpermps indexes with
+  // the low 4 bits of each lane (the high bits are ignored, so the low nibble needs no mask): one
+  // instruction a register for the whole widening and scaling.
+  VF table = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+#endif
+  inline void set_scale(float s) {
+    if constexpr (!kScaled) return;
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (kBits == 4) {
+      table = _mm512_mul_ps(_mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7), vset1(s));
+      return;
+    }
+#endif
+    scale = vset1(s);
+  }
+  // Weights k .. k + 31 of the row at w (k a multiple of 32 within its group).
+  inline void operator()(const uint8_t* w, int64_t k, VF out[kVecs]) const {
+    if constexpr (kBits == 8) {
+      widen8(reinterpret_cast<const int8_t*>(w) + k, out);
+    } else {
+#if defined(CPU_CAPABILITY_AVX512)
+      const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k / 2)));
+      out[0] = _mm512_permutexvar_ps(v, table);
+      out[1] = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);
+      return;
+#else
+      widen4(w + k / 2, out);
+#endif
+    }
+    if constexpr (kScaled) {
+      for (int j = 0; j < kVecs; ++j) out[j] = vmul(out[j], scale);
+    }
+  }
+};
 
 // Weight o of a group's partial last block of t (< 32, even) weights at `p`: byte o holds weights o and
 // o + t / 2 (fastlm/ops/quant_linear.py's layout); int8 weights are one a byte.
@@ -147,40 +184,61 @@ struct QWeight {
 template <int kBits, bool kGrouped, int MR>
 inline void row_dot(const uint8_t* w, const float* s, int64_t G, int64_t groups, const float* xf, int64_t xk,
                     float* out) {
-  VF acc[MR][2];
-  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = vzero();
+  // Accumulator chains per row of x: kUnroll * kVecs, fewer with more rows of x (their chains are
+  // independent too) where 16 AVX2 registers would not hold them.
+  constexpr int kChains = kUnroll * kVecs;
+  constexpr int kAcc = MR <= 2 || kL == 16 ? kChains : 2;
+  VF acc[MR][kAcc];
+  for (int i = 0; i < MR; ++i) {
+    for (int a = 0; a < kAcc; ++a) acc[i][a] = vzero();
+  }
   float tail[MR] = {};
+  Widener<kBits, kGrouped> widen, widen2;
   const int64_t full = G / kQBlock * kQBlock;
-  for (int64_t g = 0; g < groups; ++g) {
-    const int64_t k0 = g * G;
-    const VF sv = vset1(kGrouped ? s[g] : 1.f);
-    for (int64_t k = k0; k < k0 + full; k += kQBlock) {
-      VF wv[kVecs];
-      if constexpr (kBits == 8) {
-        widen8(reinterpret_cast<const int8_t*>(w) + k, wv);
-      } else {
-        widen4(w + k / 2, wv);
-      }
-      if constexpr (kGrouped) {
-        for (int j = 0; j < kVecs; ++j) wv[j] = vmul(wv[j], sv);
-      }
-      for (int i = 0; i < MR; ++i) {
-        for (int j = 0; j < kVecs; ++j) acc[i][j & 1] = vfma(wv[j], vload(xf + i * xk + k + j * kL), acc[i][j & 1]);
+  auto step = [&](const Widener<kBits, kGrouped>& wd, int64_t k, int u) __attribute__((always_inline)) {
+    VF wv[kVecs];
+    wd(w, k, wv);
+    for (int i = 0; i < MR; ++i) {
+      for (int j = 0; j < kVecs; ++j) {
+        VF& a = acc[i][(u * kVecs + j) % kAcc];
+        a = vfma(wv[j], vload(xf + i * xk + k + j * kL), a);
       }
     }
+  };
+  int64_t g = 0;
+  if (kUnroll == 2 && G == kQBlock) {
+    // Groups of 32 with two blocks a step: two groups a step, each with its own scale (one group a step
+    // would leave half the accumulator chains idle: the loop was FMA-latency bound, 25% slower than G = 64)
+    for (; g + 2 <= groups; g += 2) {
+      widen.set_scale(s[g]);
+      widen2.set_scale(s[g + 1]);
+      step(widen, g * kQBlock, 0);
+      step(widen2, (g + 1) * kQBlock, 1);
+    }
+  }
+  for (; g < groups; ++g) {
+    const int64_t k0 = g * G, k1 = k0 + full;
+    widen.set_scale(s[g]);
+    int64_t k = k0;
+    for (; k + kUnroll * kQBlock <= k1; k += kUnroll * kQBlock) {
+      for (int u = 0; u < kUnroll; ++u) step(widen, k + u * kQBlock, u);
+    }
+    for (; k < k1; k += kQBlock) step(widen, k, 0);
     if (full < G) {  // a group size that is not a multiple of 32: its last weights one at a time
-      const int64_t t = G - full, k = k0 + full;
-      const uint8_t* p = kBits == 8 ? w + k : w + k / 2;
+      const int64_t t = G - full;
+      const uint8_t* p = kBits == 8 ? w + k1 : w + k1 / 2;
       const float sg = kGrouped ? s[g] : 1.f;
       for (int64_t o = 0; o < t; ++o) {
         const float q = static_cast<float>(tail_q<kBits>(p, t, o));
         const float wq = kGrouped ? q * sg : q;
-        for (int i = 0; i < MR; ++i) tail[i] += wq * xf[i * xk + k + o];
+        for (int i = 0; i < MR; ++i) tail[i] += wq * xf[i * xk + k1 + o];
       }
     }
   }
   for (int i = 0; i < MR; ++i) {
-    const float v = vsum(vadd(acc[i][0], acc[i][1])) + tail[i];
+    VF sum = acc[i][0];
+    for (int a = 1; a < kAcc; ++a) sum = vadd(sum, acc[i][a]);
+    const float v = vsum(sum) + tail[i];
     out[i] = kGrouped ? v : v * s[0];
   }
 }
@@ -236,41 +294,39 @@ void gemv(const T* x, int64_t xs, const QWeight& qw, int bits, const T* bias, co
 template <int kBits>
 void widen_rows(const QWeight& qw, int64_t n0, int64_t rows, int64_t K, float* dst) {
   const int64_t G = qw.group_size, full = G / kQBlock * kQBlock;
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, K));
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const uint8_t* w = qw.data + (n0 + r) * qw.row_stride;
-      const float* s = qw.scales + (n0 + r) * qw.groups;
-      float* d = dst + r * K;
-      for (int64_t g = 0; g < qw.groups; ++g) {
-        const int64_t k0 = g * G;
-        const VF sv = vset1(s[g]);
-        for (int64_t k = k0; k < k0 + full; k += kQBlock) {
-          VF wv[kVecs];
-          if constexpr (kBits == 8) {
-            widen8(reinterpret_cast<const int8_t*>(w) + k, wv);
-          } else {
-            widen4(w + k / 2, wv);
-          }
-          for (int j = 0; j < kVecs; ++j) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint8_t* w = qw.data + (n0 + r) * qw.row_stride;
+    const float* s = qw.scales + (n0 + r) * qw.groups;
+    float* d = dst + r * K;
+    Widener<kBits, true> widen;
+    for (int64_t g = 0; g < qw.groups; ++g) {
+      const int64_t k0 = g * G;
+      widen.set_scale(s[g]);
+      for (int64_t k = k0; k < k0 + full; k += kQBlock) {
+        VF wv[kVecs];
+        widen(w, k, wv);
+        for (int j = 0; j < kVecs; ++j) {
 #if defined(CPU_CAPABILITY_AVX512)
-            _mm512_storeu_ps(d + k + j * kL, vmul(wv[j], sv));
+          _mm512_storeu_ps(d + k + j * kL, wv[j]);
 #elif defined(CPU_CAPABILITY_AVX2)
-            _mm256_storeu_ps(d + k + j * kL, vmul(wv[j], sv));
+          _mm256_storeu_ps(d + k + j * kL, wv[j]);
 #else
-            d[k + j] = wv[j] * sv;
+          d[k + j] = wv[j];
 #endif
-          }
         }
-        const int64_t t = G - full, k = k0 + full;
-        const uint8_t* p = kBits == 8 ? w + k : w + k / 2;
-        for (int64_t o = 0; o < t; ++o) d[k + o] = static_cast<float>(tail_q<kBits>(p, t, o)) * s[g];
       }
+      const int64_t t = G - full, k = k0 + full;
+      const uint8_t* p = kBits == 8 ? w + k : w + k / 2;
+      for (int64_t o = 0; o < t; ++o) d[k + o] = static_cast<float>(tail_q<kBits>(p, t, o)) * s[g];
     }
-  });
+  }
 }
 
-// M > kMaxGemvRows (or nothing to stream): fp32 GEMMs on widened weight tiles (see the header).
+// M > kMaxGemvRows (or nothing to stream): fp32 GEMMs on widened weight tiles (see the header). One
+// parallel region: each thread widens its tiles into its own buffer (kept in its L2) and multiplies them
+// with a single-threaded GEMM (ATen runs nested parallel regions inline). A multi-threaded GEMM per tile
+// instead opened two parallel regions per tile, each a wake-up and a barrier of every thread: 3x slower
+// than one fp32 GEMM at M = 512 on a loaded 2-core machine, where a descheduled thread stalls a barrier.
 at::Tensor prefill(const at::Tensor& x2, const QWeight& qw, int bits, const OptT& bias, const OptT& residual,
                    int64_t M, int64_t N, int64_t K, const std::vector<int64_t>& out_shape) {
   const at::Tensor xf = x2.to(at::kFloat);
@@ -280,17 +336,20 @@ at::Tensor prefill(const at::Tensor& x2, const QWeight& qw, int bits, const OptT
       yf.zero_();
     } else {
       const int64_t tile_rows = std::min(N, std::max<int64_t>(16, round_up(kTileBytes / (4 * K), 16)));
-      at::Tensor tile = at::empty({tile_rows, K}, yf.options());
-      for (int64_t n0 = 0; n0 < N; n0 += tile_rows) {
-        const int64_t rows = std::min(tile_rows, N - n0);
-        if (bits == 8) {
-          widen_rows<8>(qw, n0, rows, K, tile.data_ptr<float>());
-        } else {
-          widen_rows<4>(qw, n0, rows, K, tile.data_ptr<float>());
+      const int64_t tiles = (N + tile_rows - 1) / tile_rows;
+      at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+        at::Tensor tile = at::empty({tile_rows, K}, yf.options());
+        for (int64_t t = begin; t < end; ++t) {
+          const int64_t n0 = t * tile_rows, rows = std::min(tile_rows, N - n0);
+          if (bits == 8) {
+            widen_rows<8>(qw, n0, rows, K, tile.data_ptr<float>());
+          } else {
+            widen_rows<4>(qw, n0, rows, K, tile.data_ptr<float>());
+          }
+          at::Tensor out = yf.narrow(1, n0, rows);
+          at::mm_out(out, xf, tile.narrow(0, 0, rows).t());
         }
-        at::Tensor out = yf.narrow(1, n0, rows);
-        at::mm_out(out, xf, tile.narrow(0, 0, rows).t());
-      }
+      });
     }
   }
   if (bias) yf.add_(bias->to(at::kFloat));
