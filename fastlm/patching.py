@@ -15,7 +15,7 @@ import torch.nn as nn
 from fastlm.errors import UnsupportedModelError
 from fastlm.families import FAMILY_ADAPTERS
 from fastlm.modules import refresh_fused_weights
-from fastlm.modules._quantized import apply_quantization, parse_quantize, quantization_plan
+from fastlm.modules._quantized import apply_quantization, parse_quantize, quantization_plan, release_freed_memory
 from fastlm.modules._swap import restore_class
 from fastlm.ops._backend import BACKEND_CHOICES, resolve
 
@@ -108,6 +108,8 @@ def patch(model: nn.Module, backend: str = "auto", quantize=None) -> nn.Module:
     # Quantized before the fused modules are built, so they fuse the quantized weights: no fused 16-bit copy.
     quantized = () if plan is None else apply_quantization(plan, concrete)
     final_norm = FAMILY_ADAPTERS[model_type](base, concrete)
+    if plan is not None:
+        release_freed_memory(model)  # the 16-bit weights, and the per-linear buffers the fused modules replaced
     base.__dict__[_RECORD_ATTR] = PatchRecord(backend, concrete, next(_PATCH_IDS), final_norm, wanted, quantized)
     return model
 

@@ -16,7 +16,7 @@ import torch.nn as nn
 import fastlm
 from fastlm.engine.engine import engine_for
 from fastlm.modules import PRESETS, QuantFormat, QuantSpec
-from fastlm.ops.quant_linear import dequantize_weight, quantize_weight, resolve_group_size
+from fastlm.ops.quant_linear import dequantize_weight, quantize_weight
 from fastlm.patching import patch_record
 from _backends import backend_params
 from _models import ONE_PER_FAMILY, build_model, make_config, random_ids
@@ -50,7 +50,7 @@ def dequantized_twin(model, quantize: str):
     with torch.no_grad():
         for name, linear in projections(twin).items():
             fmt = spec.lm_head if name == "lm_head" else spec.projections
-            group = resolve_group_size(fmt.bits, linear.in_features, fmt.group_size)
+            group = fmt.group_size_for(linear.in_features)
             q, s = quantize_weight(linear.weight, fmt.bits, group)
             linear.weight.copy_(dequantize_weight(q, s, fmt.bits, group, linear.weight.dtype))
     return twin
@@ -254,3 +254,47 @@ def test_cli_generate_quantize(capsys):
     tokenizer = AutoTokenizer.from_pretrained(DEMO_DIR)
     assert row["token_ids"] == fastlm.generate(model, "The list", tokenizer=tokenizer, max_new_tokens=6)
     assert row["weight_bytes"] == weight_bytes(model)
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/maps"), reason="reads /proc/self/maps (Linux)")
+def test_checkpoint_file_mapping_is_released(tmp_path):
+    """transformers loads a safetensors checkpoint of the same dtype as views of the file's mmap: once quantized,
+    no tensor is left in it (the kept 16-bit ones are copied out), so the file's pages leave the resident set."""
+    from transformers import AutoModelForCausalLM
+
+    from fastlm.modules._quantized import _file_mappings
+
+    build_model("helium_gqa", dtype=torch.bfloat16).save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    weights = str(tmp_path / "model.safetensors")
+
+    def mapped() -> bool:
+        with open("/proc/self/maps") as f:
+            return any(line.rstrip().endswith(weights) for line in f)
+
+    def in_files(t) -> bool:
+        return any(start <= t.data_ptr() < end for start, end in _file_mappings())
+
+    if not (mapped() and any(in_files(p) for p in model.parameters())):
+        pytest.skip("this transformers copies the checkpoint's tensors (no mmap views): nothing to release")
+    fastlm.patch(model, quantize="int8")
+    gc.collect()
+    assert not any(in_files(t) for t in [*model.parameters(), *model.buffers()])
+    assert not mapped()
+
+
+def test_quality_bench_windows_score_every_token_once():
+    from fastlm.bench.quality import parse_spec, windows
+
+    for n, context in ((1000, 256), (256, 256), (300, 256), (2, 256)):
+        scored = []
+        for start, end, first in windows(n, context):
+            assert end - start <= context and (start == 0 or first - start >= context // 2)
+            scored += range(first, end)
+        assert scored == list(range(1, n))
+    assert parse_spec("int4") == ("int4", False)
+    spec, untie = parse_spec("int4-g64+head:int8-channel")
+    assert untie and spec == QuantSpec(QuantFormat(4, 64), lm_head=QuantFormat(8, 0)) and spec.name == (
+        "int4-g64+lm_head:int8-channel")
+    with pytest.raises(ValueError, match="a weight format is int8 or int4"):
+        parse_spec("int5")

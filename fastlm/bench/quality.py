@@ -14,9 +14,11 @@ baseline and each weight format, through the patched model (the same fused path,
   generated tokens equal to the baseline's at the same position, and how many match before the first
   divergence (summed over the prompts).
 
-A format is ``int8`` / ``int4`` (fastlm's presets: ``patch(model, quantize=...)``) or ``<projections>`` /
-``<projections>+head:<lm_head>`` with each of those ``int8`` / ``int4`` / ``int<b>-g<group size>`` / ``16``
-(``int8-g192`` is per output channel at K = 192; see fastlm.ops.quant_linear). The demo ties lm_head to
+A format is a dtype (``float32``: the unquantized model in fp32, the baseline's own noise floor), ``int8`` /
+``int4`` (fastlm's presets: ``patch(model, quantize=...)``) or ``<projections>`` /
+``<projections>+head:<lm_head>`` with each of those ``int8`` / ``int4`` (the op's default group size),
+``int<b>-g<group size>``, ``int<b>-channel`` (one scale per output channel) or ``16`` (fastlm.ops.quant_linear's
+formats). The demo ties lm_head to
 the embedding, which fastlm keeps 16-bit; a ``+head:`` format unties it first (a copy of the embedding
 becomes lm_head) so that lm_head's own quantization can be measured.
 """
@@ -29,8 +31,9 @@ import time
 from pathlib import Path
 
 DEMO = Path(__file__).resolve().parent.parent / "demo"
-DEFAULT_FORMATS = ("int8", "int8-g32", "int4-g32", "int4-g64", "int4-g32+head:int8", "int4-g32+head:int4",
-                   "int8+head:int8")
+DEFAULT_FORMATS = ("float32", "int8-channel", "int8-g32", "int4-g32", "int4-g64", "int4-g32+head:int8",
+                   "int4-g32+head:int4", "int8-channel+head:int8", "int8", "int4")
+DTYPES = ("float32", "bfloat16", "float16")  # as a format: the unquantized model in that dtype
 PROMPT_TOKENS = 16
 
 
@@ -95,7 +98,7 @@ def parse_spec(text: str):
     from fastlm.modules import PRESETS, QuantSpec
     from fastlm.modules._quantized import parse_format
 
-    if text in PRESETS:
+    if text in PRESETS or text in DTYPES:
         return text, False
     layers, _, head = text.partition("+head:")
     head_format = None if head in ("", "16") else parse_format(head)
@@ -127,8 +130,9 @@ def run(path, dtype_name: str, formats, n_prompts: int, new_tokens: int, backend
     base = None
     for name in ("baseline", *formats):
         started = time.perf_counter()
-        spec, untie = (None, False) if name == "baseline" else parse_spec(name)
-        model = load(path, dtype, untie)
+        unquantized = name == "baseline" or name in DTYPES
+        spec, untie = (None, False) if unquantized else parse_spec(name)
+        model = load(path, getattr(torch, name) if name in DTYPES else dtype, untie)
         context = model.config.max_position_embeddings
         fastlm.patch(model, backend, quantize=spec)
         nll, argmax = score(model, stream, context)
@@ -165,7 +169,7 @@ def main(argv=None) -> int:
 
     p = ArgumentParser(prog="python -m fastlm.bench.quality", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=str(DEMO), help="checkpoint (default: the demo, whose held-out text is known)")
-    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
+    p.add_argument("--dtype", default="bfloat16", choices=DTYPES,
                    help="the baseline's and the activations' dtype (default: %(default)s)")
     p.add_argument("--formats", default=",".join(DEFAULT_FORMATS), help="comma-separated (default: %(default)s)")
     p.add_argument("--prompts", type=int, default=8)

@@ -37,14 +37,23 @@ QUANTIZE_CHOICES = (None, "int8", "int4")
 @dataclass(frozen=True)
 class QuantFormat:
     """One weight format of fastlm.ops.quant_linear: ``bits`` 8 or 4, ``group_size`` None for the op's
-    default (``DEFAULT_GROUP_SIZE[bits]``), K for one scale per output channel."""
+    default (``DEFAULT_GROUP_SIZE[bits]``), PER_CHANNEL for one scale per output channel (G = K)."""
 
     bits: int
     group_size: int | None = None
 
     @property
     def name(self) -> str:
-        return f"int{self.bits}" + ("" if self.group_size is None else f"-g{self.group_size}")
+        if self.group_size is None:
+            return f"int{self.bits}"
+        return f"int{self.bits}-" + ("channel" if self.group_size == PER_CHANNEL else f"g{self.group_size}")
+
+    def group_size_for(self, K: int) -> int:
+        """The group size of a [N, K] weight (ValueError naming group_size where it cannot be used)."""
+        return resolve_group_size(self.bits, K, K if self.group_size == PER_CHANNEL else self.group_size)
+
+
+PER_CHANNEL = 0  # QuantFormat.group_size: one scale per output channel, whatever K
 
 
 @dataclass(frozen=True)
@@ -72,7 +81,7 @@ PRESETS = {
     "int4": QuantSpec(QuantFormat(4), lm_head=QuantFormat(8)),
 }
 
-_FORMAT_NAME = re.compile(r"^int(8|4)(?:-g(\d+))?$")
+_FORMAT_NAME = re.compile(r"^int(8|4)(?:-g(\d+)|-(channel))?$")
 
 
 def parse_quantize(quantize) -> QuantSpec | None:
@@ -86,11 +95,13 @@ def parse_quantize(quantize) -> QuantSpec | None:
 
 
 def parse_format(name: str) -> QuantFormat:
-    """"int8", "int4", "int8-g32", "int4-g64", ... -> QuantFormat (ValueError naming the text otherwise)."""
+    """"int8", "int4", "int8-g32", "int4-g64", "int8-channel", ... -> QuantFormat (ValueError naming the text
+    otherwise)."""
     m = _FORMAT_NAME.match(name)
     if m is None:
-        raise ValueError(f"a weight format is int8 or int4, optionally with -g<group size>, got {name!r}")
-    return QuantFormat(int(m.group(1)), None if m.group(2) is None else int(m.group(2)))
+        raise ValueError(f"a weight format is int8 or int4, optionally with -g<group size> or -channel, got {name!r}")
+    group_size = PER_CHANNEL if m.group(3) else None if m.group(2) is None else int(m.group(2))
+    return QuantFormat(int(m.group(1)), group_size)
 
 
 def is_quantized(linear) -> bool:
@@ -122,7 +133,7 @@ def check_quantizable(name: str, linear, fmt: QuantFormat, quantize) -> None:
     if weight.is_meta:
         raise ValueError(f"quantize={quantize!r} needs the weights loaded, but {name}.weight is on the meta device")
     try:
-        resolve_group_size(fmt.bits, weight.shape[1], fmt.group_size)
+        fmt.group_size_for(weight.shape[1])
     except ValueError as exc:
         raise ValueError(f"quantize={quantize!r} ({fmt.name}) cannot quantize {name} [{weight.shape[0]}, "
                          f"{weight.shape[1]}]: {exc}") from None
@@ -172,7 +183,7 @@ class QuantizedLinear:
                 error_msgs.append(f"{key}: expected a weight of shape {expected} to quantize, got {shape}")
             else:  # re-quantize, from the values the 16-bit model would have held
                 weight = weight.to(dtype=self._fastlm_dtype, device=self._buffers["scales"].device)
-                state_dict[qkey], state_dict[skey] = quantize_weight(weight, bits, group_size)
+                state_dict[qkey], state_dict[skey] = (t.detach() for t in quantize_weight(weight, bits, group_size))
         qweight = state_dict.get(qkey)
         if isinstance(qweight, torch.Tensor) and qweight.dtype != QWEIGHT_DTYPE[bits]:
             error_msgs.append(f"{qkey} is {qweight.dtype}, but this projection is quantized to int{bits} "
@@ -188,13 +199,15 @@ def quantize_linear(linear: nn.Linear, fmt: QuantFormat, backend: str) -> None:
     from fastlm.modules._swap import swap_in
 
     weight = linear.weight
-    group_size = resolve_group_size(fmt.bits, weight.shape[1], fmt.group_size)
+    group_size = fmt.group_size_for(weight.shape[1])
     qweight, scales = quantize_weight(weight.detach(), fmt.bits, group_size)
     dtype = weight.dtype
     del weight
     del linear.weight  # the last reference, once the fused module drops its fused copy
-    linear.register_buffer("qweight", qweight)
-    linear.register_buffer("scales", scales)
+    # detach(): a view's _base (int4's qweight is a reshape) would keep its storage alive after the fused module
+    # re-points the buffer at its fused storage (fastlm.modules._fused_storage.fuse_parameters)
+    linear.register_buffer("qweight", qweight.detach())
+    linear.register_buffer("scales", scales.detach())
     swap_in(linear, QuantizedLinear, quant=(fmt.bits, group_size), dtype=dtype, backend=backend)
 
 
@@ -220,21 +233,50 @@ def quantization_plan(model: nn.Module, spec: QuantSpec, quantize) -> list[tuple
 
 def apply_quantization(plan, backend: str) -> tuple[str, ...]:
     """Quantize every projection of ``plan`` (from :func:`quantization_plan`), one at a time (the peak is one
-    matrix's fp32 copy), then hand the freed 16-bit memory back to the system. -> their names."""
+    matrix's fp32 copy). -> their names. Then (once the fused modules are built: fusing frees the per-linear
+    buffers) :func:`release_freed_memory`."""
     for _, linear, fmt in plan:
         quantize_linear(linear, fmt, backend)
-    release_freed_memory()
     return tuple(name for name, _, _ in plan)
 
 
-def release_freed_memory() -> None:
-    """glibc keeps freed blocks below its mmap threshold (up to 32 MiB: a 16-bit projection of a 1-2B model)
-    in its heap, where they still count in the resident set; ``malloc_trim`` returns them to the system. A
-    no-op where there is no glibc."""
+def _file_mappings() -> list[tuple[int, int]]:
+    """Sorted (start, end) of this process's file-backed memory mappings (Linux; [] elsewhere)."""
+    try:
+        with open("/proc/self/maps") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    ranges = []
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[4] != "0" and fields[5].startswith("/"):  # an inode and a path: a file
+            start, end = fields[0].split("-")
+            ranges.append((int(start, 16), int(end, 16)))
+    return sorted(ranges)
+
+
+def release_freed_memory(model: nn.Module) -> None:
+    """Make the freed 16-bit weights leave the resident set.
+
+    * transformers loads a safetensors checkpoint whose dtype needs no conversion as views of one private
+      mmap of the file, unmapped only when every tensor viewing it is gone. Quantizing reads (so maps in) every
+      page, and the tensors kept 16-bit (embedding, norms, biases) would keep the whole file resident: they are
+      copied out of file mappings here, so the mapping goes with the last quantized weight.
+    * glibc keeps freed blocks below its mmap threshold (up to 32 MiB: a 16-bit projection of a 1-2B model)
+      in its heap, where they still count in the resident set; ``malloc_trim`` returns them to the system (a
+      no-op where there is no glibc)."""
+    import bisect
     import ctypes
     import ctypes.util
     import gc
 
+    mappings = _file_mappings()
+    starts = [start for start, _ in mappings]
+    for t in (*model.parameters(), *model.buffers()):
+        i = bisect.bisect_right(starts, t.data_ptr()) - 1
+        if t.device.type == "cpu" and i >= 0 and t.data_ptr() < mappings[i][1]:
+            t.data = t.data.clone()
     gc.collect()
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
