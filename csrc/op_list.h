@@ -41,6 +41,9 @@
 #define FASTLM_CPU_OPS(X)                                                                                           \
   /* projections at decode sizes (a weight-streaming kernel for a few rows, ATen's GEMM beyond) */                  \
   X(linear, "(Tensor x, Tensor weight, Tensor? bias=None, Tensor? residual=None) -> Tensor")                        \
+  /* weight-only int8 / int4 projections (fastlm/ops/quant_linear.py's formats; csrc/cpu/quant_linear.cpp) */     \
+  X(quant_linear, "(Tensor x, Tensor qweight, Tensor scales, Tensor? bias, Tensor? residual, int bits, "             \
+                  "int group_size) -> Tensor")                                                                      \
   /* decode attention over a static cache */                                                                        \
   X(decode_attention, "(Tensor q, Tensor k_cache, Tensor v_cache, Tensor lengths, float scale) -> Tensor")
 
@@ -74,6 +77,10 @@ void relu2_(const at::Tensor& x);
 
 // y = x @ weight^T (+ bias) (+ residual); a streaming kernel for decode-sized x (csrc/cpu/linear.cpp).
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const OptT& bias, const OptT& residual);
+
+// y = x @ dequantize(qweight, scales)^T (+ bias) (+ residual), weight-only int8 / int4 (csrc/cpu/quant_linear.cpp).
+at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, const OptT& bias,
+                        const OptT& residual, int64_t bits, int64_t group_size);
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                             const at::Tensor& lengths, double scale);

@@ -6,7 +6,8 @@ and an entry point with the reference's signature. Kernels run on CUDA tensors, 
 ``TRITON_INTERPRET=1`` was set before triton was imported; otherwise they raise a clear RuntimeError.
 
 One file per op family: ``norm`` (add + RMSNorm / LayerNorm), ``qkv_rope`` (QKV epilogue),
-``activations`` (swiglu, relu2), ``decode_attention`` (split-K decode over a static cache).
+``activations`` (swiglu, relu2), ``decode_attention`` (split-K decode over a static cache), ``quant_linear``
+(weight-only int8 / int4 projections).
 ``python -m fastlm.kernels.resources`` prints every kernel's registers, spills and shared memory as
 compiled for sm_80/86/89/90 at the families' launch shapes (no GPU needed). CUDA tensors under the
 interpreter are refused: it would copy every storage to the host per launch.
@@ -18,7 +19,8 @@ from __future__ import annotations
 # the modules would register the fastlm::triton_* ops again, over this package's. Without a version,
 # transformers treats it as absent.
 if __name__ == "fastlm.kernels":
-    from . import activations, decode_attention, norm, qkv_rope
+    from . import activations, decode_attention, norm, qkv_rope, quant_linear
     from ._utils import INTERPRET, USE_TRITON_OP, check_device
 
-    __all__ = ["INTERPRET", "USE_TRITON_OP", "check_device", "activations", "decode_attention", "norm", "qkv_rope"]
+    __all__ = ["INTERPRET", "USE_TRITON_OP", "check_device", "activations", "decode_attention", "norm", "qkv_rope",
+               "quant_linear"]

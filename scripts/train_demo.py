@@ -21,94 +21,19 @@ CPython versions), torch and tokenizers versions give the same checkpoint.
 from __future__ import annotations
 
 import argparse
-import ast
 import math
 import os
 import platform
 import random
-import re
 import sys
-import sysconfig
 import time
 
 import torch
 
+# The corpus and its split live in the package, so that fastlm.bench.quality scores the same held-out text.
+from fastlm.bench.demo_text import gather_documents, pydoc_documents, split_documents
+
 SPECIALS = {"pad": "<pad>", "bos": "<s>", "eos": "</s>"}
-# Stdlib folders whose docstrings are tests, GUI code or vendored tools rather than prose.
-SKIP_DIRS = {
-    "test", "tests", "idlelib", "site-packages", "dist-packages", "__pycache__", "lib2to3",
-    "turtledemo", "tkinter", "ensurepip", "venv", "config-3", "pydoc_data",
-}
-
-
-# --------------------------------------------------------------------------------------- data
-_UNDERLINE = re.compile(r"^\s*([*=\-~^\"#+])\1{2,}\s*$")
-_DOCTEST = re.compile(r"^\s*(>>>|\.\.\.)(\s|$)")
-_WS = re.compile(r"[ \t]+")
-
-
-def clean(text: str) -> str:
-    """Light cleaning: drop heading underlines and doctest lines, re-flow each paragraph onto one
-    line, keep blank lines as paragraph breaks. Indented code blocks are kept (re-flowed)."""
-    paragraphs, cur = [], []
-    for line in text.replace("\r", "").split("\n"):
-        if _UNDERLINE.match(line) or _DOCTEST.match(line):
-            continue
-        line = _WS.sub(" ", line.strip())
-        if not line:
-            if cur:
-                paragraphs.append(" ".join(cur))
-                cur = []
-            continue
-        cur.append(line)
-    if cur:
-        paragraphs.append(" ".join(cur))
-    # Drop tiny fragments (lone headings, "Parameters", ...) that carry no sentence.
-    paragraphs = [p for p in paragraphs if len(p) >= 3]
-    return "\n".join(paragraphs).strip()
-
-
-def pydoc_documents() -> list[str]:
-    import pydoc_data.topics
-
-    topics = pydoc_data.topics.topics
-    return [clean(topics[k]) for k in sorted(topics)]
-
-
-def stdlib_docstrings(min_chars: int = 80) -> list[str]:
-    stdlib = sysconfig.get_paths()["stdlib"]
-    docs = []
-    for root, dirs, files in os.walk(stdlib):
-        dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS and not d.startswith("config-"))
-        for name in sorted(files):
-            if not name.endswith(".py"):
-                continue
-            try:
-                with open(os.path.join(root, name), encoding="utf-8") as f:
-                    tree = ast.parse(f.read())
-            except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
-                continue
-            for node in ast.walk(tree):
-                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                    doc = ast.get_docstring(node)
-                    if doc and len(doc) >= min_chars:
-                        doc = clean(doc)
-                        if len(doc) >= min_chars:
-                            docs.append(doc)
-    return docs
-
-
-def gather_documents(use_stdlib: bool) -> list[str]:
-    docs = [d for d in pydoc_documents() if d]
-    if use_stdlib:
-        docs += stdlib_docstrings()
-    # Deduplicate (many docstrings are repeated across modules), keep first-seen order.
-    seen, out = set(), []
-    for d in docs:
-        if d not in seen:
-            seen.add(d)
-            out.append(d)
-    return out
 
 
 # ---------------------------------------------------------------------------------- tokenizer
@@ -265,8 +190,7 @@ def main(argv=None):
     print(f"tokenizer: vocab {len(tokenizer)} ({time.time() - t_start:.0f}s)", flush=True)
 
     # Hold out every 25th document for validation (deterministic, no shuffling needed).
-    train_docs = [d for i, d in enumerate(docs) if i % 25 != 7]
-    val_docs = [d for i, d in enumerate(docs) if i % 25 == 7]
+    train_docs, val_docs = split_documents(docs)
     train_stream = encode_stream(tokenizer, train_docs)
     val_stream = encode_stream(tokenizer, val_docs)
     print(f"tokens: train {train_stream.numel():,}  val {val_stream.numel():,} "

@@ -104,7 +104,7 @@ def test_state_dict_unchanged_and_memory_not_doubled(variant):
     attn = model.model.layers[0].self_attn
     names = attn._fastlm_spec.qkv_names
     if len(names) == 3:  # the HF q/k/v Parameters are views into the fused storage
-        ptr = attn._fastlm_qkv_weight.untyped_storage().data_ptr()
+        ptr = attn._fastlm_qkv_fused[0].untyped_storage().data_ptr()
         assert all(getattr(attn, n).weight.untyped_storage().data_ptr() == ptr for n in names)
 
 
@@ -167,7 +167,7 @@ def test_to_dtype_after_patch_refuses_storage(variant):
     with torch.no_grad():
         assert torch.equal(model(ids).logits, twin(ids).logits)
     attn = model.model.layers[0].self_attn
-    assert attn._fastlm_qkv_weight.dtype == torch.bfloat16
+    assert attn._fastlm_qkv_fused[0].dtype == torch.bfloat16
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}
     assert sum(storages.values()) == param_bytes

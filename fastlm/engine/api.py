@@ -152,14 +152,14 @@ def _stop_ids(model, tokenizer, eos_token_id, ignore_eos: bool) -> list[int]:
 
 def _prepare_model(model, backend: str):
     from fastlm.ops._registry import resolve
-    from fastlm.patching import is_patched, patch, patched_backend
+    from fastlm.patching import is_patched, patch, patch_quantization, patched_backend
 
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "lm_head") or not hasattr(model, "base_model"):
         raise TypeError(f"fastlm.generate needs a *ForCausalLM model, got {type(model).__name__}")
     want = patched_backend(model) if (backend == "auto" and is_patched(model)) else backend
-    concrete = resolve(want, model.lm_head.weight.device.type)
+    concrete = resolve(want, model.get_input_embeddings().weight.device.type)
     if patched_backend(model) != concrete:
-        patch(model, concrete)
+        patch(model, concrete, quantize=patch_quantization(model))  # another backend keeps the quantization
     return model
 
 

@@ -372,7 +372,7 @@ def run(args) -> int:
     path = resolve_model_dir(args.model)
     device = _device(args.device)
     backend = _backend(args.backend, device)
-    model, tokenizer, _ = load(path, args.dtype, device, backend=backend)
+    model, tokenizer, _ = load(path, args.dtype, device, backend=backend, quantize=args.quantize)
 
     import fastlm
 
@@ -388,7 +388,8 @@ def run(args) -> int:
                   "and the model continues it)")
     if term.interactive:
         term.note(f"fastlm chat: {name} ({model.config.model_type}), KV cache {session.max_cache_len} tokens, "
-                  f"backend {backend}; /help for commands, Ctrl-D to quit")
+                  f"backend {backend}{f', {args.quantize} weights' if args.quantize else ''}; /help for commands, "
+                  "Ctrl-D to quit")
     _handler_at_start = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() \
         else None
     try:

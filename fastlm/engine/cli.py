@@ -35,6 +35,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 PROGRESS_MIN_BYTES = 200 * 10**6  # checkpoints at least this big show a loading progress bar (on a terminal)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUANTIZE_CHOICES = ("int8", "int4")  # fastlm.modules._quantized.PRESETS (not imported here: it needs torch)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -120,6 +121,9 @@ def add_generation_options(p: argparse.ArgumentParser, max_new_tokens=(new_token
     p.add_argument("--dtype", choices=DTYPES, default="auto")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--backend", choices=("auto", "torch", "triton", "cpp"), default="auto")
+    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
+                   help="weight-only quantization at load (fastlm.patch(model, quantize=...)); the 16-bit "
+                        "weights are freed")
     p.add_argument("--no-cuda-graph", action="store_true", help="decode eagerly on CUDA")
     p.add_argument("--compile", action="store_true", help="run the decode step through torch.compile")
 
@@ -226,12 +230,13 @@ def chat_messages(system: str | None, user: str) -> list[dict]:
 
 def load(path: str, dtype: str, device: str, prompts: list[str] | None = None, *, chat: bool = False,
          system: str | None = None, backend: str | None = None, need_template: str | None = None,
-         timings: dict | None = None):
+         timings: dict | None = None, quantize: str | None = None):
     """-> (model, tokenizer, prompt ids) for a checkpoint from :func:`resolve_model_dir`. Config and
     tokenizer are checked, and the prompts tokenised (``chat``: rendered with the chat template, ``system``
     as its system message) and checked against the context and the vocabulary, before the weights are
     read; ``need_template`` (the flag that needs it) fails when the tokenizer has no chat template. The
-    model is patched for ``backend`` (when given) before it is returned. A progress bar shows on stderr
+    model is patched for ``backend`` (when given; ``quantize``: quantized then, the 16-bit weights freed)
+    before it is returned. A progress bar shows on stderr
     while a large checkpoint loads (:func:`wants_progress`). ``timings["load_s"]``: the seconds it took,
     the libraries' start-up (importing their modeling code) not counted. Raises CLIError with a one-line
     reason."""
@@ -286,8 +291,13 @@ def load(path: str, dtype: str, device: str, prompts: list[str] | None = None, *
             status(f"moving the weights to {device}")
         model = model.to(device).eval()
         if backend is not None:
-            status(f"patching ({backend} backend)")
-            fastlm.patch(model, backend)
+            status(f"patching ({backend} backend{', quantizing to ' + quantize if quantize else ''})")
+            try:
+                fastlm.patch(model, backend, quantize=quantize)
+            except ValueError as exc:  # a projection this format cannot take (e.g. K not a multiple of 32)
+                if quantize is None:
+                    raise
+                raise CLIError(f"--quantize {quantize}: {first_line(exc, 'ValueError')}") from None
     if timings is not None:
         timings["load_s"] = time.perf_counter() - started
     return model, tokenizer, ids
@@ -353,13 +363,43 @@ def peak_memory(device: str) -> tuple[int | None, str]:
     return (peak if sys.platform == "darwin" else peak * 1024), "rss"  # bytes on macOS, KiB on Linux
 
 
-def measures(result, max_new_tokens: int, backend: str, load_s: float, device: str) -> dict:
+def resident_memory() -> int | None:
+    """This process's resident set now, in bytes (``/proc/self/statm``, else psutil; None where neither exists)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError, AttributeError):
+        pass
+    try:
+        import psutil
+
+        return int(psutil.Process().memory_info().rss)
+    except (ImportError, AttributeError):
+        return None
+
+
+def weight_bytes(model) -> int:
+    """Bytes of the model's Parameters and buffers, each storage counted once (views of one fused storage, tied
+    weights)."""
+    storages = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        storage = t.untyped_storage()
+        storages[(storage.device, storage.data_ptr())] = storage.nbytes()
+    return sum(storages.values())
+
+
+def measures(result, max_new_tokens: int, backend: str, load_s: float, device: str, model=None,
+             quantize: str | None = None) -> dict:
     """The summary's figures (the same in --json): load seconds, prefill ms and tokens/s, per-sequence
     decode tokens/s, peak memory, backend and mode. None where a figure does not exist: no prefill ran
-    (--max-new-tokens 0), or no decode step (one new token: the prefill made it)."""
+    (--max-new-tokens 0), or no decode step (one new token: the prefill made it). With ``quantize`` also the
+    resident set now (CPU; None on CUDA) and the bytes of the weights, quantized ones included."""
     memory, kind = peak_memory(device)
     figures = {"load_s": load_s, "prefill_ms": None, "prefill_tokens_per_s": None, "decode_tokens_per_s": None,
                "peak_memory_bytes": memory, "peak_memory": kind, "backend": backend, "mode": None}
+    if quantize is not None:
+        figures.update(quantize=quantize, resident_memory_bytes=resident_memory() if device == "cpu" else None,
+                       weight_bytes=weight_bytes(model))
     if max_new_tokens == 0:  # the engine never ran: nothing was timed, and the backend is the one it would use
         return figures
     prefilled = result.extra.get("prefill_tokens", sum(result.prompt_lengths))
@@ -376,7 +416,12 @@ MEMORY_KINDS = {"rss": "RSS", "cuda_max_allocated": "CUDA max allocated"}
 def format_memory(figures: dict) -> str:
     if figures["peak_memory_bytes"] is None:
         return "-"
-    return f"{figures['peak_memory_bytes'] / 2**20:.1f} MiB {MEMORY_KINDS[figures['peak_memory']]}"
+    text = f"{figures['peak_memory_bytes'] / 2**20:.1f} MiB {MEMORY_KINDS[figures['peak_memory']]}"
+    if "quantize" in figures:  # the peak includes the 16-bit load; what stays is the quantized model
+        resident = figures["resident_memory_bytes"]
+        text += ("" if resident is None else f", resident {resident / 2**20:.1f} MiB") + \
+            f", weights {figures['weight_bytes'] / 2**20:.1f} MiB {figures['quantize']}"
+    return text
 
 
 def _summary(result, prompt_tokens: int, figures: dict) -> str:
@@ -410,7 +455,8 @@ def run(args) -> int:
     backend = _backend(args.backend, device)
     timings = {}
     model, tokenizer, ids = load(path, args.dtype, device, prompts, chat=args.chat, system=args.system,
-                                 backend=backend, need_template="--chat" if args.chat else None, timings=timings)
+                                 backend=backend, need_template="--chat" if args.chat else None, timings=timings,
+                                 quantize=args.quantize)
     load_s = timings["load_s"]
 
     import torch
@@ -427,7 +473,7 @@ def run(args) -> int:
     with torch.inference_mode():
         if not single:  # no text until the batch is done: no host sync per token (stop strings: every few)
             result = fastlm.generate(model, ids, return_result=True, **kwargs)
-            figures = measures(result, args.max_new_tokens, backend, load_s, device)
+            figures = measures(result, args.max_new_tokens, backend, load_s, device, model, args.quantize)
             texts = [cut_at_stop(tokenizer.decode(toks, skip_special_tokens=True), args.stop) for toks in result.tokens]
             for b, toks in enumerate(result.tokens):
                 if args.json:
@@ -456,7 +502,7 @@ def run(args) -> int:
             tail += "" if stops.stopped else stops.flush()
             sys.stdout.write((echo if echo_pending else "") + tail + "\n")
             sys.stdout.flush()
-            figures = measures(result, args.max_new_tokens, backend, load_s, device)
+            figures = measures(result, args.max_new_tokens, backend, load_s, device, model, args.quantize)
     print(_summary(result, sum(len(p) for p in ids), figures), file=sys.stderr, flush=True)
     return 0
 

@@ -145,7 +145,7 @@ class Engine:
         S = max(lengths_host)
         if len(stop_ids) > MAX_STOP_IDS:
             raise ValueError(f"at most {MAX_STOP_IDS} stop token ids are supported, got {len(stop_ids)}")
-        model_device = self.model.lm_head.weight.device
+        model_device = self.model.get_input_embeddings().weight.device  # (a quantized lm_head has no weight)
         uses_graph = model_device.type == "cuda" and self.cuda_graph
         rows = batch_bucket(B) if uses_graph else B
         need = min(S + max_new_tokens - 1, limit)
@@ -300,12 +300,13 @@ _ENGINES_LOCK = threading.Lock()
 
 
 def engine_for(model, *, cuda_graph: bool, compile: bool) -> Engine:
-    """The engine cached on ``model``, rebuilt when the model was (re-)patched or its dtype, device or
-    the options changed. Keyed on ``patch()``'s own id for the patch, never on ``id()`` of a tensor
-    (ids are reused); weight changes need no new engine: each call re-checks the fused weights."""
-    from fastlm.patching import patch_id
+    """The engine cached on ``model``, rebuilt when the model was (re-)patched or its dtype, device,
+    quantization or the options changed. Keyed on ``patch()``'s own id for the patch, never on ``id()`` of a
+    tensor (ids are reused); weight changes need no new engine: each call re-checks the fused weights."""
+    from fastlm.patching import patch_id, patch_quantization
 
-    key = (patch_id(model), model.lm_head.weight.dtype, model.lm_head.weight.device, bool(cuda_graph), compile)
+    embed = model.get_input_embeddings().weight  # the model's dtype and device (a quantized lm_head has no weight)
+    key = (patch_id(model), patch_quantization(model), embed.dtype, embed.device, bool(cuda_graph), compile)
     with _ENGINES_LOCK:
         entry = _ENGINES.get(model)
         if entry is None or entry[0] != key:

@@ -19,6 +19,7 @@ place, empties it (the next call prefills the whole sequence).
 """
 from __future__ import annotations
 
+import itertools
 import threading
 
 import torch
@@ -57,11 +58,13 @@ class Session:
         self.last_prefill_tokens = 0  # tokens the last call prefilled (the rest came from the cache)
 
     def _weights_key(self):
-        """Changes whenever the model is re-patched or any Parameter is replaced or updated in place
-        (``_version`` counts in-place writes): the cache is only reused under the weights that filled it."""
+        """Changes whenever the model is re-patched or any Parameter (or a quantized projection's qweight /
+        scales buffer) is replaced or updated in place (``_version`` counts in-place writes): the cache is only
+        reused under the weights that filled it."""
         from fastlm.patching import patch_id
 
-        return patch_id(self.model), tuple((p.data_ptr(), p._version) for p in self.model.parameters())
+        tensors = itertools.chain(self.model.parameters(), self.model.buffers())
+        return patch_id(self.model), tuple((t.data_ptr(), t._version) for t in tensors)
 
     # ---- the engine's side -------------------------------------------------------------------
     def lease(self, prompt: list[int], length: int):

@@ -4,7 +4,8 @@ from fastlm.modules.attention import AttentionSpec, FusedAttention, patch_attent
 from fastlm.modules.decoder import FusedDecoderLayer, patch_decoder_layer
 from fastlm.modules.mlp import FusedMLP, MLPSpec, patch_mlp
 from fastlm.modules.norm import FusedNorm, patch_norm
+from fastlm.modules._quantized import PRESETS, QuantFormat, QuantizedLinear, QuantSpec
 
 __all__ = ["AttentionSpec", "FusedAttention", "patch_attention", "FusedDecoderLayer",
            "patch_decoder_layer", "FusedMLP", "MLPSpec", "patch_mlp", "FusedNorm", "patch_norm",
-           "refresh_fused_weights"]
+           "refresh_fused_weights", "PRESETS", "QuantFormat", "QuantizedLinear", "QuantSpec"]

@@ -28,8 +28,9 @@ import torch.nn as nn
 _is_compiling = torch.compiler.is_compiling
 
 
-def fuse_parameters(params: list[nn.Parameter]) -> torch.Tensor:
-    """Concatenate ``params`` along dim 0 and re-point each one at its slice. Returns the fused tensor."""
+def fuse_parameters(params: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate ``params`` (Parameters or buffers) along dim 0 and re-point each one at its slice.
+    Returns the fused tensor."""
     fused = torch.cat([p.detach() for p in params], dim=0)
     offset = 0
     for p in params:
@@ -37,6 +38,37 @@ def fuse_parameters(params: list[nn.Parameter]) -> torch.Tensor:
         p.data = fused[offset:offset + n]
         offset += n
     return fused
+
+
+def fuse_linears(linears) -> tuple:
+    """The one GEMM over the rows of ``linears`` (q/k/v, gate/up; one linear: its own tensors) ->
+    (weight, bias, None) for 16-bit projections, (qweight, bias, (scales, bits, group_size)) for quantized
+    ones (fastlm.modules._quantized), the argument fastlm.modules._linear.project_fused takes. Several
+    linears are fused with :func:`fuse_parameters`: a quantized weight's rows are quantized independently, so
+    its qweight and scales fuse row-wise like a 16-bit weight."""
+    first = linears[0]
+    quant = first.__dict__.get("_fastlm_quant")
+    biased = first.bias is not None
+    if len(linears) == 1:
+        bias = first.bias
+        if quant is None:
+            return first.weight, bias, None
+        return first._buffers["qweight"], bias, (first._buffers["scales"], *quant)
+    bias = fuse_parameters([m.bias for m in linears]) if biased else None
+    if quant is None:
+        return fuse_parameters([m.weight for m in linears]), bias, None
+    qweight = fuse_parameters([m._buffers["qweight"] for m in linears])
+    return qweight, bias, (fuse_parameters([m._buffers["scales"] for m in linears]), *quant)
+
+
+def unfuse_linears(linears) -> None:
+    """Give the weights (or qweights and scales) and biases of ``linears`` their own storage again."""
+    from fastlm.modules._quantized import weight_tensors
+
+    for tensors in zip(*(weight_tensors(m) for m in linears)):
+        unfuse_parameters(list(tensors))
+    if linears[0].bias is not None:
+        unfuse_parameters([m.bias for m in linears])
 
 
 def unfuse_parameters(params: list[nn.Parameter]) -> None:

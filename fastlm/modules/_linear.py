@@ -1,4 +1,5 @@
-"""The projections of the fused modules and the engine: one call into fastlm's ``linear`` op."""
+"""The projections of the fused modules and the engine: one call into fastlm's ``linear`` op, or into its
+``quant_linear`` op for a projection that ``patch(quantize=...)`` quantized (fastlm.modules._quantized)."""
 from __future__ import annotations
 
 import torch
@@ -13,6 +14,21 @@ def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ba
     return dispatch("linear", backend, x.device)(x, weight, bias, residual)
 
 
+def project_fused(x: torch.Tensor, fused: tuple, backend: str, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """One fused projection: ``fused`` = (weight, bias, None) for a 16-bit one, (qweight, bias,
+    (scales, bits, group_size)) for a quantized one (what :func:`fuse_linears` returns)."""
+    weight, bias, quant = fused
+    if quant is None:
+        return dispatch("linear", backend, x.device)(x, weight, bias, residual)
+    return dispatch("quant_linear", backend, x.device)(x, weight, quant[0], bias, residual, quant[1], quant[2])
+
+
 def project_linear(x: torch.Tensor, linear, backend: str, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """:func:`project` with an ``nn.Linear``'s weight and bias."""
-    return project(x, linear.weight, linear.bias, backend, residual)
+    """:func:`project` with an ``nn.Linear``'s weight and bias (its qweight and scales once quantized). The
+    tensors are read from the module at every call, so a replaced one is never stale."""
+    quant = linear.__dict__.get("_fastlm_quant")  # (bits, group_size) of a quantized projection
+    if quant is None:
+        return dispatch("linear", backend, x.device)(x, linear.weight, linear.bias, residual)
+    buffers = linear._buffers
+    return dispatch("quant_linear", backend, x.device)(x, buffers["qweight"], buffers["scales"],
+                                                       linear._parameters["bias"], residual, *quant)

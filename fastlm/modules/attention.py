@@ -7,8 +7,9 @@ mask HF built. So ``generate()``, left padding and ``output_attentions`` keep
 working; the fused path replaces the 3 GEMMs (1 for Persimmon) + ~10 elementwise ops before them.
 
 Per-instance state (set by the family adapter, never in ``state_dict``):
-``_fastlm_qkv_weight`` [(H + 2*Hkv) * D, hidden] and ``_fastlm_qkv_bias``: the fused storage the HF
-q/k/v Parameters are views of (Persimmon's ``query_key_value`` is used as is); ``_fastlm_spec``: the
+``_fastlm_qkv_fused``: (weight [(H + 2*Hkv) * D, hidden], bias, quantized) of the fused projection
+(fastlm.modules._fused_storage.fuse_linears), the storage the HF q/k/v Parameters (or, quantized, their
+qweight / scales buffers) are views of (Persimmon's ``query_key_value`` is used as is); ``_fastlm_spec``: the
 epilogue's static arguments; ``_fastlm_epilogue``: what :meth:`FusedAttention.epilogue` returns;
 ``_fastlm_source_ptrs``: the fingerprint that tells when to re-fuse (fastlm.modules._fused_storage).
 """
@@ -22,8 +23,10 @@ import torch.nn as nn
 
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from fastlm.modules._fused_storage import _is_compiling, data_ptrs, fuse_parameters, unfuse_parameters
-from fastlm.modules._linear import project, project_linear
+from fastlm.modules._fused_storage import (_is_compiling, data_ptrs, fuse_linears, fuse_parameters, unfuse_linears,
+                                           unfuse_parameters)
+from fastlm.modules._linear import project_fused, project_linear
+from fastlm.modules._quantized import compute_dtype, weight_tensors
 from fastlm.modules._swap import swap_in
 from fastlm.ops._registry import dispatch
 
@@ -60,7 +63,7 @@ class FusedAttention:
         spec = self._fastlm_spec
         out = []
         for linear in self._fastlm_qkv_linears():
-            out.append(linear.weight)
+            out += weight_tensors(linear)
             if linear.bias is not None:
                 out.append(linear.bias)
         if spec.qk_norm == "shared":
@@ -74,13 +77,8 @@ class FusedAttention:
     def _fastlm_fuse(self) -> None:
         spec = self._fastlm_spec
         linears = self._fastlm_qkv_linears()
-        if len(linears) == 1:
-            weight, bias = linears[0].weight, linears[0].bias
-        else:
-            weight = fuse_parameters([m.weight for m in linears])
-            bias = fuse_parameters([m.bias for m in linears]) if linears[0].bias is not None else None
         # Through __dict__: nn.Module.__setattr__ would register a Parameter here as a new state_dict key.
-        self.__dict__["_fastlm_qkv_weight"], self.__dict__["_fastlm_qkv_bias"] = weight, bias
+        self.__dict__["_fastlm_qkv_fused"] = fuse_linears(linears)
         qn = kn = (None, None)
         if spec.qk_norm == "shared":
             qn = (self.q_layernorm.weight, self.q_layernorm.bias)
@@ -94,7 +92,8 @@ class FusedAttention:
         # Norm weights kept in fp32 beside a 16-bit model (keep_in_fp32_modules, some checkpoints): HF's
         # LayerNorm then normalises in fp32 with the fp32 weights and rounds once; the kernels take the
         # model dtype only, so such layers run the reference epilogue, which does exactly what HF does.
-        mixed = any(t is not None and t.dtype != weight.dtype for t in norms)
+        dtype = compute_dtype(linears[0])
+        mixed = any(t is not None and t.dtype != dtype for t in norms)
         # The epilogue: (backend, norms, static ints), its trailing positional arguments in the order of
         # the op contract (qkv_rope_ref).
         self.__dict__["_fastlm_epilogue"] = (
@@ -126,9 +125,7 @@ class FusedAttention:
     def _fastlm_unfuse(self) -> None:
         linears = self._fastlm_qkv_linears()
         if len(linears) > 1:
-            unfuse_parameters([m.weight for m in linears])
-            if linears[0].bias is not None:
-                unfuse_parameters([m.bias for m in linears])
+            unfuse_linears(linears)
         if self._fastlm_spec.qk_norm == "per_head":
             unfuse_parameters([n.weight for n in self.q_layernorm.norms])
             unfuse_parameters([n.weight for n in self.k_layernorm.norms])
@@ -141,7 +138,7 @@ class FusedAttention:
     # ---- forward -------------------------------------------------------------------------
     def project_qkv(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """The fused QKV GEMM: [B, S, hidden] -> [B, S, (H + 2*Hkv) * D]."""
-        return project(hidden_states, self._fastlm_qkv_weight, self._fastlm_qkv_bias, self._fastlm_backend)
+        return project_fused(hidden_states, self.__dict__["_fastlm_qkv_fused"], self._fastlm_backend)
 
     def forward(self, hidden_states, *args, **kwargs):
         if torch.is_grad_enabled():

@@ -6,8 +6,10 @@ than ``INPLACE_SWIGLU_MIN_ROWS`` rows) SwiGLU stays out of place: its output is 
 allocate, while the in-place form's returned gate-half view costs ~1.5 us of host time (measured:
 8.7 us against 6.8 us a call at batch 1 on CPU).
 
-``_fastlm_gate_up_weight`` [2I, hidden] (and bias) is the fused storage the HF gate/up Parameters
-are views of. Activations other than silu (SwiGLU) and relu2 run through HF's ``act_fn`` unfused.
+``_fastlm_gate_up_fused``: (weight [2I, hidden], bias, quantized) of the fused projection
+(fastlm.modules._fused_storage.fuse_linears), the storage the HF gate/up Parameters (or, quantized, their
+qweight / scales buffers) are views of. Activations other than silu (SwiGLU) and relu2 run through HF's
+``act_fn`` unfused.
 """
 from __future__ import annotations
 
@@ -16,8 +18,9 @@ from dataclasses import dataclass
 import torch
 
 from fastlm.ops._registry import dispatch
-from fastlm.modules._fused_storage import _is_compiling, data_ptrs, fuse_parameters, unfuse_parameters
-from fastlm.modules._linear import project, project_linear
+from fastlm.modules._fused_storage import _is_compiling, data_ptrs, fuse_linears, unfuse_linears
+from fastlm.modules._linear import project_fused, project_linear
+from fastlm.modules._quantized import weight_tensors
 from fastlm.modules._swap import swap_in
 
 
@@ -47,14 +50,11 @@ class FusedMLP:
         if not self._fastlm_spec.gated:
             return []
         gate, up = self._fastlm_gate_up()
-        return [gate.weight, up.weight] + ([gate.bias, up.bias] if gate.bias is not None else [])
+        return weight_tensors(gate) + weight_tensors(up) + ([gate.bias, up.bias] if gate.bias is not None else [])
 
     def _fastlm_fuse(self) -> None:
         if self._fastlm_spec.gated:
-            gate, up = self._fastlm_gate_up()
-            self.__dict__["_fastlm_gate_up_weight"] = fuse_parameters([gate.weight, up.weight])
-            self.__dict__["_fastlm_gate_up_bias"] = (fuse_parameters([gate.bias, up.bias])
-                                                     if gate.bias is not None else None)
+            self.__dict__["_fastlm_gate_up_fused"] = fuse_linears(self._fastlm_gate_up())
         self.__dict__["_fastlm_source_ptrs"] = data_ptrs(self._fastlm_sources())
 
     def _fastlm_refresh(self) -> None:
@@ -66,10 +66,7 @@ class FusedMLP:
 
     def _fastlm_unfuse(self) -> None:
         if self._fastlm_spec.gated:
-            gate, up = self._fastlm_gate_up()
-            unfuse_parameters([gate.weight, up.weight])
-            if gate.bias is not None:
-                unfuse_parameters([gate.bias, up.bias])
+            unfuse_linears(self._fastlm_gate_up())
 
     def _apply(self, fn, recurse=True):
         result = super()._apply(fn, recurse)
@@ -80,7 +77,7 @@ class FusedMLP:
         """Up projection(s) and activation: [..., hidden] -> [..., I]."""
         spec = self._fastlm_spec
         if spec.gated:
-            gate_up = project(x, self._fastlm_gate_up_weight, self._fastlm_gate_up_bias, self._fastlm_backend)
+            gate_up = project_fused(x, self.__dict__["_fastlm_gate_up_fused"], self._fastlm_backend)
             if spec.activation == "silu":
                 rows = gate_up.numel() // max(gate_up.shape[-1], 1)
                 op = "swiglu_" if rows >= INPLACE_SWIGLU_MIN_ROWS else "swiglu"  # swiglu_: an [..., I] view

@@ -1,0 +1,419 @@
+// Weight-only quantized linear on CPU: y = x @ dequantize(qweight, scales)^T (+ bias) (+ residual), with the
+// formats of fastlm/ops/quant_linear.py (int8 [N, K] or int4 packed two a byte [N, K / 2], fp32 scales
+// [N, K / G], symmetric) and its computation order: fp32 weights q * scale, fp32 accumulation, one
+// rounding to x's dtype. No activation is quantized, so the result matches the dequantize-then-reference
+// composition to fp32 rounding (the sums run in another order).
+//
+// Decode (M <= kMaxGemvRows rows of x): the cost is reading the quantized weight once, 1 byte a weight for
+// int8 and 0.5 for int4 (+ 4 / G for the scales), against 2 for bf16 and 4 for fp32: these are the
+// minimum bytes, and the kernel moves exactly them plus x (L1-resident). As in csrc/cpu/linear.cpp, x is
+// widened once to an fp32 scratch [M, K] (rows zero-padded to a multiple of 32), each thread takes a
+// contiguous range of W's rows in blocks of kBlockRows and reads each row once, in memory order, for up to
+// kMaxXRows rows of x at a time (more rows re-read the block from L1/L2, never from memory). Each block of
+// 32 weights is widened in registers to fp32: int8 by sign extension and an int -> float conversion; int4
+// by zero-extending its 16 bytes to 16 int32 lanes, whose low nibbles are weights 0..15 of the block and
+// whose high nibbles are weights 16..31 (the packing puts them there so that each half lines up with 16
+// consecutive elements of x), turned into floats without a conversion instruction: OR-ing a nibble n into
+// the bits of 2^23 gives the float 2^23 + n, and subtracting 2^23 + 8 gives n - 8 exactly. Grouped formats
+// multiply the widened weights by their group's scale (exactly the reference's fp32 q * scale; shared by
+// every row of x) before the FMAs; per-channel formats (one group) accumulate q * x and multiply the sum by
+// the scale once. At M = 1 the int4 loop is bound by these instructions rather than by memory on a 2-core
+// Zen 4 (see fastlm.bench.quant: GB/s of weight bytes), int8 by memory.
+//
+// Prefill (M > kMaxGemvRows): a GEMM, where the weight is reused M times and its bytes no longer matter.
+// The weight is widened to fp32 in tiles of whole rows of ~kTileBytes (L2/L3-sized), each tile multiplied
+// by ATen's fp32 GEMM into its columns of an fp32 output (x widened to fp32 once), then bias and residual
+// are added in fp32 and the result rounded once. The widening writes and re-reads 4 bytes a weight per
+// call (from cache), small beside the GEMM's 2 * M flops a weight. fp32 rather than a 16-bit GEMM keeps
+// the reference's fp32 weights exact (a bf16 weight tile would round q * scale).
+#include "../checks.h"
+#include "../ops.h"
+#include "vec_util.h"
+
+#include <array>
+#include <cstdint>
+#include <vector>
+
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#endif
+
+namespace fastlm::cpu {
+namespace {
+
+constexpr int64_t kMaxGemvRows = 16;  // rows of x up to which the streaming kernel runs (see the header)
+constexpr int64_t kBlockRows = 8;     // W rows per block (read in order; re-read from cache per x tile)
+constexpr int kMaxXRows = 4;          // rows of x per register tile
+constexpr int64_t kQBlock = 32;       // weights per widening step (and the int4 packing block)
+constexpr int64_t kTileBytes = 1 << 20;  // fp32 bytes of one widened weight tile at prefill
+
+// The SIMD width of this build: kL floats a register, kVecs registers a block of 32 weights. The default
+// (no SIMD) build runs the same code on plain floats.
+#if defined(CPU_CAPABILITY_AVX512)
+using VF = __m512;
+constexpr int kL = 16;
+inline VF vzero() { return _mm512_setzero_ps(); }
+inline VF vset1(float s) { return _mm512_set1_ps(s); }
+inline VF vload(const float* p) { return _mm512_loadu_ps(p); }
+inline VF vmul(VF a, VF b) { return _mm512_mul_ps(a, b); }
+inline VF vadd(VF a, VF b) { return _mm512_add_ps(a, b); }
+inline VF vfma(VF a, VF b, VF c) { return _mm512_fmadd_ps(a, b, c); }
+inline float vsum(VF v) { return _mm512_reduce_add_ps(v); }
+inline void widen8(const int8_t* p, VF w[2]) {
+  w[0] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  w[1] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16))));
+}
+#elif defined(CPU_CAPABILITY_AVX2)
+using VF = __m256;
+constexpr int kL = 8;
+inline VF vzero() { return _mm256_setzero_ps(); }
+inline VF vset1(float s) { return _mm256_set1_ps(s); }
+inline VF vload(const float* p) { return _mm256_loadu_ps(p); }
+inline VF vmul(VF a, VF b) { return _mm256_mul_ps(a, b); }
+inline VF vadd(VF a, VF b) { return _mm256_add_ps(a, b); }
+inline VF vfma(VF a, VF b, VF c) { return _mm256_fmadd_ps(a, b, c); }
+inline float vsum(VF v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+}
+inline void widen8(const int8_t* p, VF w[4]) {
+  for (int j = 0; j < 4; ++j) {
+    w[j] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * j))));
+  }
+}
+inline void widen4(const uint8_t* p, VF w[4]) {
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m256i v0 = _mm256_cvtepu8_epi32(bytes), v1 = _mm256_cvtepu8_epi32(_mm_srli_si128(bytes, 8));
+  const __m256i two23 = _mm256_set1_epi32(0x4B000000), low = _mm256_set1_epi32(0xF);
+  const __m256 offset = _mm256_set1_ps(8388616.f);
+  auto to_float = [&](__m256i n) { return _mm256_sub_ps(_mm256_castsi256_ps(_mm256_or_si256(n, two23)), offset); };
+  w[0] = to_float(_mm256_and_si256(v0, low));  // weights 0..7
+  w[1] = to_float(_mm256_and_si256(v1, low));  // 8..15
+  w[2] = to_float(_mm256_srli_epi32(v0, 4));   // 16..23
+  w[3] = to_float(_mm256_srli_epi32(v1, 4));   // 24..31
+}
+#else
+using VF = float;
+constexpr int kL = 1;
+inline VF vzero() { return 0.f; }
+inline VF vset1(float s) { return s; }
+inline VF vload(const float* p) { return *p; }
+inline VF vmul(VF a, VF b) { return a * b; }
+inline VF vadd(VF a, VF b) { return a + b; }
+inline VF vfma(VF a, VF b, VF c) { return a * b + c; }
+inline float vsum(VF v) { return v; }
+inline void widen8(const int8_t* p, VF w[32]) {
+  for (int j = 0; j < 32; ++j) w[j] = static_cast<float>(p[j]);
+}
+inline void widen4(const uint8_t* p, VF w[32]) {
+  for (int j = 0; j < 16; ++j) {
+    w[j] = static_cast<float>((p[j] & 0xF) - 8);
+    w[j + 16] = static_cast<float>((p[j] >> 4) - 8);
+  }
+}
+#endif
+constexpr int kVecs = kQBlock / kL;
+// Blocks of 32 weights per step of the decode loop: enough independent accumulator chains per row of x
+// (kUnroll * kVecs) to hide the FMA latency. With two chains (one block a step on AVX-512) the int8 loop
+// was bound by the FMA latency, at 24 G weights/s from L2 on one Zen 4 core.
+constexpr int kUnroll = kVecs >= 4 ? 1 : 4 / kVecs;
+
+// Widens a block of 32 weights at a time to fp32, multiplied by the current group's scale when kScaled
+// (exactly the reference's fp32 products q * scale), else the bare q.
+template <int kBits, bool kScaled>
+struct Widener {
+  VF scale = vset1(1.f);
+#if defined(CPU_CAPABILITY_AVX512)
+  // int4 on AVX-512: the 16 values (n - 8) * scale of a nibble n as a table, which vpermps indexes with
+  // the low 4 bits of each lane (the high bits are ignored, so the low nibble needs no mask): one
+  // instruction a register for the whole widening and scaling.
+  VF table = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+#endif
+  inline void set_scale(float s) {
+    if constexpr (!kScaled) return;
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (kBits == 4) {
+      table = _mm512_mul_ps(_mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7), vset1(s));
+      return;
+    }
+#endif
+    scale = vset1(s);
+  }
+  // Weights k .. k + 31 of the row at w (k a multiple of 32 within its group).
+  inline void operator()(const uint8_t* w, int64_t k, VF out[kVecs]) const {
+    if constexpr (kBits == 8) {
+      widen8(reinterpret_cast<const int8_t*>(w) + k, out);
+    } else {
+#if defined(CPU_CAPABILITY_AVX512)
+      const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k / 2)));
+      out[0] = _mm512_permutexvar_ps(v, table);
+      out[1] = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);
+      return;
+#else
+      widen4(w + k / 2, out);
+#endif
+    }
+    if constexpr (kScaled) {
+      for (int j = 0; j < kVecs; ++j) out[j] = vmul(out[j], scale);
+    }
+  }
+};
+
+// Weight o of a group's partial last block of t (< 32, even) weights at `p`: byte o holds weights o and
+// o + t / 2 (fastlm/ops/quant_linear.py's layout); int8 weights are one a byte.
+template <int kBits>
+inline int tail_q(const uint8_t* p, int64_t t, int64_t o) {
+  if constexpr (kBits == 8) {
+    return static_cast<int8_t>(p[o]);
+  } else {
+    const int64_t h = t / 2;
+    return (o < h ? (p[o] & 0xF) : (p[o - h] >> 4)) - 8;
+  }
+}
+
+// The quantized weight: row n's bytes at data + n * row_stride, its scales at scales + n * groups.
+struct QWeight {
+  const uint8_t* data;
+  int64_t row_stride;
+  const float* scales;
+  int64_t groups, group_size;
+};
+
+// out[i] = W[row] . x[i] for MR rows of x (fp32 scratch rows xk apart, zero-padded to a multiple of 32).
+template <int kBits, bool kGrouped, int MR>
+inline void row_dot(const uint8_t* w, const float* s, int64_t G, int64_t groups, const float* xf, int64_t xk,
+                    float* out) {
+  // Accumulator chains per row of x: kUnroll * kVecs, fewer with more rows of x (their chains are
+  // independent too) where 16 AVX2 registers would not hold them.
+  constexpr int kChains = kUnroll * kVecs;
+  constexpr int kAcc = MR <= 2 || kL == 16 ? kChains : 2;
+  VF acc[MR][kAcc];
+  for (int i = 0; i < MR; ++i) {
+    for (int a = 0; a < kAcc; ++a) acc[i][a] = vzero();
+  }
+  float tail[MR] = {};
+  Widener<kBits, kGrouped> widen, widen2;
+  const int64_t full = G / kQBlock * kQBlock;
+  auto step = [&](const Widener<kBits, kGrouped>& wd, int64_t k, int u) __attribute__((always_inline)) {
+    VF wv[kVecs];
+    wd(w, k, wv);
+    for (int i = 0; i < MR; ++i) {
+      for (int j = 0; j < kVecs; ++j) {
+        VF& a = acc[i][(u * kVecs + j) % kAcc];
+        a = vfma(wv[j], vload(xf + i * xk + k + j * kL), a);
+      }
+    }
+  };
+  int64_t g = 0;
+  if (kUnroll == 2 && G == kQBlock) {
+    // Groups of 32 with two blocks a step: two groups a step, each with its own scale (one group a step
+    // would leave half the accumulator chains idle: the loop was FMA-latency bound, 25% slower than G = 64)
+    for (; g + 2 <= groups; g += 2) {
+      widen.set_scale(s[g]);
+      widen2.set_scale(s[g + 1]);
+      step(widen, g * kQBlock, 0);
+      step(widen2, (g + 1) * kQBlock, 1);
+    }
+  }
+  for (; g < groups; ++g) {
+    const int64_t k0 = g * G, k1 = k0 + full;
+    widen.set_scale(s[g]);
+    int64_t k = k0;
+    for (; k + kUnroll * kQBlock <= k1; k += kUnroll * kQBlock) {
+      for (int u = 0; u < kUnroll; ++u) step(widen, k + u * kQBlock, u);
+    }
+    for (; k < k1; k += kQBlock) step(widen, k, 0);
+    if (full < G) {  // a group size that is not a multiple of 32: its last weights one at a time
+      const int64_t t = G - full;
+      const uint8_t* p = kBits == 8 ? w + k1 : w + k1 / 2;
+      const float sg = kGrouped ? s[g] : 1.f;
+      for (int64_t o = 0; o < t; ++o) {
+        const float q = static_cast<float>(tail_q<kBits>(p, t, o));
+        const float wq = kGrouped ? q * sg : q;
+        for (int i = 0; i < MR; ++i) tail[i] += wq * xf[i * xk + k1 + o];
+      }
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    VF sum = acc[i][0];
+    for (int a = 1; a < kAcc; ++a) sum = vadd(sum, acc[i][a]);
+    const float v = vsum(sum) + tail[i];
+    out[i] = kGrouped ? v : v * s[0];
+  }
+}
+
+using RowDot = void (*)(const uint8_t*, const float*, int64_t, int64_t, const float*, int64_t, float*);
+
+template <int kBits, bool kGrouped>
+std::array<RowDot, kMaxXRows> row_dots() {
+  static_assert(kMaxXRows == 4, "one instantiation per row count below");
+  return {&row_dot<kBits, kGrouped, 1>, &row_dot<kBits, kGrouped, 2>, &row_dot<kBits, kGrouped, 3>,
+          &row_dot<kBits, kGrouped, 4>};
+}
+
+std::array<RowDot, kMaxXRows> pick_row_dots(int bits, bool grouped) {
+  if (bits == 8) return grouped ? row_dots<8, true>() : row_dots<8, false>();
+  return grouped ? row_dots<4, true>() : row_dots<4, false>();
+}
+
+template <typename T>
+void gemv(const T* x, int64_t xs, const QWeight& qw, int bits, const T* bias, const T* res, int64_t rs, T* y,
+          int64_t ys, int64_t M, int64_t N, int64_t K) {
+  const int64_t xk = round_up(K, kQBlock);
+  std::vector<float> xf(M * xk, 0.f);
+  for (int64_t i = 0; i < M; ++i) convert_row(x + i * xs, xf.data() + i * xk, K);
+  const auto dots = pick_row_dots(bits, qw.groups > 1);
+  const int64_t row_bytes = K * bits / 8;
+  const int64_t blocks = (N + kBlockRows - 1) / kBlockRows;
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, kBlockRows * row_bytes));  // >= 64 KB
+  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+    float out[kMaxXRows];
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t n0 = blk * kBlockRows, n1 = std::min(N, n0 + kBlockRows);
+      for (int64_t m0 = 0; m0 < M; m0 += kMaxXRows) {
+        const int64_t mr = std::min<int64_t>(kMaxXRows, M - m0);
+        const RowDot dot = dots[mr - 1];
+        for (int64_t n = n0; n < n1; ++n) {
+          dot(qw.data + n * qw.row_stride, qw.scales + n * qw.groups, qw.group_size, qw.groups,
+              xf.data() + m0 * xk, xk, out);
+          const float b = bias ? IO<T>::to_float(bias[n]) : 0.f;
+          for (int64_t i = 0; i < mr; ++i) {
+            const int64_t row = m0 + i;
+            float v = out[i] + b;
+            if (res) v += IO<T>::to_float(res[row * rs + n]);
+            y[row * ys + n] = static_cast<T>(v);
+          }
+        }
+      }
+    }
+  });
+}
+
+// Rows [n0, n0 + rows) of the weight widened to fp32 (q * scale, the reference's values) into dst [rows, K].
+template <int kBits>
+void widen_rows(const QWeight& qw, int64_t n0, int64_t rows, int64_t K, float* dst) {
+  const int64_t G = qw.group_size, full = G / kQBlock * kQBlock;
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint8_t* w = qw.data + (n0 + r) * qw.row_stride;
+    const float* s = qw.scales + (n0 + r) * qw.groups;
+    float* d = dst + r * K;
+    Widener<kBits, true> widen;
+    for (int64_t g = 0; g < qw.groups; ++g) {
+      const int64_t k0 = g * G;
+      widen.set_scale(s[g]);
+      for (int64_t k = k0; k < k0 + full; k += kQBlock) {
+        VF wv[kVecs];
+        widen(w, k, wv);
+        for (int j = 0; j < kVecs; ++j) {
+#if defined(CPU_CAPABILITY_AVX512)
+          _mm512_storeu_ps(d + k + j * kL, wv[j]);
+#elif defined(CPU_CAPABILITY_AVX2)
+          _mm256_storeu_ps(d + k + j * kL, wv[j]);
+#else
+          d[k + j] = wv[j];
+#endif
+        }
+      }
+      const int64_t t = G - full, k = k0 + full;
+      const uint8_t* p = kBits == 8 ? w + k : w + k / 2;
+      for (int64_t o = 0; o < t; ++o) d[k + o] = static_cast<float>(tail_q<kBits>(p, t, o)) * s[g];
+    }
+  }
+}
+
+// M > kMaxGemvRows (or nothing to stream): fp32 GEMMs on widened weight tiles (see the header). One
+// parallel region: each thread widens its tiles into its own buffer (kept in its L2) and multiplies them
+// with a single-threaded GEMM (ATen runs nested parallel regions inline). A multi-threaded GEMM per tile
+// instead opened two parallel regions per tile, each a wake-up and a barrier of every thread: 3x slower
+// than one fp32 GEMM at M = 512 on a loaded 2-core machine, where a descheduled thread stalls a barrier.
+at::Tensor prefill(const at::Tensor& x2, const QWeight& qw, int bits, const OptT& bias, const OptT& residual,
+                   int64_t M, int64_t N, int64_t K, const std::vector<int64_t>& out_shape) {
+  const at::Tensor xf = x2.to(at::kFloat);
+  at::Tensor yf = at::empty({M, N}, x2.options().dtype(at::kFloat));
+  if (M > 0 && N > 0) {
+    if (K == 0) {
+      yf.zero_();
+    } else {
+      const int64_t tile_rows = std::min(N, std::max<int64_t>(16, round_up(kTileBytes / (4 * K), 16)));
+      const int64_t tiles = (N + tile_rows - 1) / tile_rows;
+      at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+        at::Tensor tile = at::empty({tile_rows, K}, yf.options());
+        for (int64_t t = begin; t < end; ++t) {
+          const int64_t n0 = t * tile_rows, rows = std::min(tile_rows, N - n0);
+          if (bits == 8) {
+            widen_rows<8>(qw, n0, rows, K, tile.data_ptr<float>());
+          } else {
+            widen_rows<4>(qw, n0, rows, K, tile.data_ptr<float>());
+          }
+          at::Tensor out = yf.narrow(1, n0, rows);
+          at::mm_out(out, xf, tile.narrow(0, 0, rows).t());
+        }
+      });
+    }
+  }
+  if (bias) yf.add_(bias->to(at::kFloat));
+  if (residual) yf.add_(residual->reshape({M, N}).to(at::kFloat));
+  return yf.to(x2.scalar_type()).view(out_shape);
+}
+
+}  // namespace
+
+at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, const OptT& bias,
+                        const OptT& residual, int64_t bits, int64_t group_size) {
+  // The checks of fastlm/ops/quant_linear.py (check_quant_args), in its order and with its error types.
+  check_float("x", x);
+  TORCH_CHECK_VALUE(x.dim() >= 1, "fastlm: x must be [..., K], got a 0-d tensor");
+  TORCH_CHECK_VALUE(bits == 8 || bits == 4, "fastlm: bits must be 8 or 4, got ", bits);
+  const int64_t K = x.size(-1);
+  check_like("qweight", qweight, x, "x", /*same_dtype=*/false);
+  const at::ScalarType qtype = bits == 8 ? at::kChar : at::kByte;
+  TORCH_CHECK_TYPE(qweight.scalar_type() == qtype, "fastlm: qweight must be ", qtype, " for bits=", bits, ", got ",
+                   qweight.scalar_type());
+  const int64_t packed_k = bits == 8 ? K : K / 2;
+  TORCH_CHECK_VALUE(qweight.dim() == 2 && qweight.size(1) == packed_k, "fastlm: qweight must be [N, ",
+                    bits == 8 ? "K" : "K // 2", "] = [N, ", packed_k, "] for x's K = ", K, ", got ", qweight.sizes());
+  const int64_t N = qweight.size(0);
+  TORCH_CHECK_VALUE(group_size >= 1, "fastlm: group_size must be >= 1, got ", group_size);
+  TORCH_CHECK_VALUE(K % group_size == 0, "fastlm: group_size (", group_size, ") must divide x's K = ", K);
+  TORCH_CHECK_VALUE(bits == 8 || group_size % 2 == 0,
+                    "fastlm: group_size must be even for bits=4 (two weights a byte), got ", group_size);
+  check_like("scales", scales, x, "x", /*same_dtype=*/false);
+  TORCH_CHECK_TYPE(scales.scalar_type() == at::kFloat, "fastlm: scales must be float32, got ", scales.scalar_type());
+  const int64_t groups = K / group_size;
+  check_shape("scales", scales, {N, groups});
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = N;
+  if (bias) {
+    check_like("bias", *bias, x, "x");
+    check_shape("bias", *bias, {N});
+  }
+  if (residual) {
+    check_like("residual", *residual, x, "x");
+    check_shape("residual", *residual, out_shape);
+  }
+
+  const at::Tensor w = qweight.stride(1) == 1 || packed_k <= 1 ? qweight : qweight.contiguous();
+  const at::Tensor s = scales.contiguous();
+  const QWeight qw{reinterpret_cast<const uint8_t*>(w.const_data_ptr()), N > 1 ? w.stride(0) : packed_k,
+                   s.const_data_ptr<float>(), groups, group_size};
+  const Rows xr = rows_of(x);  // no view on the decode path (see rows_of)
+  const int64_t M = xr.rows;
+  if (M > kMaxGemvRows || M == 0 || K == 0 || N == 0) {
+    return prefill(xr.data.as_strided({M, K}, {xr.stride, 1}), qw, static_cast<int>(bits), bias, residual, M, N, K,
+                   out_shape);
+  }
+  at::Tensor y = at::empty(out_shape, x.options().memory_format(at::MemoryFormat::Contiguous));
+  const at::Tensor b = bias ? bias->contiguous() : at::Tensor();
+  const Rows rr = residual ? rows_of(*residual) : Rows{};
+  FASTLM_DISPATCH_FLOAT(x.scalar_type(), "quant_linear", [&] {
+    using T = scalar_t;
+    gemv<T>(reinterpret_cast<const T*>(xr.data.const_data_ptr()), xr.stride, qw, static_cast<int>(bits),
+            bias ? reinterpret_cast<const T*>(b.const_data_ptr()) : nullptr,
+            residual ? reinterpret_cast<const T*>(rr.data.const_data_ptr()) : nullptr, rr.stride,
+            reinterpret_cast<T*>(y.data_ptr()), N, M, N, K);
+  });
+  return y;
+}
+
+}  // namespace fastlm::cpu

@@ -1,0 +1,142 @@
+"""Weight-only int8 / int4 projections on CPU: fastlm's ``quant_linear`` (C++ backend) against ATen's own
+weight-only kernels (``torch._weight_int8pack_mm``, ``torch._weight_int4pack_mm_for_cpu``: what torchao
+calls on CPU) and against fastlm's 16-bit and fp32 ``linear``, at decode (M = 1, 4) and prefill (M = 512)
+rows of x, on the projection shapes of a 2048-hidden model (StableLM-2-1.6B: qkv, MLP up / down, lm_head).
+
+Each provider's time is the median of interleaved rounds (every provider once per round, so that the
+machine's drift falls on all of them alike); within a round, fastlm.bench.timing.measure's median. At
+decode each call takes the next of enough copies of its weight to fill 256 MiB, so that no call finds its
+weight in a cache; GB/s counts the weight's bytes (with its scales) once a call.
+
+    python -m fastlm.bench.quant [--rows 1,4,512] [--rounds 3] [--shapes 2048x2048,...] [--providers ...]
+
+Not a kernels-suite case: the suite times one fastlm op against its own reference, while this compares
+different ops (and weight formats) on the same projection.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import statistics
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from fastlm.bench import timing
+from fastlm.ops import _backend
+from fastlm.ops.quant_linear import _unpack_int4, quantize_weight
+
+# (K, N): hidden 2048 square (o_proj), fused qkv, MLP up (one of gate / up), MLP down, a 50304-token lm_head
+SHAPES = [(2048, 2048), (2048, 6144), (2048, 5632), (5632, 2048), (2048, 50304)]
+PREFILL_SHAPES = SHAPES[:4]  # the lm_head at M = 512 is ~0.5 s a call per provider: --shapes to add it
+WEIGHT_SET_BYTES = 256 * 2**20
+MAX_COPIES = 64
+
+PROVIDERS = {
+    # name: (kind, bits, group size or None for per channel, x dtype)
+    "fastlm-int8": ("fastlm", 8, None, torch.bfloat16),
+    "fastlm-int8-g32": ("fastlm", 8, 32, torch.bfloat16),
+    "fastlm-int4-g32": ("fastlm", 4, 32, torch.bfloat16),
+    "fastlm-int4-g64": ("fastlm", 4, 64, torch.bfloat16),
+    "aten-int8": ("aten8", 8, None, torch.bfloat16),
+    "aten-int8-fp32x": ("aten8", 8, None, torch.float32),
+    "aten-int4-g32": ("aten4", 4, 32, torch.bfloat16),
+    "aten-int4-g64": ("aten4", 4, 64, torch.bfloat16),
+    "fastlm-bf16": ("linear", 16, None, torch.bfloat16),
+    "fastlm-fp32": ("linear", 32, None, torch.float32),
+}
+
+
+@dataclass
+class Prepared:
+    call: Callable[[], object]
+    weight_bytes: int
+
+
+def _copies(t_bytes: int) -> int:
+    return min(MAX_COPIES, max(1, math.ceil(WEIGHT_SET_BYTES / max(t_bytes, 1))))
+
+
+def prepare(provider: str, weight: torch.Tensor, M: int, decode: bool) -> Prepared:
+    """The zero-argument call of ``provider`` on x [M, K] and (copies of) its form of ``weight`` [N, K]."""
+    kind, bits, group, xdtype = PROVIDERS[provider]
+    N, K = weight.shape
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(1)).to(xdtype)
+    if kind == "linear":
+        w = weight.to(xdtype)
+        fn = _backend.impl("linear", "cpp")
+        args = (w,)
+        call_one = lambda w: fn(x, w, None, None)  # noqa: E731
+    elif kind == "fastlm":
+        G = K if group is None else group
+        qw, s = quantize_weight(weight, bits, G)
+        fn = _backend.impl("quant_linear", "cpp")
+        args = (qw, s)
+        call_one = lambda qw, s: fn(x, qw, s, None, None, bits, G)  # noqa: E731
+    elif kind == "aten8":
+        qw, s = quantize_weight(weight, 8, K)
+        args = (qw, s[:, 0].to(xdtype))
+        call_one = lambda qw, s: torch._weight_int8pack_mm(x, qw, s)  # noqa: E731
+    else:  # aten4: our nibbles (q + 8) in ATen's packing, zero points 0
+        qw, s = quantize_weight(weight, 4, group)
+        nibbles = (_unpack_int4(qw, group).to(torch.int32) + 8).contiguous()
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(nibbles, 1)
+        scale_zeros = torch.stack([s.t(), torch.zeros_like(s.t())], dim=-1).to(xdtype).contiguous()  # [K/G, N, 2]
+        args = (packed, scale_zeros)
+        call_one = lambda p, sz: torch._weight_int4pack_mm_for_cpu(x, p, group, sz)  # noqa: E731
+    nbytes = sum(a.numel() * a.element_size() for a in args)
+    if not decode:
+        return Prepared(lambda: call_one(*args), nbytes)
+    sets = [args] + [tuple(a.clone() for a in args) for _ in range(_copies(nbytes) - 1)]
+    cycle = itertools.cycle(sets)
+    return Prepared(lambda: call_one(*next(cycle)), nbytes)
+
+
+def run(shapes=None, rows=(1, 4, 512), rounds: int = 3, providers=None, policy=timing.QUICK, printer=print):
+    """{(K, N, M, provider): (median us, GB/s of weight bytes)}; prints a table per (shape, M)."""
+    providers = list(providers or PROVIDERS)
+    results = {}
+    for M in rows:
+        decode = M <= 16
+        for K, N in (shapes or (SHAPES if decode else PREFILL_SHAPES)):
+            weight = torch.randn(N, K, generator=torch.Generator().manual_seed(0)) * K ** -0.5
+            prepared = {p: prepare(p, weight, M, decode) for p in providers}
+            samples = {p: [] for p in providers}
+            for _ in range(rounds):
+                for p in providers:
+                    samples[p].append(timing.measure(prepared[p].call, "cpu", policy).median_us)
+            base = statistics.median(samples["fastlm-bf16"]) if "fastlm-bf16" in samples else None
+            printer(f"K={K} N={N} M={M}")
+            for p in providers:
+                us = statistics.median(samples[p])
+                gbs = prepared[p].weight_bytes / us / 1e3
+                results[(K, N, M, p)] = (us, gbs)
+                ratio = f"  {base / us:5.2f}x bf16" if base else ""
+                printer(f"  {p:18s} {us:10.1f} us  {gbs:6.1f} GB/s{ratio}")
+            del prepared
+    return results
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rows", default="1,4,512")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--shapes", default=None, help="KxN,KxN,... (default: the module's SHAPES)")
+    ap.add_argument("--providers", default=None, help=f"comma-separated, of {', '.join(PROVIDERS)}")
+    a = ap.parse_args(argv)
+    shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")] if a.shapes else None
+    providers = a.providers.split(",") if a.providers else None
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fastlm._C {_cpu_isa()}")
+    run(shapes, [int(r) for r in a.rows.split(",")], a.rounds, providers)
+
+
+def _cpu_isa() -> str:
+    from fastlm.ops import _cpp
+
+    return _cpp.CPU_ISA
+
+
+if __name__ == "__main__":
+    main()
