@@ -18,8 +18,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None,
                    help="comma-separated: float32, bfloat16, float16 (default: bfloat16 on cuda, float32 on cpu)")
+    p.add_argument("--quantize", default=None, metavar="Q",
+                   help="comma-separated weight quantizations the prefill/decode suites also time: int8, int4 "
+                        "(against llama.cpp's Q8_0 / Q4_0 when FASTLM_LLAMA_CPP names a build)")
     p.add_argument("--filter", default=None, metavar="REGEX",
                    help="only cases whose 'suite/case' matches this regex (or substring), e.g. 'kernels/swiglu'")
+    p.add_argument("--providers", default=None, metavar="REGEX",
+                   help="only providers whose name matches this regex (or substring), e.g. 'fastlm-cpp|llama.cpp'")
+    p.add_argument("--rounds", type=int, default=None, metavar="N",
+                   help="timed rounds per prefill/decode case (default: 3 with --quick, else 5)")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="skip torch.compile providers")
     p.add_argument("--compile-timeout", type=float, default=None, metavar="S",
                    help="cap on hf-static-compile (compile + timing) per model, seconds")
@@ -48,12 +55,17 @@ def main(argv=None) -> int:
         import torch
 
         from fastlm.bench import suites as S
-        from fastlm.bench.driver import make_filter, parse_dtypes
+        from fastlm.bench.driver import make_filter, parse_dtypes, parse_quantize
 
         dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         scale = "tiny" if args.tiny else "quick" if args.quick else "full"
         sel = make_filter(args.filter)
-        for t in S.plan(args.suites or list(SUITES), scale, parse_dtypes(args.dtype, dev), dev):
+        try:
+            dtypes, quantize = parse_dtypes(args.dtype, dev), parse_quantize(args.quantize)
+        except ValueError as exc:
+            print(f"fastlm bench: {exc}", file=sys.stderr)
+            return 2
+        for t in S.plan(args.suites or list(SUITES), scale, dtypes, dev, quantize):
             for s, c in t.keys:
                 if sel(s, c):
                     print(f"{s}/{c}")
@@ -71,7 +83,8 @@ def main(argv=None) -> int:
         rows = run_benchmarks(args.out, suites=args.suites or None, quick=args.quick, tiny=args.tiny,
                               device=args.device, dtype=args.dtype, filter=args.filter, compile=args.compile,
                               compile_timeout_s=args.compile_timeout, plots=args.plots, progress=args.progress,
-                              command="fastlm bench " + shlex.join(argv))
+                              command="fastlm bench " + shlex.join(argv), quantize=args.quantize,
+                              providers=args.providers, rounds=args.rounds)
     except ValueError as exc:
         print(f"fastlm bench: {exc}", file=sys.stderr)
         return 2

@@ -15,7 +15,7 @@ import torch
 
 from fastlm.bench import SUITES, configs
 from fastlm.bench.backends import discover
-from fastlm.bench.machine import copy_bandwidth_gbs, describe
+from fastlm.bench.machine import copy_bandwidth_gbs, describe, read_bandwidth_gbs
 from fastlm.bench.progress import Progress
 from fastlm.bench.report import make_plots, write_summary
 from fastlm.bench.results import Row, fill_speedups, write_csv
@@ -40,6 +40,40 @@ def parse_dtypes(spec: str | None, device: torch.device) -> list[torch.dtype]:
     return out
 
 
+def parse_quantize(spec: str | None) -> list[str]:
+    from fastlm.bench.e2e import QUANTIZATIONS
+
+    names = [n.strip().lower() for n in (spec or "").split(",") if n.strip()]
+    bad = [n for n in names if n not in QUANTIZATIONS]
+    if bad:
+        raise ValueError(f"unknown quantization(s) {bad}; expected some of {list(QUANTIZATIONS)}")
+    return list(dict.fromkeys(names))
+
+
+def _llama_cpp_info(ctx: Context, suites) -> dict:
+    """What the summary says about llama.cpp: the build timed, or why there was none."""
+    if not {"prefill", "decode"} & set(suites):
+        return {}
+    from fastlm.bench import llamacpp
+
+    info = dict(ctx.info.get("llama_cpp", {}))
+    if not info:
+        tool = llamacpp.find()
+        info = dict(reason=tool) if isinstance(tool, str) else dict(source=tool.source, bench=tool.bench)
+    return info
+
+
+def make_provider_filter(pattern: str | None):
+    """``--providers``: a regex searched in the provider's name (a substring when it is not a valid regex)."""
+    if not pattern:
+        return lambda provider: True
+    try:
+        rx = re.compile(pattern)
+        return lambda provider: rx.search(provider) is not None
+    except re.error:
+        return lambda provider: pattern in provider
+
+
 def make_filter(pattern: str | None):
     """``--filter``: a regex searched in ``suite/case`` (a plain substring works as is; an invalid
     regex falls back to a substring match)."""
@@ -55,11 +89,17 @@ def make_filter(pattern: str | None):
 def run_benchmarks(out_dir: str = "bench-results", *, suites=None, quick: bool = False, tiny: bool = False,
                    device: str | None = None, dtype: str | None = None, filter: str | None = None,
                    compile: bool = True, compile_timeout_s: float | None = None, plots: bool = True,
-                   progress: bool = True, command: str = "") -> list[Row]:
+                   progress: bool = True, command: str = "", quantize: str | None = None,
+                   providers: str | None = None, rounds: int | None = None) -> list[Row]:
     """Run the suites and write ``results.csv``, ``summary.md`` and plots into ``out_dir``.
 
     ``quick``: fewer shapes and repetitions (under 10 minutes on a 2-core CPU); ``tiny``: test-sized
-    shapes, single repetitions (for smoke tests; timings meaningless). Returns the rows."""
+    shapes, single repetitions (for smoke tests; timings meaningless). ``quantize``: comma-separated weight
+    quantizations (``int8,int4``) the end-to-end suites also time, against llama.cpp's Q8_0 / Q4_0.
+    ``providers``: a regex that the timed providers' names must match. ``rounds``: timed rounds per
+    end-to-end case (default: 1 in tiny, 3 in quick, 5 in full mode). Returns the rows."""
+    if rounds is not None and (isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1):
+        raise ValueError(f"rounds must be an int >= 1, got {rounds!r}")
     t_start = time.perf_counter()
     suites = list(suites or SUITES)
     unknown = [s for s in suites if s not in SUITES]
@@ -76,15 +116,18 @@ def run_benchmarks(out_dir: str = "bench-results", *, suites=None, quick: bool =
     os.makedirs(out_dir, exist_ok=True)
     selected = make_filter(filter)
 
-    tasks = [t for t in plan(suites, scale, dtypes, dev) if any(selected(s, c) for s, c in t.keys)]
+    quantizations = parse_quantize(quantize)
+    tasks = [t for t in plan(suites, scale, dtypes, dev, quantizations) if any(selected(s, c) for s, c in t.keys)]
     bar = Progress(len(tasks) + 1, enabled=progress)
     bar.start("machine: copy bandwidth")
     machine = describe(dev)
     copy_mib = 16 if tiny else 256
     copy_bw = copy_bandwidth_gbs(dev, copy_mib * 2**20, policy if tiny else None)
+    read_bw = read_bandwidth_gbs(dev, copy_mib * 2**20, policy if tiny else None)
     bar.advance()
-    ctx = Context(device=dev, scale=scale, policy=policy, copy_bw_gbs=copy_bw, compile=compile,
-                    compile_timeout_s=compile_timeout_s, progress=bar, selected=selected)
+    ctx = Context(device=dev, scale=scale, policy=policy, copy_bw_gbs=copy_bw, read_bw_gbs=read_bw, compile=compile,
+                    compile_timeout_s=compile_timeout_s, progress=bar, selected=selected,
+                    provider_selected=make_provider_filter(providers), rounds=rounds)
 
     rows: list[Row] = []
     with warnings.catch_warnings():
@@ -122,8 +165,8 @@ def run_benchmarks(out_dir: str = "bench-results", *, suites=None, quick: bool =
                      "compiled wrapper per op, so later shapes may reuse an automatic-dynamic graph; its "
                      "first-call time is in the note.")
     meta = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), mode=scale, command=command,
-                wall_s=time.perf_counter() - t_start, copy_mib=copy_mib, notes=notes,
-                e2e_models=ctx.info.get("e2e_models", {}))
+                wall_s=time.perf_counter() - t_start, copy_mib=copy_mib, notes=notes, read_bandwidth_gbs=read_bw,
+                e2e_models=ctx.info.get("e2e_models", {}), llama_cpp=_llama_cpp_info(ctx, suites))
     write_summary(os.path.join(out_dir, "summary.md"), rows, machine, copy_bw, meta, backends, plot_paths,
                   plot_note)
     with open(os.path.join(out_dir, "machine.json"), "w") as f:

@@ -67,3 +67,13 @@ def copy_bandwidth_gbs(device: torch.device, nbytes: int = 256 * 2**20, policy: 
     stats = measure(lambda: dst.copy_(src), device,
                     policy or TimingPolicy(warmup=2, min_reps=5, max_reps=20, budget_s=0.5, min_batch_s=0.0))
     return 2 * n * 4 / (stats.median_us * 1e-6) / 1e9
+
+
+def read_bandwidth_gbs(device: torch.device, nbytes: int = 256 * 2**20, policy: TimingPolicy | None = None) -> float:
+    """GB/s of reading a large buffer once (``sum`` over fp32, read bytes only): what streaming the weights
+    at decode can reach (the decode rows' fraction of it)."""
+    n = nbytes // 4
+    src = torch.rand(n, device=device)
+    stats = measure(lambda: src.sum(), device,
+                    policy or TimingPolicy(warmup=2, min_reps=5, max_reps=20, budget_s=0.5, min_batch_s=0.0))
+    return n * 4 / (stats.median_us * 1e-6) / 1e9

@@ -45,14 +45,21 @@ def _table(rows: list[Row], suite: str) -> list[str]:
         def cells(r):
             return [r.case, r.dtype, r.provider, _f(r.median_us), f"{_f(r.p20_us)}–{_f(r.p80_us)}", _f(r.gb_per_s),
                     _f(r.copy_bw_frac * 100 if not math.isnan(r.copy_bw_frac) else math.nan, "{:.0f}%")]
-    elif suite in ("prefill", "decode"):
-        unit = "ms per generate(1)" if suite == "prefill" else "ms per step"
-        columns = [("case", 0), ("dtype", 0), ("provider", 0), ("tokens/s", 1), (f"{unit} (p20–p80)", 1),
+    elif suite == "prefill":
+        columns = [("case", 0), ("dtype", 0), ("provider", 0), ("tokens/s", 1), ("ms per generate(1) (p20–p80)", 1),
                    ("speedup", 1), ("note", 0)]
 
         def cells(r):
             return [r.case, r.dtype, r.provider, _f(r.tokens_per_s),
                     f"{ms(r.median_us)} ({ms(r.p20_us)}–{ms(r.p80_us)})"]
+    elif suite == "decode":
+        columns = [("case", 0), ("dtype", 0), ("provider", 0), ("tokens/s", 1), ("ms per step (p20–p80)", 1),
+                   ("MB / token", 1), ("GB/s", 1), ("% of read BW", 1), ("speedup", 1), ("note", 0)]
+
+        def cells(r):
+            return [r.case, r.dtype, r.provider, _f(r.tokens_per_s),
+                    f"{ms(r.median_us)} ({ms(r.p20_us)}–{ms(r.p80_us)})", _f(r.bytes / 1e6), _f(r.gb_per_s),
+                    _f(r.read_bw_frac * 100, "{:.0f}%")]
     else:
         columns = [("case", 0), ("provider", 0), ("ops / layer", 1), ("fewer ops than hf", 1), ("note", 0)]
 
@@ -89,6 +96,11 @@ def write_summary(path, rows: list[Row], machine: dict, copy_bw: float, meta: di
     L.append(f"- measured memory copy bandwidth: **{copy_bw:.1f} GB/s** (`dst.copy_(src)` on "
              f"{meta.get('copy_mib', 256)} MiB fp32, read + write bytes counted, the same accounting as the kernels' "
              "bytes moved); a kernel above 100% of it has its working set in cache")
+    if meta.get("read_bandwidth_gbs"):
+        L.append(f"- measured read bandwidth: **{meta['read_bandwidth_gbs']:.1f} GB/s** (`sum` of "
+                 f"{meta.get('copy_mib', 256)} MiB fp32, bytes read); batch-1 decode rows count every weight "
+                 "(lm_head included), the KV cache read at the steps' mean context and the new k/v per token "
+                 "against it")
     L += ["", "## Backends", "", "| backend | device | available | timed | why |", "|---|---|---|---|---|"]
     for b in backends:
         L.append(f"| {b['name']} | {b['device']} | {'yes' if b['available'] else 'no'} | "
@@ -115,6 +127,8 @@ def write_summary(path, rows: list[Row], machine: dict, copy_bw: float, meta: di
                      f"`{r.baseline}`" + (f" — {r.note}" if r.note else ""))
     else:
         L.append("None: every measured provider is at least as fast as its baseline.")
+
+    L += llama_cpp_section(rows, meta.get("llama_cpp") or {})
 
     for suite, srows in suites.items():
         L += ["", f"## {SUITE_TITLES.get(suite, suite)}", ""]
@@ -150,6 +164,53 @@ def write_summary(path, rows: list[Row], machine: dict, copy_bw: float, meta: di
         L.append(plot_note)
     with open(path, "w") as f:
         f.write("\n".join(L) + "\n")
+
+
+PRECISIONS = (("float32", "fp32 / f32"), ("bfloat16", "bf16 / bf16"), ("float16", "fp16 / f16"),
+              ("int8", "int8 / Q8_0"), ("int4", "int4 / Q4_0"))
+
+
+def llama_cpp_section(rows: list[Row], info: dict) -> list[str]:
+    """fastlm's engine beside llama.cpp at equal precision: tokens/s of each batch-1 prefill and decode
+    case, and their ratio. The fastlm provider is the one llama.cpp's rounds were interleaved with."""
+    from fastlm.bench.e2e import LLAMA, head_to_head
+
+    e2e = [r for r in rows if r.suite in ("prefill", "decode")]
+    if not e2e:
+        return []
+    L = ["", "## fastlm vs llama.cpp at equal precision", ""]
+    if info.get("reason"):
+        return L + [f"llama.cpp not timed: {_esc(info['reason'])}."]
+    llama = {(r.suite, r.case, r.dtype): r for r in e2e if r.provider == LLAMA}
+    if not any(r.ok for r in llama.values()):
+        return L + ["llama.cpp measured no case (see the skipped rows below)."]
+    L.append(f"llama.cpp build {info.get('build_commit', '?')} ({info.get('source', '?')}), "
+             f"{info.get('threads', '?')} threads, CPU {info.get('cpu_info', '?')}; its rounds ran between the "
+             "fastlm provider's, in the same run. Prefill: llama-bench's prompt time against fastlm's "
+             "t(generate 1); decode: tokens after a context of the case's prompt length on both.")
+    L += ["", "| case | precision (fastlm / llama.cpp) | fastlm provider | fastlm tok/s | llama.cpp tok/s | "
+              "fastlm / llama.cpp | % of read BW (fastlm / llama.cpp) | llama.cpp note |",
+          "|---|---|---|---:|---:|---:|---:|---|"]
+    order = {name: i for i, (name, _) in enumerate(PRECISIONS)}
+    labels = dict(PRECISIONS)
+    paired = head_to_head(e2e[0].device.split(":")[0])
+    for (suite, case, dtype), lr in sorted(llama.items(), key=lambda kv: (kv[0][1].split("/")[0],
+                                                                         order.get(kv[0][2], 99), kv[0][0],
+                                                                         kv[0][1])):
+        fr = next((r for r in e2e if (r.suite, r.case, r.dtype) == (suite, case, dtype) and r.provider == paired),
+                  None)
+        f_tps = fr.tokens_per_s if fr is not None and fr.ok else math.nan
+        l_tps = lr.tokens_per_s if lr.ok else math.nan
+        ratio = f_tps / l_tps if f_tps == f_tps and l_tps == l_tps and l_tps > 0 else math.nan
+        why = "" if fr is None or fr.ok else f" ({fr.status}: {fr.note})"
+        ratio_text = _f(ratio, "{:.2f}x")
+        if ratio == ratio and ratio < 0.995:
+            ratio_text = f"**LOSS {ratio_text}**"
+        pct = lambda r: _f(r.read_bw_frac * 100 if r is not None else math.nan, "{:.0f}%")  # noqa: E731
+        bw = f"{pct(fr)} / {pct(lr)}" if suite == "decode" else ""
+        L.append(f"| {suite} {case} | {labels.get(dtype, dtype)} | {paired}{_esc(why)} | {_f(f_tps)} | "
+                 f"{_f(l_tps) if lr.ok else lr.status} | {ratio_text} | {bw} | {_esc(lr.note)} |")
+    return L
 
 
 def plotting_unavailable() -> str | None:

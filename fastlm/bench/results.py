@@ -23,6 +23,7 @@ class Row:
     bytes: float = math.nan       # bytes the fused op must move (kernels, attention)
     gb_per_s: float = math.nan
     copy_bw_frac: float = math.nan  # gb_per_s / measured copy bandwidth
+    read_bw_frac: float = math.nan  # decode at batch 1: gb_per_s (weight + KV bytes per token) / read bandwidth
     tokens_per_s: float = math.nan
     ops_per_layer: float = math.nan
     speedup: float = math.nan     # baseline time / this time (opcount: baseline ops / these ops)

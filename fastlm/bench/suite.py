@@ -38,10 +38,13 @@ class Context:
     scale: str                       # tiny | quick | full
     policy: TimingPolicy
     copy_bw_gbs: float = math.nan
+    read_bw_gbs: float = math.nan    # decode rows: weight + KV bytes per token against this
     compile: bool = True
     compile_timeout_s: float = 300.0
     progress: object = None
     selected: Callable[[str, str], bool] = field(default=lambda suite, case: True)
+    provider_selected: Callable[[str], bool] = field(default=lambda provider: True)  # --providers
+    rounds: int | None = None        # end-to-end: timed rounds per case (None: the mode's)
     info: dict = field(default_factory=dict)  # extra facts for the summary (model sizes)
 
     def note(self, text: str) -> None:
@@ -145,7 +148,7 @@ class Suite:
 
     def rows(self, ctx: Context, case, dtype: torch.dtype) -> list[Row]:
         out = []
-        for provider in self.providers(ctx.device.type):
+        for provider in filter(ctx.provider_selected, self.providers(ctx.device.type)):
             built, row = self.prepare(ctx, case, provider, dtype)
             if built is not None:
                 ctx.note(provider)

@@ -12,8 +12,9 @@ from fastlm.bench.opcount import Opcount
 from fastlm.bench.suite import Suite, Task
 
 
-def make_suites(names) -> list[Suite]:
-    """Suite objects for ``names`` (in fastlm.bench.SUITES order)."""
+def make_suites(names, quantize=()) -> list[Suite]:
+    """Suite objects for ``names`` (in fastlm.bench.SUITES order); ``quantize``: weight quantizations the
+    end-to-end suites also run (``int8``, ``int4``)."""
     names = set(names)
     suites: list[Suite] = []
     if "kernels" in names:
@@ -22,11 +23,11 @@ def make_suites(names) -> list[Suite]:
         suites.append(Attention())
     e2e = [s for s in ("prefill", "decode") if s in names]
     if e2e:
-        suites.append(EndToEnd(e2e))
+        suites.append(EndToEnd(e2e, quantize))
     if "opcount" in names:
         suites.append(Opcount())
     return suites
 
 
-def plan(names, scale: str, dtypes: list[torch.dtype], device: torch.device) -> list[Task]:
-    return [t for suite in make_suites(names) for t in suite.tasks(scale, dtypes, device)]
+def plan(names, scale: str, dtypes: list[torch.dtype], device: torch.device, quantize=()) -> list[Task]:
+    return [t for suite in make_suites(names, quantize) for t in suite.tasks(scale, dtypes, device)]

@@ -56,6 +56,20 @@ class DecodeState:
                    temperature=torch.ones(1, device=device), top_p=torch.ones(1, device=device))
 
 
+class _LayerView:
+    """What layer_body reads of a fused decoder layer, as plain attributes, with the MLP's ``forward``
+    bound: the engine runs no module hooks (it calls the layers' pieces directly), and ``nn.Module``'s
+    ``__call__`` and attribute lookup cost microseconds per layer per token at decode."""
+
+    __slots__ = ("input_layernorm", "post_attention_layernorm", "mlp", "_fastlm_parallel_residual")
+
+    def __init__(self, layer):
+        self.input_layernorm = layer.input_layernorm
+        self.post_attention_layernorm = layer.post_attention_layernorm
+        self.mlp = layer.mlp.forward
+        self._fastlm_parallel_residual = layer._fastlm_parallel_residual
+
+
 class ModelRunner:
     """Holds a patched model's pieces, its static KV cache, RoPE tables and decode state."""
 
@@ -79,6 +93,7 @@ class ModelRunner:
         # modules at each use, so a re-fuse (fastlm.modules._fused_storage) is seen by the next step.
         self._decode_attention = dispatch("decode_attention", self.backend, self.device)
         self.attn = [layer.self_attn for layer in self.layers]
+        self.bodies = [_LayerView(layer) for layer in self.layers]
         self.out_proj = [attn.output_projection() for attn in self.attn]
         self.scaling = [float(layer.self_attn.scaling) for layer in self.layers]
         self.cache = StaticKVCache(len(self.layers), batch, self.num_kv_heads, max_len, self.head_dim,
@@ -96,7 +111,7 @@ class ModelRunner:
     # ---- the layer body (fastlm.modules.decoder.layer_body, shared with HF's forward) --------------
     def _layer(self, i: int, x: torch.Tensor, attend) -> torch.Tensor:
         attn, out_proj, backend = self.attn[i], self.out_proj[i], self.backend
-        return layer_body(self.layers[i], x,
+        return layer_body(self.bodies[i], x,
                           lambda h: project_linear(attend(i, attn.project_qkv(h)), out_proj, backend))
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -140,10 +155,11 @@ class ModelRunner:
         st = self.state
         tokens, positions, done = st.tokens[:batch], st.positions[:batch], st.done[:batch]
         reason, out = st.reason[:batch], st.out[:batch]
-        # Capacity: a running sequence whose next slot is past this call's limit stops here.
-        full = positions.ge(st.limit) & ~done
-        reason.copy_(torch.where(full, CACHE_FULL, reason))
-        done.copy_(done | full)
+        # Capacity: a running sequence whose next slot is past this call's limit stops here. (In-place
+        # masked fills and logical ops: each op is microseconds at decode, more than its work.)
+        full = positions.ge(st.limit).logical_and_(done.logical_not())
+        reason.masked_fill_(full, CACHE_FULL)
+        done.logical_or_(full)
         # Memory safety whatever the host does: never index past the allocation.
         pos = positions.clamp(max=self.max_len - 1)
         lengths = pos + 1
@@ -160,13 +176,12 @@ class ModelRunner:
         for i in range(len(self.layers)):
             x = self._layer(i, x, attend)
         logits = self._logits(x[:, 0])
-        nxt = sample(logits, config, st.seed, st.counter, st.temperature, st.top_p)
-        active = ~done
-        nxt = torch.where(active, nxt, NO_TOKEN)
-        is_stop = active & (nxt.unsqueeze(1) == st.stop_ids.unsqueeze(0)).any(dim=1)
-        reason.copy_(torch.where(is_stop, EOS, reason))
-        done.copy_(done | is_stop)
-        positions.add_(active.long())
+        nxt = sample(logits, config, st.seed, st.counter, st.temperature, st.top_p)  # [B], never NO_TOKEN
+        active = done.logical_not()
+        is_stop = torch.isin(nxt, st.stop_ids).logical_and_(active)  # stop_ids' NO_TOKEN padding never matches
+        out.copy_(nxt).masked_fill_(done, NO_TOKEN)
         tokens.copy_(torch.where(active, nxt, tokens))
-        out.copy_(nxt)
+        reason.masked_fill_(is_stop, EOS)
+        done.logical_or_(is_stop)
+        positions.add_(active)
         st.counter.add_(1)
