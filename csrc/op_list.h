@@ -41,7 +41,7 @@
 #define FASTLM_CPU_OPS(X)                                                                                           \
   /* projections at decode sizes (a weight-streaming kernel for a few rows, ATen's GEMM beyond) */                  \
   X(linear, "(Tensor x, Tensor weight, Tensor? bias=None, Tensor? residual=None) -> Tensor")                        \
-  /* weight-only int8 / int4 projections (fastlm/ops/quant_linear.py's formats; csrc/cpu/quant_linear.cpp) */     \
+  /* weight-only int8 / int4 projections (fastlm/ops/quantized.py's formats; csrc/cpu/quant_linear.cpp) */     \
   X(quant_linear, "(Tensor x, Tensor qweight, Tensor scales, Tensor? bias, Tensor? residual, int bits, "             \
                   "int group_size) -> Tensor")                                                                      \
   /* decode attention over a static cache */                                                                        \

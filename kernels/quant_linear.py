@@ -1,5 +1,5 @@
-# Weight-only int8 / int4 projection (fastlm.ops.quant_linear): y = x @ dequantize(qweight, scales)^T (+ bias)
-# (+ residual), with the formats of fastlm/ops/quant_linear.py and its computation order: fp32 weights
+# Weight-only int8 / int4 projection (fastlm.ops.quantized): y = x @ dequantize(qweight, scales)^T (+ bias)
+# (+ residual), with the formats of fastlm/ops/quantized.py and its computation order: fp32 weights
 # q * scale, fp32 accumulation, one rounding to x's dtype.
 #
 # Algorithm: a 2D grid of (BLOCK_M rows of x, BLOCK_N output channels) tiles. Each program walks K in
@@ -103,7 +103,7 @@ def triton_quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
 
 
 def quant_linear(x, qweight, scales, bias, residual, bits, group_size):
-    """Backend entry point, the signature of fastlm.ops.quant_linear.quant_linear_ref."""
+    """Backend entry point, the signature of fastlm.ops.quantized.quant_linear_ref."""
     check_device(x)
     return torch.ops.fastlm.triton_quant_linear(x, qweight, scales, bias, residual, bits, group_size)
 

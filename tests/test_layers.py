@@ -117,3 +117,18 @@ def test_no_import_circle():
         if v not in index:
             visit(v)
     assert not circles, f"import circles: {circles}"
+
+
+def test_no_op_module_shares_a_public_name():
+    """``fastlm.ops.<file>`` is the module, never a function of the same name exported over it."""
+    import importlib
+    import pkgutil
+    import types
+
+    import fastlm.ops
+
+    for info in pkgutil.iter_modules(fastlm.ops.__path__):
+        module = importlib.import_module(f"fastlm.ops.{info.name}")
+        assert getattr(fastlm.ops, info.name) is module, info.name
+        assert isinstance(module, types.ModuleType)
+        assert info.name not in fastlm.ops.__all__, info.name

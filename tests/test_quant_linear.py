@@ -1,4 +1,4 @@
-"""Weight-only int8 / int4 ``quant_linear`` (fastlm/ops/quant_linear.py): the formats' round trip, and every
+"""Weight-only int8 / int4 ``quant_linear`` (fastlm/ops/quantized.py): the formats' round trip, and every
 backend against the dequantize-then-reference composition.
 
 Parity: the reference computes in fp32 and rounds once to x's dtype (the module docstring); a backend's
@@ -12,7 +12,7 @@ import torch
 
 from fastlm import ops as fops
 from fastlm.ops._registry import backend_status, dispatch, has_impl
-from fastlm.ops.quant_linear import (DEFAULT_GROUP_SIZE, dequantize_weight, quant_linear_ref, quantize_weight,
+from fastlm.ops.quantized import (DEFAULT_GROUP_SIZE, dequantize_weight, quant_linear_ref, quantize_weight,
                                      resolve_group_size)
 from _tolerance import assert_close_to_ref
 

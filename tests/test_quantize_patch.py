@@ -16,7 +16,7 @@ import torch.nn as nn
 import fastlm
 from fastlm.engine.engine import engine_for
 from fastlm.modules import PRESETS, QuantFormat, QuantSpec
-from fastlm.ops.quant_linear import dequantize_weight, quantize_weight
+from fastlm.ops.quantized import dequantize_weight, quantize_weight
 from fastlm.patching import patch_record
 from _backends import backend_params
 from _models import ONE_PER_FAMILY, build_model, make_config, random_ids

@@ -1,5 +1,5 @@
 // Weight-only quantized linear on CPU: y = x @ dequantize(qweight, scales)^T (+ bias) (+ residual), with the
-// formats of fastlm/ops/quant_linear.py (int8 [N, K] or int4 packed two a byte [N, K / 2], fp32 scales
+// formats of fastlm/ops/quantized.py (int8 [N, K] or int4 packed two a byte [N, K / 2], fp32 scales
 // [N, K / G], symmetric) and its computation order: fp32 weights q * scale, fp32 accumulation, one
 // rounding to x's dtype. No activation is quantized, so the result matches the dequantize-then-reference
 // composition to fp32 rounding (the sums run in another order).
@@ -27,7 +27,7 @@
 // call (from cache), small beside the GEMM's 2 * M flops a weight. fp32 rather than a 16-bit GEMM keeps
 // the reference's fp32 weights exact (a bf16 weight tile would round q * scale).
 #include "../checks.h"
-#include "../ops.h"
+#include "../op_list.h"
 #include "vec_util.h"
 
 #include <array>
@@ -161,7 +161,7 @@ struct Widener {
 };
 
 // Weight o of a group's partial last block of t (< 32, even) weights at `p`: byte o holds weights o and
-// o + t / 2 (fastlm/ops/quant_linear.py's layout); int8 weights are one a byte.
+// o + t / 2 (fastlm/ops/quantized.py's layout); int8 weights are one a byte.
 template <int kBits>
 inline int tail_q(const uint8_t* p, int64_t t, int64_t o) {
   if constexpr (kBits == 8) {
@@ -361,7 +361,7 @@ at::Tensor prefill(const at::Tensor& x2, const QWeight& qw, int bits, const OptT
 
 at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, const OptT& bias,
                         const OptT& residual, int64_t bits, int64_t group_size) {
-  // The checks of fastlm/ops/quant_linear.py (check_quant_args), in its order and with its error types.
+  // The checks of fastlm/ops/quantized.py (check_quant_args), in its order and with its error types.
   check_float("x", x);
   TORCH_CHECK_VALUE(x.dim() >= 1, "fastlm: x must be [..., K], got a 0-d tensor");
   TORCH_CHECK_VALUE(bits == 8 || bits == 4, "fastlm: bits must be 8 or 4, got ", bits);

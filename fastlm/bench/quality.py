@@ -17,7 +17,7 @@ baseline and each weight format, through the patched model (the same fused path,
 A format is a dtype (``float32``: the unquantized model in fp32, the baseline's own noise floor), ``int8`` /
 ``int4`` (fastlm's presets: ``patch(model, quantize=...)``) or ``<projections>`` /
 ``<projections>+head:<lm_head>`` with each of those ``int8`` / ``int4`` (the op's default group size),
-``int<b>-g<group size>``, ``int<b>-channel`` (one scale per output channel) or ``16`` (fastlm.ops.quant_linear's
+``int<b>-g<group size>``, ``int<b>-channel`` (one scale per output channel) or ``16`` (fastlm.ops.quantized's
 formats). The demo ties lm_head to
 the embedding, which fastlm keeps 16-bit; a ``+head:`` format unties it first (a copy of the embedding
 becomes lm_head) so that lm_head's own quantization can be measured.

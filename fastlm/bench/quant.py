@@ -26,7 +26,7 @@ import torch
 
 from fastlm.bench import timing
 from fastlm.ops import _backend
-from fastlm.ops.quant_linear import _unpack_int4, quantize_weight
+from fastlm.ops.quantized import _unpack_int4, quantize_weight
 
 # (K, N): hidden 2048 square (o_proj), fused qkv, MLP up (one of gate / up), MLP down, a 50304-token lm_head
 SHAPES = [(2048, 2048), (2048, 6144), (2048, 5632), (5632, 2048), (2048, 50304)]

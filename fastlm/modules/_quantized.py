@@ -2,7 +2,7 @@
 
 Each quantized ``nn.Linear`` becomes a :class:`QuantizedLinear` (a class swap, fastlm.modules._swap): its
 ``weight`` Parameter is deleted (the 16-bit copy is freed) and two buffers hold it instead, in the format of
-fastlm.ops.quant_linear: ``qweight`` (int8 [N, K], or int4 packed into uint8 [N, K // 2]) and ``scales``
+fastlm.ops.quantized: ``qweight`` (int8 [N, K], or int4 packed into uint8 [N, K // 2]) and ``scales``
 (fp32 [N, K // G]); its bias stays a Parameter. So ``state_dict`` holds ``<linear>.qweight`` and
 ``<linear>.scales`` where HF holds ``<linear>.weight``, every other key unchanged. The fused modules fuse the
 q/k/v (and gate/up) buffers into one storage exactly as they fuse 16-bit weights (fastlm.modules._fused_storage):
@@ -29,14 +29,14 @@ import torch.nn as nn
 
 from fastlm.modules._linear import project_linear
 from fastlm._checks import FLOAT_DTYPES
-from fastlm.ops.quant_linear import QWEIGHT_DTYPE, quant_linear, quantize_weight, resolve_group_size
+from fastlm.ops.quantized import QWEIGHT_DTYPE, quant_linear, quantize_weight, resolve_group_size
 
 QUANTIZE_CHOICES = (None, "int8", "int4")
 
 
 @dataclass(frozen=True)
 class QuantFormat:
-    """One weight format of fastlm.ops.quant_linear: ``bits`` 8 or 4, ``group_size`` None for the op's
+    """One weight format of fastlm.ops.quantized: ``bits`` 8 or 4, ``group_size`` None for the op's
     default (``DEFAULT_GROUP_SIZE[bits]``), PER_CHANNEL for one scale per output channel (G = K)."""
 
     bits: int
