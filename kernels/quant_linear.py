@@ -11,8 +11,11 @@
 # nibble positions follow the packing (within a group, blocks of 32 weights: byte j holds weights j and
 # j + 16; a partial last block of t weights pairs j with j + t / 2), computed per lane from k.
 #
-# Decode tiles are narrow in N (BLOCK_N = 16) so that even a 2048-wide projection spreads over 128
-# programs; prefill tiles are 64 x 64. tl.dot needs 16 rows, so a decode step computes 15 masked rows.
+# Decode tiles are narrow in N (BLOCK_N = 16, BLOCK_K = 64) so that even a 2048-wide projection spreads over
+# 128 programs; prefill tiles are 32 x 32 x 32. The fp32 IEEE dot holds its operands in registers: decode
+# tiles with BLOCK_K = 128 and 64 x 64 prefill tiles spilled with fp32 x (sm_86 / 89 / 90); these use up to
+# 249 registers and spill nothing (python -m fastlm.kernels.resources). tl.dot needs 16 rows: a decode step
+# computes 15 masked rows.
 from __future__ import annotations
 
 import torch
@@ -66,7 +69,7 @@ DECODE_ROWS = 16  # rows of x up to which the narrow decode tiles run
 
 
 def _blocks(M: int) -> tuple[int, int, int]:
-    return (16, 16, 128) if M <= DECODE_ROWS else (64, 64, 64)
+    return (16, 16, 64) if M <= DECODE_ROWS else (32, 32, 32)
 
 
 @register_op("triton_quant_linear")

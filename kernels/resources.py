@@ -262,7 +262,7 @@ def _empty(*shape, dtype):
 def _family_calls(fam: FamilyShape, batch: int, phase: str, context: int, dtype: torch.dtype) -> Iterator:
     """(label, thunk) for every Triton launch of one layer (+ final norm) of ``fam`` in one phase: the
     backend entry points the fused modules and the engine call (fastlm.kernels' _ENTRY_POINTS)."""
-    from . import activations, decode_attention, norm, qkv_rope
+    from . import activations, decode_attention, norm, qkv_rope, quant_linear
 
     tokens = 1 if phase == "decode" else context
     t_max = context
@@ -302,6 +302,23 @@ def _family_calls(fam: FamilyShape, batch: int, phase: str, context: int, dtype:
 
     yield from activations.resource_launches(fam, tag, batch, tokens, lambda *shape: _empty(*shape, dtype=dtype))
 
+    # Weight-only int8 (per channel) and int4 projections: the fused QKV (x -> qkv) and the MLP's down
+    # projection (with the residual folded in). A decode step's launch does not depend on the context.
+    if phase == "prefill" or context == CONTEXTS[0]:
+        from fastlm.ops.quant_linear import resolve_group_size
+
+        down_in = _empty(batch, tokens, inner, dtype=dtype)
+        for bits in (8, 4):
+            for name, a, n_out, r in (("qkv", x, qkv.shape[-1], None), ("down", down_in, fam.hidden, res)):
+                k_in = a.shape[-1]
+                group = resolve_group_size(bits, k_in)
+                packed = (k_in, torch.int8) if bits == 8 else (k_in // 2, torch.uint8)
+                qw = torch.empty(n_out, packed[0], dtype=packed[1])
+                sc = torch.empty(n_out, k_in // group, dtype=torch.float32)
+                yield (f"{tag} quant_linear int{bits} {name}",
+                       lambda a=a, qw=qw, sc=sc, r=r, bits=bits, group=group:
+                       quant_linear.quant_linear(a, qw, sc, None, r, bits, group))
+
     if phase == "decode":  # the engine: q.squeeze(2) of the epilogue's [B, H, 1, D], lengths = pos + 1
         q = _empty(batch, H, 1, D, dtype=dtype).squeeze(2)
         lengths = torch.full((batch,), t_max, dtype=torch.int64)
@@ -324,9 +341,10 @@ def triton_kernels() -> list[str]:
     """Every @triton.jit kernel (``_*_kernel``) in fastlm.kernels: what the table must cover."""
     from triton.runtime.jit import JITFunction
 
-    from . import activations, decode_attention, norm, qkv_rope
+    from . import activations, decode_attention, norm, qkv_rope, quant_linear
 
-    return sorted(name for mod in (activations, decode_attention, norm, qkv_rope) for name, obj in vars(mod).items()
+    modules = (activations, decode_attention, norm, qkv_rope, quant_linear)
+    return sorted(name for mod in modules for name, obj in vars(mod).items()
                   if isinstance(obj, JITFunction) and name.endswith("_kernel"))
 
 

@@ -52,7 +52,8 @@ def test_table_covers_every_kernel_arch_and_family(table):
     _, data = table
     from fastlm.kernels.resources import ARCHS, CONTEXTS, FAMILIES
 
-    assert len(data["kernels"]) == 6, data["kernels"]  # norm, qkv_rope, swiglu, relu2, decode split + reduce
+    # norm, qkv_rope, swiglu, relu2, decode split + reduce, quant_linear
+    assert len(data["kernels"]) == 7, data["kernels"]
     seen = {(b["kernel"], b["arch"]) for b in data["binaries"]}
     assert seen == {(k, a) for k in data["kernels"] for a in ARCHS}
     labels = [lab for b in data["binaries"] for lab in b["labels"]]
@@ -70,6 +71,9 @@ def test_table_covers_every_kernel_arch_and_family(table):
     split = [b for b in data["binaries"] if b["kernel"] == "_decode_split_kernel"]
     assert {b["num_warps"] for b in split} == {4} and {b["num_stages"] for b in split} == {2}
     assert {b["constants"]["MMA"] for b in split} == {True, False}  # 16-bit caches on tensor cores, fp32 on FMA
+    quant = [b for b in data["binaries"] if b["kernel"] == "_quant_linear_kernel"]
+    assert {b["constants"]["BITS"] for b in quant} == {8, 4} and {b["arch"] for b in quant} == set(ARCHS)
+    assert {(b["constants"]["BLOCK_M"], b["constants"]["BLOCK_N"]) for b in quant} == {(16, 16), (32, 32)}
 
 
 def test_detects_a_kernel_changed_to_spill():

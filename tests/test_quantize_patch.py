@@ -298,3 +298,17 @@ def test_quality_bench_windows_score_every_token_once():
         "int4-g64+lm_head:int8-channel")
     with pytest.raises(ValueError, match="a weight format is int8 or int4"):
         parse_spec("int5")
+
+
+def test_session_cache_follows_the_quantized_weights():
+    model = fastlm.patch(build_model("helium_gqa"), quantize="int8")
+    session = fastlm.Session(model)
+    seq = IDS[1].tolist()
+    seq += session.generate(seq, max_new_tokens=3, ignore_eos=True)
+    again = session.generate(seq, max_new_tokens=3, ignore_eos=True, return_result=True)
+    assert again.extra["prefill_tokens"] < len(seq)  # the cached prefix was reused
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.qweight.neg_()  # a buffer changed in place, no Parameter
+    result = session.generate(seq, max_new_tokens=4, ignore_eos=True, return_result=True)
+    assert result.extra["prefill_tokens"] == len(seq)
+    assert result.tokens[0] == fastlm.generate(model, seq, max_new_tokens=4, ignore_eos=True)

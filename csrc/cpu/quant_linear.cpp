@@ -6,26 +6,34 @@
 //
 // Decode (M <= kMaxGemvRows rows of x): the cost is reading the quantized weight once, 1 byte a weight for
 // int8 and 0.5 for int4 (+ 4 / G for the scales), against 2 for bf16 and 4 for fp32: these are the
-// minimum bytes, and the kernel moves exactly them plus x (L1-resident). As in csrc/cpu/linear.cpp, x is
-// widened once to an fp32 scratch [M, K] (rows zero-padded to a multiple of 32), each thread takes a
+// minimum bytes, and the kernel moves exactly them plus x (L1/L2-resident). As in csrc/cpu/linear.cpp, x
+// is widened once to an fp32 scratch [M, K] (rows zero-padded to a multiple of 32), each thread takes a
 // contiguous range of W's rows in blocks of kBlockRows and reads each row once, in memory order, for up to
 // kMaxXRows rows of x at a time (more rows re-read the block from L1/L2, never from memory). Each block of
-// 32 weights is widened in registers to fp32: int8 by sign extension and an int -> float conversion; int4
-// by zero-extending its 16 bytes to 16 int32 lanes, whose low nibbles are weights 0..15 of the block and
-// whose high nibbles are weights 16..31 (the packing puts them there so that each half lines up with 16
-// consecutive elements of x), turned into floats without a conversion instruction: OR-ing a nibble n into
-// the bits of 2^23 gives the float 2^23 + n, and subtracting 2^23 + 8 gives n - 8 exactly. Grouped formats
-// multiply the widened weights by their group's scale (exactly the reference's fp32 q * scale; shared by
-// every row of x) before the FMAs; per-channel formats (one group) accumulate q * x and multiply the sum by
-// the scale once. At M = 1 the int4 loop is bound by these instructions rather than by memory on a 2-core
-// Zen 4 (see fastlm.bench.quant: GB/s of weight bytes), int8 by memory.
+// 32 weights is widened in registers to fp32 (Widener):
+//  * int8: sign extension and an int -> float conversion;
+//  * int4: its 16 bytes zero-extended to 16 int32 lanes, whose low nibbles are weights 0..15 of the block
+//    and whose high nibbles are weights 16..31 (the packing puts them there so that each half lines up
+//    with 16 consecutive elements of x). AVX-512: one vpermps a register on a 16-entry table of the
+//    group's (n - 8) * scale (the index uses only the low 4 bits, so the low nibble needs no mask and
+//    the scaling is free). AVX2: OR-ing a nibble n into the bits of 2^23 gives the float 2^23 + n, and
+//    subtracting 2^23 + 8 gives n - 8 exactly, without a conversion instruction.
+// Grouped formats use their group's scale on the widened weights (exactly the reference's fp32 q * scale,
+// shared by every row of x) before the FMAs; per-channel formats (one group) accumulate q * x and
+// multiply the sum by the scale once. Four accumulator chains per row of x hide the FMA latency (groups of
+// 32 take two groups a step for that). Measured from cache on one Zen 4 core (fastlm.bench.quant for the
+// DRAM numbers): int8 per channel ~24 G weights/s, int4 G=32 ~18 G/s against 30 G/s for the bf16 dot
+// product kernel of csrc/cpu/linear.cpp: int8 is bound by memory at 2 threads, int4 by these
+// instructions (one FMA per weight and row of x in fp32; no activation quantization, for parity).
 //
 // Prefill (M > kMaxGemvRows): a GEMM, where the weight is reused M times and its bytes no longer matter.
-// The weight is widened to fp32 in tiles of whole rows of ~kTileBytes (L2/L3-sized), each tile multiplied
-// by ATen's fp32 GEMM into its columns of an fp32 output (x widened to fp32 once), then bias and residual
+// The weight is widened to fp32 in tiles of whole rows of ~kTileBytes (L2-sized), each multiplied by
+// ATen's fp32 GEMM into its columns of an fp32 output (x widened to fp32 once), then bias and residual
 // are added in fp32 and the result rounded once. The widening writes and re-reads 4 bytes a weight per
-// call (from cache), small beside the GEMM's 2 * M flops a weight. fp32 rather than a 16-bit GEMM keeps
-// the reference's fp32 weights exact (a bf16 weight tile would round q * scale).
+// call (from L2), small beside the GEMM's 2 * M flops a weight: 0.90-0.92x the fp32 linear at M = 512
+// (2048 x 2048, 1 and 2 threads). fp32 rather than a 16-bit GEMM keeps the reference's fp32 weights
+// exact (a bf16 weight tile would round q * scale); on CPUs with AVX512-BF16 that costs ~2.4x against the
+// 16-bit linear's bf16 GEMM, on AVX2 CPUs the fp32 GEMM is the fast one anyway.
 #include "../checks.h"
 #include "../op_list.h"
 #include "vec_util.h"
