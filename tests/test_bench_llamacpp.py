@@ -214,8 +214,10 @@ def test_suite_times_llama_cpp_interleaved(fake_llama_cpp, family, monkeypatch):
     assert "f32 GGUF" in pre.note and "tg4 @ depth 8" in pre.note
     assert _rounds_by_order(log) == ["8 -n 0", "0 -n 4 -d 8"] * 3
     # the rounds ran between the head-to-head provider's own timed pairs
-    paired = [r for r in rows if r.provider == head_to_head("cpu")]
-    assert paired and all(r.status == "ok" for r in paired)
+    paired = {r.suite: r for r in rows if r.provider == head_to_head("cpu")}
+    assert paired["prefill"].status == "ok"
+    # test-sized decode timings can be swamped by noise (then marked failed, saying so)
+    assert paired["decode"].status == "ok" or "noise" in paired["decode"].note
     assert "fastlm,fastlm,llama," * 3 in ",".join(order) + ","
     converted = json.loads(next(cache.glob("*/model-f32.gguf")).read_text())
     assert converted["outtype"] == "f32" and converted["set_vocab_replaced"] == "placeholder_vocab"

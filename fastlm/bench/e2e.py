@@ -296,8 +296,8 @@ class EndToEnd(Suite):
                         out += self._static_compile_rows(ctx, case, dtype)
                     else:
                         between = llama.run if provider == paired and isinstance(llama, llamacpp.Rounds) else None
-                        t1, tn = time_generate(built.generate, case.new_tokens, ctx.device, *repetitions(ctx.scale, ctx.rounds),
-                                               between=between)
+                        t1, tn = time_generate(built.generate, case.new_tokens, ctx.device,
+                                               *repetitions(ctx.scale, ctx.rounds), between=between)
                         out += self._timed_rows(ctx, case, provider, dtype, t1, tn, built.note)
                 except Exception as exc:
                     out += self._rows(ctx, case, provider, dtype, status="failed", note=error_text(exc))

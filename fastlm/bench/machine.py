@@ -28,6 +28,23 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_bf16",
+             "amx_int8")
+
+
+def cpu_isa() -> list[str]:
+    """The vector ISA extensions of /proc/cpuinfo's flags that decide which CPU kernels run (x86 names)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return [name for name in ISA_FLAGS if name in flags]
+    except OSError:
+        pass
+    return []
+
+
 def describe(device: torch.device) -> dict:
     import transformers
 
@@ -36,6 +53,7 @@ def describe(device: torch.device) -> dict:
     info = {
         "cpu": cpu_model(),
         "cpu_cores": os.cpu_count(),
+        "cpu_isa": cpu_isa(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "torch": torch.__version__,

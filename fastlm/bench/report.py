@@ -77,7 +77,8 @@ def write_summary(path, rows: list[Row], machine: dict, copy_bw: float, meta: di
              f"wall time {meta.get('wall_s', 0):.0f}s.")
     L += ["", "## Machine", ""]
     L.append(f"- CPU: {machine.get('cpu')} — {machine.get('cpu_cores')} cores visible, "
-             f"torch uses {machine.get('torch_threads')} threads")
+             f"torch uses {machine.get('torch_threads')} threads"
+             + (f"; ISA: {' '.join(machine['cpu_isa'])}" if machine.get("cpu_isa") else ""))
     if "gpu" in machine:
         L.append(f"- GPU: {machine['gpu']}")
     L.append(f"- device benchmarked: `{machine.get('device')}`")
