@@ -305,13 +305,11 @@ def _family_calls(fam: FamilyShape, batch: int, phase: str, context: int, dtype:
     # Weight-only int8 (per channel) and int4 projections: the fused QKV (x -> qkv) and the MLP's down
     # projection (with the residual folded in). A decode step's launch does not depend on the context.
     if phase == "prefill" or context == CONTEXTS[0]:
-        from fastlm.ops.quant_linear import resolve_group_size
-
-        down_in = _empty(batch, tokens, inner, dtype=dtype)
+        down_in = _empty(batch, tokens, fam.intermediate, dtype=dtype)
         for bits in (8, 4):
             for name, a, n_out, r in (("qkv", x, qkv.shape[-1], None), ("down", down_in, fam.hidden, res)):
                 k_in = a.shape[-1]
-                group = resolve_group_size(bits, k_in)
+                group = k_in if bits == 8 else 32  # fastlm.ops.quantized's DEFAULT_GROUP_SIZE (ops sit above)
                 packed = (k_in, torch.int8) if bits == 8 else (k_in // 2, torch.uint8)
                 qw = torch.empty(n_out, packed[0], dtype=packed[1])
                 sc = torch.empty(n_out, k_in // group, dtype=torch.float32)

@@ -9,7 +9,6 @@
 * Helium converted as a Llama is the same model (logits equal in transformers).
 """
 import json
-import os
 import stat
 import sys
 from pathlib import Path

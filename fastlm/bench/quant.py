@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 
 from fastlm.bench import timing
-from fastlm.ops import _backend
+from fastlm.ops import _registry
 from fastlm.ops.quantized import _unpack_int4, quantize_weight
 
 # (K, N): hidden 2048 square (o_proj), fused qkv, MLP up (one of gate / up), MLP down, a 50304-token lm_head
@@ -66,13 +66,13 @@ def prepare(provider: str, weight: torch.Tensor, M: int, decode: bool) -> Prepar
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(1)).to(xdtype)
     if kind == "linear":
         w = weight.to(xdtype)
-        fn = _backend.impl("linear", "cpp")
+        fn = _registry.impl("linear", "cpp", "cpu")
         args = (w,)
         call_one = lambda w: fn(x, w, None, None)  # noqa: E731
     elif kind == "fastlm":
         G = K if group is None else group
         qw, s = quantize_weight(weight, bits, G)
-        fn = _backend.impl("quant_linear", "cpp")
+        fn = _registry.impl("quant_linear", "cpp", "cpu")
         args = (qw, s)
         call_one = lambda qw, s: fn(x, qw, s, None, None, bits, G)  # noqa: E731
     elif kind == "aten8":
