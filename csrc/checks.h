@@ -49,6 +49,23 @@ inline void check_shape(const char* name, const at::Tensor& t, at::IntArrayRef s
   TORCH_CHECK_VALUE(t.sizes() == shape, "fastlm: ", name, " must have shape ", shape, ", got ", t.sizes());
 }
 
+// A projection's output shape x.shape[:-1] + [N], after checking its optional bias [N] and residual (that
+// shape), both on x's device with x's dtype (linear, quant_linear).
+inline std::vector<int64_t> projection_out_shape(const at::Tensor& x, int64_t N, const std::optional<at::Tensor>& bias,
+                                                 const std::optional<at::Tensor>& residual) {
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = N;
+  if (bias) {
+    check_like("bias", *bias, x, "x");
+    check_shape("bias", *bias, {N});
+  }
+  if (residual) {
+    check_like("residual", *residual, x, "x");
+    check_shape("residual", *residual, out_shape);
+  }
+  return out_shape;
+}
+
 // swiglu's output shape ([..., 2I] -> [..., I]), after checking gate_up.
 inline std::vector<int64_t> swiglu_out_shape(const at::Tensor& gate_up) {
   check_float("gate_up", gate_up);

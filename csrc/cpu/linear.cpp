@@ -165,16 +165,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const OptT& bia
   TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == x.size(-1),
                     "fastlm: weight must be [N, K] with K = x.size(-1) = ", x.size(-1), ", got ", weight.sizes());
   const int64_t N = weight.size(0), K = weight.size(1);
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = N;
-  if (bias) {
-    check_like("bias", *bias, x, "x");
-    check_shape("bias", *bias, {N});
-  }
-  if (residual) {
-    check_like("residual", *residual, x, "x");
-    check_shape("residual", *residual, out_shape);
-  }
+  const std::vector<int64_t> out_shape = projection_out_shape(x, N, bias, residual);
   const Rows xr = rows_of(x);  // no view on the decode path (see rows_of)
   const int64_t M = xr.rows;
   const int64_t max_rows = x.scalar_type() == at::kFloat ? kMaxGemvRowsFp32 : kMaxGemvRows16;

@@ -390,16 +390,7 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at
   TORCH_CHECK_TYPE(scales.scalar_type() == at::kFloat, "fastlm: scales must be float32, got ", scales.scalar_type());
   const int64_t groups = K / group_size;
   check_shape("scales", scales, {N, groups});
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = N;
-  if (bias) {
-    check_like("bias", *bias, x, "x");
-    check_shape("bias", *bias, {N});
-  }
-  if (residual) {
-    check_like("residual", *residual, x, "x");
-    check_shape("residual", *residual, out_shape);
-  }
+  const std::vector<int64_t> out_shape = projection_out_shape(x, N, bias, residual);
 
   const at::Tensor w = qweight.stride(1) == 1 || packed_k <= 1 ? qweight : qweight.contiguous();
   const at::Tensor s = scales.contiguous();
