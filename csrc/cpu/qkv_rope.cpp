@@ -4,6 +4,7 @@
 // read once, processed in an fp32 stack buffer, and written once (v is a straight copy).
 #include "../checks.h"
 #include "../op_list.h"
+#include "../qkv_entry_points.h"
 #include "row_norm.h"
 
 #include <cstring>
@@ -411,28 +412,6 @@ void run_qkv(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> qkv_rope(const at::Tensor& qkv, const at::Tensor& cos,
-                                                        const at::Tensor& sin, const OptT& qw, const OptT& qb,
-                                                        const OptT& kw, const OptT& kb, int64_t H, int64_t Hkv,
-                                                        int64_t D, int64_t R, bool interleaved, bool qkv_head_major,
-                                                        double eps) {
-  const QkvDims d = check_qkv_args(qkv, cos, sin, qw, qb, kw, kb, H, Hkv, D, R, qkv_head_major, eps);
-  auto out = qkv_dense_outputs(qkv, d);
-  run_qkv(qkv, cos, sin, qw, qb, kw, kb, d, interleaved, qkv_head_major, eps, std::get<0>(out), std::get<1>(out),
-          std::get<2>(out), at::Tensor(), at::Tensor(), at::Tensor());
-  return out;
-}
-
-at::Tensor qkv_rope_cache(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const OptT& qw,
-                          const OptT& qb, const OptT& kw, const OptT& kb, const at::Tensor& k_cache,
-                          const at::Tensor& v_cache, const at::Tensor& cache_positions, int64_t H, int64_t Hkv,
-                          int64_t D, int64_t R, bool interleaved, bool qkv_head_major, double eps) {
-  const QkvDims d = check_qkv_args(qkv, cos, sin, qw, qb, kw, kb, H, Hkv, D, R, qkv_head_major, eps);
-  check_caches(qkv, k_cache, v_cache, cache_positions, d);
-  at::Tensor q = at::empty({d.B, H, d.S, D}, qkv.options());
-  run_qkv(qkv, cos, sin, qw, qb, kw, kb, d, interleaved, qkv_head_major, eps, q, at::Tensor(), at::Tensor(), k_cache,
-          v_cache, cache_positions);
-  return q;
-}
+FASTLM_QKV_ENTRY_POINTS()
 
 }  // namespace fastlm::cpu

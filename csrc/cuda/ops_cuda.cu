@@ -8,6 +8,7 @@
 
 #include "../checks.h"
 #include "../op_list.h"
+#include "../qkv_entry_points.h"
 #include "../rows.h"
 #include "fastlm/activations.cuh"
 #include "fastlm/norm.cuh"
@@ -142,30 +143,7 @@ void run_qkv(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> qkv_rope(const at::Tensor& qkv, const at::Tensor& cos,
-                                                        const at::Tensor& sin, const OptT& qw, const OptT& qb,
-                                                        const OptT& kw, const OptT& kb, int64_t H, int64_t Hkv,
-                                                        int64_t D, int64_t R, bool interleaved, bool qkv_head_major,
-                                                        double eps) {
-  const QkvDims d = check_qkv_args(qkv, cos, sin, qw, qb, kw, kb, H, Hkv, D, R, qkv_head_major, eps);
-  auto out = qkv_dense_outputs(qkv, d);
-  run_qkv(qkv, cos, sin, qw, qb, kw, kb, d, interleaved, qkv_head_major, eps, std::get<0>(out), std::get<1>(out),
-          std::get<2>(out), at::Tensor(), at::Tensor(), at::Tensor());
-  return out;
-}
-
-at::Tensor qkv_rope_cache(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const OptT& qw,
-                          const OptT& qb, const OptT& kw, const OptT& kb, const at::Tensor& k_cache,
-                          const at::Tensor& v_cache, const at::Tensor& pos, int64_t H, int64_t Hkv, int64_t D,
-                          int64_t R, bool interleaved, bool qkv_head_major, double eps) {
-  const QkvDims d = check_qkv_args(qkv, cos, sin, qw, qb, kw, kb, H, Hkv, D, R, qkv_head_major, eps);
-  check_caches(qkv, k_cache, v_cache, pos, d);
-  at::Tensor q = at::empty({d.B, H, d.S, D}, qkv.options());
-  // cache_positions are not bounds-checked (see qkv_rope_cache_out)
-  run_qkv(qkv, cos, sin, qw, qb, kw, kb, d, interleaved, qkv_head_major, eps, q, at::Tensor(), at::Tensor(), k_cache,
-          v_cache, pos);
-  return q;
-}
+FASTLM_QKV_ENTRY_POINTS()
 
 // in2 [rows, 2I] and o2 [rows, I], row-strided (o2 may be in2's gate half)
 void run_swiglu(const at::Tensor& in2, const at::Tensor& o2) {
