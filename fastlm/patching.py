@@ -16,7 +16,7 @@ from fastlm.errors import UnsupportedModelError
 from fastlm.families import FAMILY_ADAPTERS
 from fastlm.modules import refresh_fused_weights
 from fastlm.modules._quantized import apply_quantization, parse_quantize, quantization_plan, release_freed_memory
-from fastlm.modules._swap import restore_class
+from fastlm.modules._swap import restore_class, retarget
 from fastlm.ops._registry import BACKEND_CHOICES, resolve
 
 SUPPORTED_MODEL_TYPES = tuple(FAMILY_ADAPTERS)
@@ -118,11 +118,7 @@ def _retarget(model: nn.Module, backend: str) -> None:
     """Point every fused module of a patched model at ``backend`` (what a quantized model gets instead of
     unpatch + patch, which would need the freed 16-bit weights)."""
     for module in model.modules():
-        if "_fastlm_backend" in module.__dict__:
-            module.__dict__["_fastlm_backend"] = backend
-            fuse = getattr(module, "_fastlm_fuse", None)
-            if fuse is not None:
-                fuse()  # the epilogue names its backend
+        retarget(module, backend)
 
 
 def unpatch(model: nn.Module) -> nn.Module:

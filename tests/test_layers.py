@@ -132,3 +132,20 @@ def test_no_op_module_shares_a_public_name():
         assert getattr(fastlm.ops, info.name) is module, info.name
         assert isinstance(module, types.ModuleType)
         assert info.name not in fastlm.ops.__all__, info.name
+
+
+def test_fused_module_state_is_private_to_fastlm_modules():
+    """The fused modules keep their state in ``_fastlm_*`` attributes (fastlm.modules._swap); every other
+    package reads it through their typed entry points (fused_spec(), epilogue(), add_forward(), ...).
+    patching.py's own record on the base model (``_fastlm_patch``) is the one other such name."""
+    import re
+
+    owned = {"fastlm/patching.py": {"_fastlm_patch"}}
+    bad = []
+    for path in sorted((ROOT / "fastlm").rglob("*.py")):
+        rel = path.relative_to(ROOT).as_posix()
+        if rel.startswith("fastlm/modules/"):
+            continue
+        names = set(re.findall(r"_fastlm_\w+", path.read_text())) - owned.get(rel, set())
+        bad += [f"{rel}: {n}" for n in sorted(names)]
+    assert not bad, "fused-module state read outside fastlm/modules:\n" + "\n".join(bad)

@@ -162,18 +162,11 @@ def _stale(what: str, module) -> RuntimeError:
                         "the fused modules' state and needs updating")
 
 
-def _spec(module, cls):
-    for value in vars(module).values():
-        if isinstance(value, cls):
-            return value
-    raise _stale(cls.__name__, module)
-
-
-def _rms_weight_in_fp32(norm) -> bool:
-    """The RMSNorm cast order the adapter chose (fastlm.modules.norm keeps it per instance)."""
-    if "_fastlm_weight_in_fp32" not in norm.__dict__:
-        raise _stale("RMSNorm cast order", norm)
-    return bool(norm.__dict__["_fastlm_weight_in_fp32"])
+def _fused(module, cls):
+    """``module`` as the fused module ``cls`` that patch() must have made of it."""
+    if not isinstance(module, cls):
+        raise _stale(cls.__name__, module)
+    return module
 
 
 def _projection(name: str, linears: list, residual: bool = False) -> Projection:
@@ -186,12 +179,12 @@ def patched_layer(family: str, sizes: dict, variant: str | None = None, only_ops
     """The specs the family adapter builds for ``sizes``: a one-layer model on the meta device, patched
     with the reference backend."""
     import fastlm
-    from fastlm.modules import AttentionSpec, MLPSpec
+    from fastlm.modules import FusedAttention, FusedMLP, FusedNorm
 
     model = fastlm.patch(meta_model(family, dict(sizes, num_hidden_layers=1)), "torch")
     block = model.base_model.layers[0]
     attn, mlp, norm = block.self_attn, block.mlp, block.post_attention_layernorm
-    attention, mlp_spec = _spec(attn, AttentionSpec), _spec(mlp, MLPSpec)
+    attention, mlp_spec = _fused(attn, FusedAttention).fused_spec(), _fused(mlp, FusedMLP).fused_spec()
     qkv = [getattr(attn, n) for n in attention.qkv_names]
     up = getattr(mlp, mlp_spec.up_name)
     projections = (_projection("qkv", qkv), _projection("o", [getattr(attn, attention.out_name)]),
@@ -200,7 +193,7 @@ def patched_layer(family: str, sizes: dict, variant: str | None = None, only_ops
                    _projection("down", [getattr(mlp, mlp_spec.down_name)], residual=True))
     layer_norm = isinstance(norm, torch.nn.LayerNorm)
     return Layer(family, variant or family, sizes["hidden_size"], "layer" if layer_norm else "rms",
-                 norm.eps if layer_norm else norm.variance_epsilon, not layer_norm and _rms_weight_in_fp32(norm),
+                 norm.eps if layer_norm else norm.variance_epsilon, _fused(norm, FusedNorm).fused_weight_in_fp32,
                  attention, mlp_spec, up.out_features, projections, only_ops)
 
 

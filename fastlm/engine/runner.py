@@ -61,13 +61,13 @@ class _LayerView:
     bound: the engine runs no module hooks (it calls the layers' pieces directly), and ``nn.Module``'s
     ``__call__`` and attribute lookup cost microseconds per layer per token at decode."""
 
-    __slots__ = ("input_layernorm", "post_attention_layernorm", "mlp", "_fastlm_parallel_residual")
+    __slots__ = ("input_layernorm", "post_attention_layernorm", "mlp", "fused_parallel_residual")
 
     def __init__(self, layer):
         self.input_layernorm = layer.input_layernorm
         self.post_attention_layernorm = layer.post_attention_layernorm
         self.mlp = layer.mlp.forward
-        self._fastlm_parallel_residual = layer._fastlm_parallel_residual
+        self.fused_parallel_residual = layer.fused_parallel_residual
 
 
 class ModelRunner:

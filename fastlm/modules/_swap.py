@@ -40,6 +40,18 @@ def swap_in(module: nn.Module, mixin: type, **state) -> None:
         fuse()
 
 
+def retarget(module: nn.Module, backend: str) -> bool:
+    """Point a fused module that names a backend at ``backend`` and re-fuse it (the attention's epilogue
+    records its backend); False for a module that is not one."""
+    if "_fastlm_backend" not in module.__dict__:
+        return False
+    module.__dict__["_fastlm_backend"] = backend
+    fuse = getattr(module, "_fastlm_fuse", None)
+    if fuse is not None:
+        fuse()
+    return True
+
+
 def restore_class(module: nn.Module) -> bool:
     """Undo :func:`swap_in`: unfuse the weights (each Parameter gets its own storage), restore the class."""
     if ORIG_CLASS_ATTR not in module.__dict__:

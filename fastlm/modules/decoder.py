@@ -25,7 +25,7 @@ def layer_body(layer, x: torch.Tensor, attend: Callable[[torch.Tensor], torch.Te
     with HF's cache and mask, or the engine's static cache and decode attention)."""
     h, _ = layer.input_layernorm.add_forward(x, None)
     a = attend(h)
-    if layer._fastlm_parallel_residual:
+    if layer.fused_parallel_residual:
         return layer.mlp(h, residual=x + a)
     y, residual = layer.post_attention_layernorm.add_forward(a, x)
     return layer.mlp(y, residual=residual)
@@ -36,12 +36,16 @@ class FusedDecoderLayer:
 
     _fastlm_parallel_residual: bool
 
+    @property
+    def fused_parallel_residual(self) -> bool:
+        """Whether attention and MLP both read the layer's input (StableLM's use_parallel_residual)."""
+        return self._fastlm_parallel_residual
+
     def forward(self, hidden_states, *args, **kwargs):
         if torch.is_grad_enabled() or args:
             return super().forward(hidden_states, *args, **kwargs)
         kwargs.pop("use_cache", None)
         return layer_body(self, hidden_states, lambda h: self.self_attn(hidden_states=h, **kwargs)[0])
-
 
 
 def patch_decoder_layer(module, parallel_residual: bool) -> None:

@@ -73,6 +73,10 @@ class FusedMLP:
         self._fastlm_fuse()
         return result
 
+    def fused_spec(self) -> MLPSpec:
+        """The projection names and activation this module was patched with."""
+        return self._fastlm_spec
+
     def activate(self, x: torch.Tensor) -> torch.Tensor:
         """Up projection(s) and activation: [..., hidden] -> [..., I]."""
         spec = self._fastlm_spec

@@ -32,11 +32,16 @@ class FusedNorm:
         backend = self._fastlm_backend if weight is None or weight.dtype == x.dtype else "torch"
         return dispatch("add_layer_norm", backend, x.device)(x, residual, weight, self.bias, self.eps)
 
+    @property
+    def fused_weight_in_fp32(self) -> bool:
+        """The RMSNorm cast order the adapter chose: the weight multiplied in fp32 before the one rounding
+        (Helium), else after the cast to the model dtype (Arcee; LayerNorm: False)."""
+        return self._fastlm_weight_in_fp32
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled():
             return super().forward(x)
         return self.add_forward(x, None)[0]
-
 
 
 def patch_norm(module, kind: str, backend: str, weight_in_fp32: bool = False) -> None:
