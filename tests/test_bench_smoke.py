@@ -150,3 +150,15 @@ def test_kernel_cases_are_the_patched_layers_calls():
     assert {"linear[helium:gate_up]/decode-B8", "qkv_rope_cache[stablelm:qk-norm]/decode-B1"} <= set(cases)
     assert configs.layer("stablelm", "quick", "qk-norm").attention.qk_norm == "per_head"
     assert not any(n.startswith(("linear[stablelm:qk-norm", "swiglu[stablelm:qk-norm")) for n in cases)
+
+
+def test_quant_comparison_runs(capsys):
+    """``python -m fastlm.bench.quant`` (fastlm's weight-only kernels against ATen's) end to end, tiny."""
+    from fastlm.bench import quant
+
+    quant.main(["--rows", "1,17", "--rounds", "1", "--shapes", "64x32",
+                "--providers", "fastlm-int8,fastlm-int4-g32,aten-int8,aten-int4-g32,fastlm-bf16"])
+    out = capsys.readouterr().out
+    assert "fastlm._C" in out and out.count("K=64 N=32") == 2
+    for provider in ("fastlm-int8", "fastlm-int4-g32", "aten-int8", "aten-int4-g32"):
+        assert provider in out

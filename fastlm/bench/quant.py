@@ -137,9 +137,9 @@ def main(argv=None) -> None:
 
 
 def _cpu_isa() -> str:
-    from fastlm.ops import _cpp
+    from fastlm.backends import cpp
 
-    return _cpp.CPU_ISA
+    return cpp.CPU_ISA
 
 
 if __name__ == "__main__":
