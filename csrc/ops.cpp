@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "cpu/cpu_features.h"
 #include "op_list.h"
 
 TORCH_LIBRARY(fastlm, m) {
@@ -73,6 +74,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastlm C++ ops (registered as torch.ops.fastlm.*)";
   m.def("has_cuda_kernels", &has_cuda_kernels, "whether this build contains the CUDA kernels");
   m.def("cpu_isa", &cpu_isa, "the SIMD level the CPU kernels were compiled for");
+  m.def("set_cpu_gemm16", &fastlm::cpu::set_gemm16_mode,
+        "set how linear multiplies 16-bit x by a 16-bit weight beyond decode sizes on CPU: 'auto' (by the "
+        "CPU's native 16-bit dot products), 'widen' (the fp32 GEMM on widened panels) or 'aten' (ATen's "
+        "16-bit GEMM); returns the previous mode (initially FASTLM_CPU_GEMM16)");
+  m.def(
+      "cpu_gemm16_widens",
+      [](const std::string& dtype) {
+        TORCH_CHECK_VALUE(dtype == "bfloat16" || dtype == "float16",
+                          "fastlm: dtype must be 'bfloat16' or 'float16', got '", dtype, "'");
+        return fastlm::cpu::widen_gemm16(dtype == "bfloat16" ? c10::kBFloat16 : c10::kHalf);
+      },
+      "whether linear widens a 16-bit GEMM of this dtype to fp32 on this CPU, under the current mode");
   m.def("parallel_threads_used", &parallel_threads_used,
         "threads that one at::parallel_for over `tasks` tasks ran on (1 means the build lost OpenMP)");
   // Dispatcher calls without torch.ops' Python layer (see DispatchCall), for fastlm.ops' eager path:

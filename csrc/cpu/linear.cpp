@@ -10,10 +10,15 @@
 // sequential pass over its share of W), accumulating up to 4 rows of x at once in fp32 registers
 // (two accumulators each). More rows of x re-read the block from L1/L2, so W comes from memory
 // exactly once. The epilogue adds bias and residual in fp32 and rounds once, as ATen's addmm does.
-// Larger M is a GEMM with reuse that ATen (oneDNN / MKL) already does well: it goes there.
+// Larger M is a GEMM with reuse that ATen (oneDNN / MKL) already does well: it goes there, except for
+// 16-bit types on CPUs without native 16-bit dot products (cpu_features.h, read at run time), where
+// ATen's 16-bit GEMM is several times slower than its fp32 one: there the fp32 GEMM runs on weight
+// panels widened in cache (widened_gemm.h).
 #include "../checks.h"
 #include "../op_list.h"
+#include "cpu_features.h"
 #include "vec_util.h"
+#include "widened_gemm.h"
 
 #include <type_traits>
 #include <vector>
@@ -29,6 +34,11 @@ namespace {
 // ~2x through 16 rows; 16-bit types win at 1-4 rows and lose from 8 (oneDNN's bf16 GEMM takes over).
 constexpr int64_t kMaxGemvRowsFp32 = 16;
 constexpr int64_t kMaxGemvRows16 = 4;
+// ... and where the 16-bit GEMM runs widened to fp32 (no native 16-bit dot products, cpu_features.h):
+// against the widened GEMM, the streaming kernel won at 8 rows (1.0-1.2x) and tied or lost from 16
+// (0.75-1.0x at 16, 0.6-0.95x at 32) on the E2E / 1.6B shapes (AVX2 build, ATen and oneDNN capped to
+// AVX2, 2 threads, Zen 4).
+constexpr int64_t kMaxGemvRows16Widened = 8;
 constexpr int64_t kRowsPerStep = 8;  // W rows per block (read in order; re-read from cache per x tile)
 constexpr int kMaxXRows = 4;         // rows of x per register tile (2 x 4 accumulators)
 #if defined(FASTLM_AVX512_BF16)
@@ -168,7 +178,31 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const OptT& bia
   const std::vector<int64_t> out_shape = projection_out_shape(x, N, bias, residual);
   const Rows xr = rows_of(x);  // no view on the decode path (see rows_of)
   const int64_t M = xr.rows;
-  const int64_t max_rows = x.scalar_type() == at::kFloat ? kMaxGemvRowsFp32 : kMaxGemvRows16;
+  const bool is16 = x.scalar_type() != at::kFloat;
+  // 16-bit beyond the native threshold, where ATen's 16-bit GEMM is slow: the fp32 GEMM on widened panels
+  const bool widen = is16 && M > kMaxGemvRows16 && N > 0 && K > 0 && widen_gemm16(x.scalar_type());
+  const int64_t max_rows = !is16 ? kMaxGemvRowsFp32 : widen ? kMaxGemvRows16Widened : kMaxGemvRows16;
+  if (widen && M > max_rows) {
+    at::Tensor y = at::empty(out_shape, x.options().memory_format(at::MemoryFormat::Contiguous));
+    const at::Tensor w = weight.stride(1) == 1 ? weight : weight.contiguous();
+    const int64_t ws = N > 1 ? w.stride(0) : K;
+    const at::Tensor b32 = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
+    const Rows rr = residual ? rows_of(*residual) : Rows{};
+    FASTLM_DISPATCH_FLOAT(x.scalar_type(), "linear", [&] {
+      using T = scalar_t;
+      if constexpr (!std::is_same_v<T, float>) {
+        const T* wp = reinterpret_cast<const T*>(w.const_data_ptr());
+        auto widen_rows = [&](int64_t n0, int64_t rows, float* dst) {
+          for (int64_t j = 0; j < rows; ++j) convert_row(wp + (n0 + j) * ws, dst + j * K, K);
+        };
+        gemm_widened<T>(reinterpret_cast<const T*>(xr.data.const_data_ptr()), xr.stride, widen_rows,
+                        bias ? b32.const_data_ptr<float>() : nullptr,
+                        residual ? reinterpret_cast<const T*>(rr.data.const_data_ptr()) : nullptr, rr.stride,
+                        reinterpret_cast<T*>(y.data_ptr()), N, M, N, K);
+      }
+    });
+    return y;
+  }
   if (M > max_rows || M == 0 || K == 0) {  // a real GEMM (or nothing to stream): ATen's
     const at::Tensor x2 = xr.data.as_strided({M, K}, {xr.stride, 1});
     at::Tensor y;

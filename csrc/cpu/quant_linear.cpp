@@ -27,16 +27,17 @@
 // instructions (one FMA per weight and row of x in fp32; no activation quantization, for parity).
 //
 // Prefill (M > kMaxGemvRows): a GEMM, where the weight is reused M times and its bytes no longer matter.
-// The weight is widened to fp32 in tiles of whole rows of ~kTileBytes (L2-sized), each multiplied by
-// ATen's fp32 GEMM into its columns of an fp32 output (x widened to fp32 once), then bias and residual
-// are added in fp32 and the result rounded once. The widening writes and re-reads 4 bytes a weight per
-// call (from L2), small beside the GEMM's 2 * M flops a weight: 0.90-0.92x the fp32 linear at M = 512
-// (2048 x 2048, 1 and 2 threads). fp32 rather than a 16-bit GEMM keeps the reference's fp32 weights
+// The weight is widened to fp32 (q * scale) panel by panel and multiplied by ATen's fp32 GEMM, the path
+// that 16-bit weights take on CPUs without native 16-bit dot products (csrc/cpu/widened_gemm.h); bias and
+// residual are added in fp32 and the result rounded once. The widening writes and re-reads 4 bytes a
+// weight per x slice (from cache), small beside the GEMM's 2 * M flops a weight. fp32 rather than a
+// 16-bit GEMM keeps the reference's fp32 weights
 // exact (a bf16 weight tile would round q * scale); on CPUs with AVX512-BF16 that costs ~2.4x against the
 // 16-bit linear's bf16 GEMM, on AVX2 CPUs the fp32 GEMM is the fast one anyway.
 #include "../checks.h"
 #include "../op_list.h"
 #include "vec_util.h"
+#include "widened_gemm.h"
 
 #include <array>
 #include <cstdint>
@@ -53,7 +54,6 @@ constexpr int64_t kMaxGemvRows = 16;  // rows of x up to which the streaming ker
 constexpr int64_t kBlockRows = 8;     // W rows per block (read in order; re-read from cache per x tile)
 constexpr int kMaxXRows = 4;          // rows of x per register tile
 constexpr int64_t kQBlock = 32;       // weights per widening step (and the int4 packing block)
-constexpr int64_t kTileBytes = 1 << 20;  // fp32 bytes of one widened weight tile at prefill
 
 // The SIMD width of this build: kL floats a register, kVecs registers a block of 32 weights. The default
 // (no SIMD) build runs the same code on plain floats.
@@ -330,39 +330,34 @@ void widen_rows(const QWeight& qw, int64_t n0, int64_t rows, int64_t K, float* d
   }
 }
 
-// M > kMaxGemvRows (or nothing to stream): fp32 GEMMs on widened weight tiles (see the header). One
-// parallel region: each thread widens its tiles into its own buffer (kept in its L2) and multiplies them
-// with a single-threaded GEMM (ATen runs nested parallel regions inline). A multi-threaded GEMM per tile
-// instead opened two parallel regions per tile, each a wake-up and a barrier of every thread: 3x slower
-// than one fp32 GEMM at M = 512 on a loaded 2-core machine, where a descheduled thread stalls a barrier.
-at::Tensor prefill(const at::Tensor& x2, const QWeight& qw, int bits, const OptT& bias, const OptT& residual,
-                   int64_t M, int64_t N, int64_t K, const std::vector<int64_t>& out_shape) {
-  const at::Tensor xf = x2.to(at::kFloat);
-  at::Tensor yf = at::empty({M, N}, x2.options().dtype(at::kFloat));
-  if (M > 0 && N > 0) {
-    if (K == 0) {
-      yf.zero_();
-    } else {
-      const int64_t tile_rows = std::min(N, std::max<int64_t>(16, round_up(kTileBytes / (4 * K), 16)));
-      const int64_t tiles = (N + tile_rows - 1) / tile_rows;
-      at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-        at::Tensor tile = at::empty({tile_rows, K}, yf.options());
-        for (int64_t t = begin; t < end; ++t) {
-          const int64_t n0 = t * tile_rows, rows = std::min(tile_rows, N - n0);
-          if (bits == 8) {
-            widen_rows<8>(qw, n0, rows, K, tile.data_ptr<float>());
-          } else {
-            widen_rows<4>(qw, n0, rows, K, tile.data_ptr<float>());
-          }
-          at::Tensor out = yf.narrow(1, n0, rows);
-          at::mm_out(out, xf, tile.narrow(0, 0, rows).t());
-        }
-      });
-    }
+// M > kMaxGemvRows (or nothing to stream): fp32 GEMMs on weight panels widened to q * scale
+// (csrc/cpu/widened_gemm.h).
+at::Tensor prefill(const Rows& xr, const QWeight& qw, int bits, const OptT& bias, const OptT& residual, int64_t M,
+                   int64_t N, int64_t K, const std::vector<int64_t>& out_shape) {
+  if (M == 0 || N == 0 || K == 0) {  // nothing to multiply: bias + residual in fp32, rounded once
+    at::Tensor yf = at::zeros({M, N}, xr.data.options().dtype(at::kFloat));
+    if (bias) yf.add_(bias->to(at::kFloat));
+    if (residual) yf.add_(residual->reshape({M, N}).to(at::kFloat));
+    return yf.to(xr.data.scalar_type()).view(out_shape);
   }
-  if (bias) yf.add_(bias->to(at::kFloat));
-  if (residual) yf.add_(residual->reshape({M, N}).to(at::kFloat));
-  return yf.to(x2.scalar_type()).view(out_shape);
+  at::Tensor y = at::empty(out_shape, xr.data.options().memory_format(at::MemoryFormat::Contiguous));
+  const at::Tensor b32 = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  const Rows rr = residual ? rows_of(*residual) : Rows{};
+  FASTLM_DISPATCH_FLOAT(xr.data.scalar_type(), "quant_linear", [&] {
+    using T = scalar_t;
+    auto widen = [&](int64_t n0, int64_t rows, float* dst) {
+      if (bits == 8) {
+        widen_rows<8>(qw, n0, rows, K, dst);
+      } else {
+        widen_rows<4>(qw, n0, rows, K, dst);
+      }
+    };
+    gemm_widened<T>(reinterpret_cast<const T*>(xr.data.const_data_ptr()), xr.stride, widen,
+                    bias ? b32.const_data_ptr<float>() : nullptr,
+                    residual ? reinterpret_cast<const T*>(rr.data.const_data_ptr()) : nullptr, rr.stride,
+                    reinterpret_cast<T*>(y.data_ptr()), N, M, N, K);
+  });
+  return y;
 }
 
 }  // namespace
@@ -399,8 +394,7 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at
   const Rows xr = rows_of(x);  // no view on the decode path (see rows_of)
   const int64_t M = xr.rows;
   if (M > kMaxGemvRows || M == 0 || K == 0 || N == 0) {
-    return prefill(xr.data.as_strided({M, K}, {xr.stride, 1}), qw, static_cast<int>(bits), bias, residual, M, N, K,
-                   out_shape);
+    return prefill(xr, qw, static_cast<int>(bits), bias, residual, M, N, K, out_shape);
   }
   at::Tensor y = at::empty(out_shape, x.options().memory_format(at::MemoryFormat::Contiguous));
   const at::Tensor b = bias ? bias->contiguous() : at::Tensor();

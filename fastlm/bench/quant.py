@@ -35,7 +35,7 @@ WEIGHT_SET_BYTES = 256 * 2**20
 MAX_COPIES = 64
 
 PROVIDERS = {
-    # name: (kind, bits, group size or None for per channel, x dtype)
+    # name: (kind, bits, group size or None for per channel (quantized) / 16-bit GEMM mode (linear), x dtype)
     "fastlm-int8": ("fastlm", 8, None, torch.bfloat16),
     "fastlm-int8-g32": ("fastlm", 8, 32, torch.bfloat16),
     "fastlm-int4-g32": ("fastlm", 4, 32, torch.bfloat16),
@@ -46,7 +46,16 @@ PROVIDERS = {
     "aten-int4-g64": ("aten4", 4, 64, torch.bfloat16),
     "fastlm-bf16": ("linear", 16, None, torch.bfloat16),
     "fastlm-fp32": ("linear", 32, None, torch.float32),
+    # 16-bit linear with its 16-bit GEMM mode forced (fastlm/ops/projection.py): the fp32 GEMM on
+    # widened panels, or ATen's 16-bit GEMM; without a mode (above and fastlm-fp16) as this CPU picks
+    "fastlm-bf16-widen": ("linear", 16, "widen", torch.bfloat16),
+    "fastlm-bf16-aten": ("linear", 16, "aten", torch.bfloat16),
+    "fastlm-fp16": ("linear", 16, None, torch.float16),
+    "fastlm-fp16-widen": ("linear", 16, "widen", torch.float16),
+    "fastlm-fp16-aten": ("linear", 16, "aten", torch.float16),
 }
+# run by default: the weight formats as this CPU runs them (the forced modes on request)
+DEFAULT_PROVIDERS = [p for p in PROVIDERS if not p.endswith(("-widen", "-aten"))]
 
 
 @dataclass
@@ -68,7 +77,17 @@ def prepare(provider: str, weight: torch.Tensor, M: int, decode: bool) -> Prepar
         w = weight.to(xdtype)
         fn = _registry.impl("linear", "cpp", "cpu")
         args = (w,)
-        call_one = lambda w: fn(x, w, None, None)  # noqa: E731
+        if group is None:
+            call_one = lambda w: fn(x, w, None, None)  # noqa: E731
+        else:  # the mode is process-wide: set for each call (one atomic store), restored after
+            from fastlm import _C
+
+            def call_one(w, mode=group):
+                prev = _C.set_cpu_gemm16(mode)
+                try:
+                    return fn(x, w, None, None)
+                finally:
+                    _C.set_cpu_gemm16(prev)
     elif kind == "fastlm":
         G = K if group is None else group
         qw, s = quantize_weight(weight, bits, G)
@@ -94,10 +113,11 @@ def prepare(provider: str, weight: torch.Tensor, M: int, decode: bool) -> Prepar
     return Prepared(lambda: call_one(*next(cycle)), nbytes)
 
 
-def run(shapes=None, rows=(1, 4, 512), rounds: int = 3, providers=None, policy=timing.QUICK, printer=print):
+def run(shapes=None, rows=(1, 4, 512), rounds: int = 3, providers=None, policy=timing.QUICK, printer=print,
+        baseline: str = "fastlm-bf16"):
     """{(K, N, M, provider): (median us, GB/s of weight bytes, best round's p20 us)}; prints a table per
-    (shape, M)."""
-    providers = list(providers or PROVIDERS)
+    (shape, M), each provider's speed as a ratio to ``baseline``'s."""
+    providers = list(providers or DEFAULT_PROVIDERS)
     results = {}
     for M in rows:
         decode = M <= 16
@@ -109,14 +129,14 @@ def run(shapes=None, rows=(1, 4, 512), rounds: int = 3, providers=None, policy=t
                 for p in providers:
                     samples[p].append(timing.measure(prepared[p].call, "cpu", policy))
             medians = {p: statistics.median(st.median_us for st in samples[p]) for p in providers}
-            base = medians.get("fastlm-bf16")
+            base = medians.get(baseline)
             printer(f"K={K} N={N} M={M}")
             for p in providers:
                 us = medians[p]
                 best = min(st.p20_us for st in samples[p])  # on a loaded machine: closer to the kernel's own speed
                 gbs = prepared[p].weight_bytes / us / 1e3
                 results[(K, N, M, p)] = (us, gbs, best)
-                ratio = f"  {base / us:5.2f}x bf16" if base else ""
+                ratio = f"  {base / us:5.2f}x {baseline.removeprefix('fastlm-')}" if base else ""
                 printer(f"  {p:18s} {us:10.1f} us  {gbs:6.1f} GB/s{ratio}   (best p20 {best:9.1f} us, "
                         f"{prepared[p].weight_bytes / best / 1e3:6.1f} GB/s)")
             del prepared
@@ -127,13 +147,39 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", default="1,4,512")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--shapes", default=None, help="KxN,KxN,... (default: the module's SHAPES)")
+    ap.add_argument("--shapes", default=None,
+                    help="KxN,KxN,... or 'e2e' (the end-to-end CPU models' projections; default: the module's SHAPES)")
     ap.add_argument("--providers", default=None, help=f"comma-separated, of {', '.join(PROVIDERS)}")
+    ap.add_argument("--baseline", default="fastlm-bf16", help="the provider the ratios divide (default: fastlm-bf16)")
     a = ap.parse_args(argv)
-    shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")] if a.shapes else None
+    if a.shapes == "e2e":
+        shapes = e2e_shapes()
+    else:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")] if a.shapes else None
     providers = a.providers.split(",") if a.providers else None
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fastlm._C {_cpu_isa()}")
-    run(shapes, [int(r) for r in a.rows.split(",")], a.rounds, providers)
+    unknown = sorted(set(providers or ()) - set(PROVIDERS) | ({a.baseline} - set(PROVIDERS)))
+    if unknown:
+        ap.error(f"unknown providers {unknown}: choose from {', '.join(PROVIDERS)}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fastlm._C {_cpu_isa()}, "
+          f"16-bit GEMM widened for bf16/fp16: {_widens()}")
+    run(shapes, [int(r) for r in a.rows.split(",")], a.rounds, providers, baseline=a.baseline)
+
+
+def e2e_shapes() -> list[tuple[int, int]]:
+    """(K, N) of every projection of the end-to-end suite's CPU models (fastlm.bench.configs), once each."""
+    from fastlm.bench import configs
+
+    shapes = []
+    for family in configs.FAMILIES:
+        layer = configs.patched_layer(family, configs.model_sizes(family, "full", "cpu"))
+        shapes += [(p.in_features, p.out_features) for p in layer.projections]
+    return list(dict.fromkeys(shapes))
+
+
+def _widens() -> str:
+    from fastlm import _C
+
+    return "/".join(str(_C.cpu_gemm16_widens(d)) for d in ("bfloat16", "float16"))
 
 
 def _cpu_isa() -> str:

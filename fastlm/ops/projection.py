@@ -6,6 +6,21 @@ weight from memory once. The C++ CPU kernel (csrc/cpu/linear.cpp) streams the we
 machine's read bandwidth for up to 16 rows of x and hands larger x (a real GEMM) to ATen. The
 reference is ATen itself (``F.linear``, or ``addmm`` with the residual folded in); on CUDA every
 backend uses it (cuBLAS is already bandwidth-bound there).
+
+16-bit (bf16 / fp16) x and weight beyond decode sizes, on CPU: ATen's 16-bit GEMM is fast only where the
+CPU has native dot products for the dtype (AVX512-BF16 or AMX-BF16; AVX512-FP16 or AMX-FP16); elsewhere it
+runs several times slower than its fp32 GEMM. There the kernel streams the weight for a few more rows and
+beyond runs the fp32 GEMM on weight panels widened to fp32 in cache (exact), fp32 accumulation, bias and
+residual added in fp32, one rounding to the dtype (csrc/cpu/widened_gemm.h). The choice is made at run
+time from the CPU (cpuid), not from the build:
+
+* ``ONEDNN_MAX_CPU_ISA`` (oneDNN's own cap, which ATen honours) caps it too: with ``AVX2`` or
+  ``AVX512_CORE`` neither dtype is native. To measure an AVX2 machine on a newer CPU, set
+  ``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2`` and use a
+  ``FASTLM_CPU_ISA=avx2`` build; for an AVX-512 CPU without BF16, ``ONEDNN_MAX_CPU_ISA=AVX512_CORE``.
+* ``FASTLM_CPU_GEMM16=auto|widen|aten`` (read once) forces the widened path or ATen's 16-bit GEMM;
+  ``fastlm._C.set_cpu_gemm16(mode)`` sets it at run time (returning the previous mode) and
+  ``fastlm._C.cpu_gemm16_widens("bfloat16" | "float16")`` tells which path a dtype takes.
 """
 from __future__ import annotations
 

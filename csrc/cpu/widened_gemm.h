@@ -1,0 +1,138 @@
+// GEMMs on weights widened to fp32 panel by panel: y = round_T(x @ W^T + bias + residual), for weights
+// whose own format has no fast GEMM on this CPU: 16-bit weights without native 16-bit dot products
+// (csrc/cpu/linear.cpp, chosen at run time by csrc/cpu/cpu_features.h) and int8 / int4 weights
+// (csrc/cpu/quant_linear.cpp). Both run ATen's fp32 GEMM (MKL, or whatever BLAS torch has), the one
+// that fastlm's fp32 path uses, on fp32 copies that stay in cache:
+//   x: a slice of at most ~kXSliceBytes of fp32 rows [mb, K] (widened once per slice unless x is fp32);
+//   W: one parallel region per slice; each task widens a panel of nb rows [nb, K] into its own buffer
+//      (the caller's widen_rows: exact for 16-bit weights, q * scale for quantized ones), multiplies it
+//      with a single-threaded GEMM (ATen runs a GEMM nested in a parallel region inline) into its own
+//      fp32 tile [mb, nb], and writes y's columns of the panel from the tile: bias and residual added in
+//      fp32 and rounded once to T, as ATen's addmm rounds its fp32 accumulator.
+// One region per slice, not a multi-threaded GEMM per panel: that opened two parallel regions per panel,
+// each a wake-up and a barrier of every thread, 3x slower than one fp32 GEMM at M = 512 on a loaded
+// 2-core machine, where a descheduled thread stalls a barrier.
+// Widening costs (M / mb + 1) * N * K conversions per call against 2 * M * N * K flops.
+#pragma once
+
+#include <c10/core/InferenceMode.h>
+
+#include <vector>
+
+#include "vec_util.h"
+
+namespace fastlm::cpu {
+
+// fp32 bytes of one x slice: slices beyond L3 would be re-read from memory by every panel's GEMM
+constexpr int64_t kXSliceBytes = 16ll << 20;
+// fp32 bytes of one widened weight panel at most (see widened_panel_rows)
+constexpr int64_t kPanelBytes = 4ll << 20;
+
+inline int64_t ceil_div(int64_t n, int64_t d) { return (n + d - 1) / d; }
+
+
+// This thread's scratch buffer `slot` of at least n floats. Kept (and grown) for the thread's lifetime, as a
+// caching allocator would keep it: fresh buffers of a few MB come from glibc as fresh mmaps whose every
+// page faults in zero-filled on first touch, as costly as the widening itself at prefill sizes.
+enum ScratchSlot : int { kPanelSlot = 0, kTileSlot = 1, kXSlot = 2 };
+inline float* thread_scratch(ScratchSlot slot, int64_t n) {
+  thread_local std::vector<float> buffers[3];
+  std::vector<float>& b = buffers[slot];
+  if (static_cast<int64_t>(b.size()) < n) {
+    b = std::vector<float>();  // freed first: the peak is the new size, not old + new
+    b.resize(n);
+  }
+  return b.data();
+}
+
+// Rows of a weight panel: at most ~kPanelBytes, at least two panels per thread where N allows (so that
+// a thread descheduled on a loaded machine holds up at most half its share), as even as multiples of
+// 16 rows allow (MKL's tile widths).
+inline int64_t widened_panel_rows(int64_t N, int64_t K, int64_t threads) {
+  const int64_t max_rows = std::max<int64_t>(16, kPanelBytes / (4 * K));
+  const int64_t panels = std::max(ceil_div(N, max_rows), std::min(2 * threads, ceil_div(N, 16)));
+  return std::min(N, round_up(ceil_div(N, panels), 16));
+}
+
+// y[m, n] = round_T(acc[m, n] + bias[n] + res[m, n]) for one tile: acc [rows, cols] (stride as), y and
+// res with their row strides; bias (fp32) and res may be null.
+template <typename T>
+inline void widened_epilogue(const float* acc, int64_t as, const float* bias, const T* res, int64_t rs, T* y,
+                             int64_t ys, int64_t rows, int64_t cols) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* a = acc + i * as;
+    const T* r = res ? res + i * rs : nullptr;
+    T* o = y + i * ys;
+    for (int64_t j = 0; j < cols; j += kChunk) {
+      const int64_t m = std::min(kChunk, cols - j);
+      fVec va, vb;
+      IO<float>::load(a + j, m, va, vb);
+      if (bias) {
+        fVec ba, bb;
+        IO<float>::load(bias + j, m, ba, bb);
+        va = va + ba;
+        vb = vb + bb;
+      }
+      if (r) {
+        fVec ra, rb;
+        IO<T>::load(r + j, m, ra, rb);
+        va = va + ra;
+        vb = vb + rb;
+      }
+      IO<T>::store(o + j, m, va, vb);
+    }
+  }
+}
+
+// x [M, K] (row stride xs), W [N, K] given by widen_rows(n0, rows, dst): W's rows [n0, n0 + rows) in fp32
+// into dst [rows, K] (row stride K). bias [N] in fp32 or null; res [M, N] (row stride rs) or null; y [M, N]
+// (row stride ys). M, N, K > 0.
+template <typename T, typename WidenRows>
+void gemm_widened(const T* x, int64_t xs, const WidenRows& widen_rows, const float* bias, const T* res, int64_t rs,
+                  T* y, int64_t ys, int64_t M, int64_t N, int64_t K) {
+  // Every tensor here is scratch (no autograd). at::parallel_for's worker threads do not inherit the
+  // caller's InferenceMode: without the guard in each task, a GEMM in a worker thread mixing its own
+  // tensors with the caller's inference tensors raises "Inplace update to inference tensor outside
+  // InferenceMode" (the engine runs under torch.inference_mode).
+  c10::InferenceMode no_autograd;
+  constexpr bool kFp32 = std::is_same_v<T, float>;
+  const int64_t threads = std::max(1, at::get_num_threads());
+  // x slices as even as multiples of 16 rows allow (MKL ran a 341-row slice 1.7x slower per flop than
+  // a 512-row one)
+  const int64_t max_mb = std::max<int64_t>(16, kXSliceBytes / (4 * K));
+  const int64_t mb = std::min(M, round_up(ceil_div(M, ceil_div(M, max_mb)), 16));
+  const int64_t nb = widened_panel_rows(N, K, threads);
+  const int64_t panels = ceil_div(N, nb);
+  float* x_buf = kFp32 ? nullptr : thread_scratch(kXSlot, mb * K);
+  for (int64_t m0 = 0; m0 < M; m0 += mb) {
+    const int64_t mr = std::min(mb, M - m0);
+    const float* xf = nullptr;
+    int64_t xfs = K;
+    if constexpr (kFp32) {
+      xf = x + m0 * xs;
+      xfs = xs;
+    } else {
+      at::parallel_for(0, mr, grain_for(K, 16384), [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) convert_row(x + (m0 + i) * xs, x_buf + i * K, K);
+      });
+      xf = x_buf;
+    }
+    at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+      c10::InferenceMode task_no_autograd;
+      const at::TensorOptions f32 = at::TensorOptions().dtype(at::kFloat);
+      const at::Tensor x2 = at::from_blob(const_cast<float*>(xf), {mr, K}, {xfs, 1}, f32);
+      float* panel = thread_scratch(kPanelSlot, nb * K);
+      float* tile = thread_scratch(kTileSlot, mr * nb);
+      for (int64_t p = begin; p < end; ++p) {
+        const int64_t n0 = p * nb, nr = std::min(nb, N - n0);
+        widen_rows(n0, nr, panel);
+        at::Tensor out = at::from_blob(tile, {mr, nr}, f32);
+        at::mm_out(out, x2, at::from_blob(panel, {K, nr}, {1, K}, f32));  // panel^T: [K, nr]
+        widened_epilogue<T>(out.const_data_ptr<float>(), out.stride(0), bias ? bias + n0 : nullptr,
+                            res ? res + m0 * rs + n0 : nullptr, rs, y + m0 * ys + n0, ys, mr, nr);
+      }
+    });
+  }
+}
+
+}  // namespace fastlm::cpu

@@ -1,0 +1,227 @@
+"""16-bit prefill on CPUs without native 16-bit dot products: ``linear`` on weights widened to fp32
+(csrc/cpu/widened_gemm.h, csrc/cpu/linear.cpp) and its run-time choice (csrc/cpu/cpu_features.h).
+
+Both paths run on every CPU when forced (``fastlm._C.set_cpu_gemm16("widen" | "aten")``), so both are
+tested here whatever this CPU has; ``auto`` must take one of them by the CPU's features. Parity: the
+low-precision rule against the fp64 reference (tests/_tolerance.py)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+
+import pytest
+import torch
+
+from fastlm.ops._registry import backend_status, has_impl, impl
+from fastlm.ops.projection import linear_ref
+from fastlm.ops.quantized import quant_linear_ref, quantize_weight
+from _tolerance import assert_close_to_ref
+
+_OK, _WHY = backend_status("cpp", "cpu")
+if not _OK or not has_impl("linear", "cpp", "cpu"):
+    pytest.skip(f"the cpp backend is unavailable: {_WHY}", allow_module_level=True)
+
+from fastlm import _C  # noqa: E402  (built: the backend is available)
+
+LINEAR = impl("linear", "cpp", "cpu")
+ATOL = {torch.bfloat16: 1e-3, torch.float16: 3e-4}
+DTYPES16 = [torch.bfloat16, torch.float16]
+MODES = ["widen", "aten"]
+
+
+@pytest.fixture
+def gemm16_mode():
+    """``gemm16_mode(mode)`` sets the 16-bit GEMM mode for one test; the previous one is restored after."""
+    prev = []
+
+    def set_mode(mode):
+        prev.append(_C.set_cpu_gemm16(mode))
+
+    yield set_mode
+    for p in reversed(prev):
+        _C.set_cpu_gemm16(p)
+
+
+def _check_linear(x, w, b, r, name):
+    args = (x, w, b, r)
+    ref64 = linear_ref(*(None if t is None else t.double() for t in args))
+    out = LINEAR(*args)
+    assert out.dtype == x.dtype and out.shape == ref64.shape and out.is_contiguous()
+    assert_close_to_ref(out, ref64, linear_ref(*args), ATOL[x.dtype] * x.shape[-1] ** 0.5, name=name)
+    return out
+
+
+def _operands(M, N, K, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g).to(dtype)
+    w = (torch.randn(N, K, generator=g) / max(K, 1) ** 0.5).to(dtype)
+    return x, w, torch.randn(N, generator=g).to(dtype), torch.randn(M, N, generator=g).to(dtype)
+
+
+# (M, (N, K)): M = 7 and 8 stream the weight (the decode kernel), 9 and up multiply widened panels; N with
+# a panel tail (720, 1043), N below one panel (5), an odd K (129, 3000). 513 rows with small weights only
+# (the fp64 reference of 513 x 720 x 3000 is slow for CI; 100 rows cover that weight).
+SHAPES = [(M, nk) for M in (7, 16, 17, 100) for nk in ((720, 3000), (5, 3000), (1043, 129))] + \
+    [(513, (5, 3000)), (513, (1043, 129))]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", DTYPES16)
+@pytest.mark.parametrize("M,nk", SHAPES)
+def test_linear16_prefill(gemm16_mode, mode, dtype, M, nk):
+    gemm16_mode(mode)
+    N, K = nk
+    x, w, b, r = _operands(M, N, K, dtype, M + N)
+    for bias, res in ((None, None), (b, None), (None, r), (b, r)):
+        _check_linear(x, w, bias, res, f"linear {mode} {dtype} M={M} N={N} K={K} bias={bias is not None} "
+                      f"residual={res is not None}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES16)
+def test_linear16_widened_x_slices(gemm16_mode, dtype):
+    # K = 20000: x slices of at most 16 MiB in fp32 are 209 rows, so 300 rows are two slices of 160 and
+    # 140: the second slice's x, residual and output rows start at row 160
+    gemm16_mode("widen")
+    M, N, K = 300, 40, 20000
+    x, w, b, r = _operands(M, N, K, dtype, 1)
+    _check_linear(x.view(2, M // 2, K), w, b, r.view(2, M // 2, N), "linear two x slices")
+
+
+@pytest.mark.parametrize("grad_mode", ["inference_mode", "no_grad"])
+def test_widened_gemm_in_worker_threads(gemm16_mode, grad_mode):
+    # the panels' GEMMs run in at::parallel_for's worker threads, which do not inherit the caller's
+    # InferenceMode: an inference-mode caller (fastlm's engine) must work as any other, for the 16-bit
+    # linear and the quantized one (which shares the widened GEMM), with more than one panel per thread
+    gemm16_mode("widen")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x, w, _, r = _operands(64, 3000, 256, torch.bfloat16, 6)
+        qw, s = quantize_weight(w.float(), 8, 256)
+        quant = impl("quant_linear", "cpp", "cpu")
+        with torch.inference_mode() if grad_mode == "inference_mode" else torch.no_grad():
+            for xx, ww, rr in ((x, w, r), (x.clone(), w.clone(), r.clone())):  # inference tensors the second time
+                _check_linear(xx, ww, None, rr, f"linear under {grad_mode}")
+                out = quant(xx, qw, s, None, rr, 8, 256)
+                torch.testing.assert_close(out, quant_linear_ref(xx, qw, s, None, rr, bits=8, group_size=256),
+                                           rtol=1e-2, atol=1e-2)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", DTYPES16)
+def test_linear16_layouts(gemm16_mode, mode, dtype):
+    gemm16_mode(mode)
+    g = torch.Generator().manual_seed(2)
+    K, N = 96, 40
+    x_rows = torch.randn(3, 20, K + 24, generator=g).to(dtype)[..., :K]  # strided rows (a slice of a wider x)
+    x_t = torch.randn(K, 60, generator=g).to(dtype).t()                # no row stride at all: copied
+    fused = (torch.randn(3 * N, K, generator=g) / 10).to(dtype)
+    w_view = fused[N:2 * N]                                            # a row view into fused [q | k | v]
+    w_t = (torch.randn(K, N, generator=g) / 10).to(dtype).t()          # columns contiguous: copied
+    r_strided = torch.randn(3, 20, N + 8, generator=g).to(dtype)[..., :N]
+    b_strided = torch.randn(2 * N, generator=g).to(dtype)[::2]
+    for x in (x_rows, x_t):
+        for w in (w_view, w_t):
+            r = r_strided if x.dim() == 3 else r_strided.reshape(60, N)
+            _check_linear(x, w, b_strided, r, f"linear {mode} layout x{tuple(x.stride())} w{tuple(w.stride())}")
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", DTYPES16)
+@pytest.mark.parametrize("mnk", [(0, 8, 32), (20, 0, 32), (20, 8, 0)])
+def test_linear16_zero_sizes(gemm16_mode, mode, dtype, mnk):
+    gemm16_mode(mode)
+    M, N, K = mnk
+    x, w, b, r = _operands(M, N, K, dtype, 3)
+    for bias, res in ((None, None), (b, None), (b, r)):
+        out = LINEAR(x, w, bias, res)
+        assert out.shape == (M, N) and out.dtype == dtype
+        torch.testing.assert_close(out, linear_ref(x, w, bias, res), rtol=0, atol=0)  # K = 0: bias + residual
+
+
+@pytest.mark.parametrize("dtype", DTYPES16)
+def test_auto_is_one_of_the_paths(gemm16_mode, dtype):
+    x, w, b, _ = _operands(33, 70, 200, dtype, 4)
+    outs = {}
+    for mode in ("aten", "widen", "auto"):
+        gemm16_mode(mode)
+        outs[mode] = _check_linear(x, w, b, None, f"linear mode {mode}")
+    widened = _C.cpu_gemm16_widens(str(dtype).removeprefix("torch."))
+    assert torch.equal(outs["auto"], outs["widen" if widened else "aten"])
+
+
+def test_auto_follows_the_cpu(gemm16_mode):
+    gemm16_mode("auto")
+    if os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA"):
+        pytest.skip("ONEDNN_MAX_CPU_ISA caps the features here; test_isa_cap_and_env covers the cap")
+    native_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert _C.cpu_gemm16_widens("bfloat16") == (not native_bf16)
+    if os.path.exists("/proc/cpuinfo") and not torch.cpu._is_amx_fp16_supported():
+        with open("/proc/cpuinfo") as f:  # torch has no AVX512-FP16 probe
+            avx512_fp16 = "avx512_fp16" in f.read()
+        assert _C.cpu_gemm16_widens("float16") == (not avx512_fp16)
+    gemm16_mode("widen")
+    assert _C.cpu_gemm16_widens("bfloat16") and _C.cpu_gemm16_widens("float16")
+    gemm16_mode("aten")
+    assert not _C.cpu_gemm16_widens("bfloat16") and not _C.cpu_gemm16_widens("float16")
+
+
+def test_mode_bad_values(gemm16_mode):
+    with pytest.raises(ValueError, match="16-bit GEMM mode must be auto, widen or aten, got 'fast'"):
+        _C.set_cpu_gemm16("fast")
+    with pytest.raises(ValueError, match="dtype must be 'bfloat16' or 'float16', got 'float32'"):
+        _C.cpu_gemm16_widens("float32")
+
+
+ENV_SCRIPT = """
+import torch
+from fastlm import _C
+from fastlm.ops._registry import impl
+for call in (lambda: (_C.cpu_gemm16_widens("bfloat16"), _C.cpu_gemm16_widens("float16")),
+             lambda: tuple(impl("linear", "cpp", "cpu")(torch.randn(20, 8).bfloat16(),
+                                                        torch.randn(4, 8).bfloat16()).shape)):
+    try:
+        print(*call())
+    except ValueError as e:
+        print("ValueError:", e)
+"""
+
+
+def _run_with_env(**env):
+    full = {k: v for k, v in os.environ.items()
+            if k not in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "FASTLM_CPU_GEMM16")}
+    full.update(env)
+    res = subprocess.run([sys.executable, "-c", ENV_SCRIPT], capture_output=True, text=True, timeout=120, env=full,
+                         cwd=tempfile.gettempdir())
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout.strip().splitlines()
+
+
+def test_isa_cap_and_env():
+    # oneDNN's cap hides native 16-bit dot products from fastlm as from ATen (an AVX2 or pre-BF16 AVX-512
+    # CPU emulated); FASTLM_CPU_GEMM16 forces a path; a bad value is one clear error
+    assert _run_with_env(ONEDNN_MAX_CPU_ISA="AVX512_CORE") == ["True True", "20 4"]
+    assert _run_with_env(FASTLM_CPU_GEMM16="aten", DNNL_MAX_CPU_ISA="avx2") == ["False False", "20 4"]
+    message = "ValueError: fastlm: FASTLM_CPU_GEMM16 must be auto, widen or aten, got 'fastest'"
+    assert _run_with_env(FASTLM_CPU_GEMM16="fastest") == [message, message]
+
+
+def test_swiglu_fp32_relative_accuracy():
+    # silu(g) = g / (1 + exp(-g)) ~ g * exp(g) for g << 0: the relative error of the kernels' exp
+    # (exp_u1, csrc/cpu/vec_util.h: its AVX-512 or AVX2 form, whichever this build has) shows directly
+    swiglu = impl("swiglu", "cpp", "cpu")
+    g = torch.linspace(-87.0, 88.0, 100_003)
+    out = swiglu(torch.cat([g, torch.ones_like(g)]).view(1, -1))[0]
+    ref = g.double() / (1 + torch.exp(-g.double()))
+    rel = ((out.double() - ref).abs() / ref.abs().clamp_min(1e-300)).max().item()
+    assert rel < 1e-6, f"max relative error {rel:.2e} of fp32 silu (a few ulp expected)"
+    edge = torch.tensor([-1e4, -104.0, -88.8, 88.8, 1e4, float("inf"), -float("inf"), float("nan")])
+    got = swiglu(torch.cat([edge, torch.ones_like(edge)]).view(1, -1))[0]
+    want = edge.double() / (1 + torch.exp(-edge.double()))
+    assert torch.equal(got.isnan(), want.isnan())
+    # exp(-g) overflows fp32 for g < -88.7, so silu underflows to -0 there (as fp32 arithmetic must)
+    torch.testing.assert_close(got.double(), want, equal_nan=True, rtol=1e-6, atol=1e-36)
