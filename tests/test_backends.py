@@ -12,8 +12,8 @@ import tempfile
 import pytest
 import torch
 
-from _api import (add_layer_norm, add_rms_norm, add_rms_norm_ref, backend_status, impl, linear_ref, registered_op,
-                  registered_ops, relu2)
+from _api import (OPS, add_layer_norm, add_rms_norm, add_rms_norm_ref, backend_status, dispatch, impl, linear_ref,
+                  registered_op, registered_ops, relu2)
 from _inputs import randn, targets
 
 REFERENCES = {"linear": linear_ref}  # the ops without a Triton kernel: the reference runs
@@ -21,8 +21,11 @@ REFERENCES = {"linear": linear_ref}  # the ops without a Triton kernel: the refe
 
 @pytest.mark.parametrize("target", targets(kernels=True))
 def test_entry_points_take_the_references_arguments(target):
-    """Each registered op's entry point has its reference's parameters, and its torch.library op exists."""
+    """Each registered op's entry point has its reference's parameters, and its torch.library op exists; the
+    backend has kernels for exactly the ops tests/ops/_api.py lists (each op's tests run them)."""
     assert backend_status(target.backend, target.device)[0]
+    assert {op for op in OPS if impl(op, target.backend, target.device) is not OPS[op].ref} == \
+        set(registered_ops(target.backend))
     for op in registered_ops(target.backend):
         fn, ref = impl(op, target.backend, target.device), impl(op, "torch", target.device)
         assert fn is not ref, op
@@ -51,6 +54,13 @@ def test_public_ops_run_the_cpp_backend(target):
     torch.testing.assert_close(h, h_ref)
     ok, why = backend_status("cpp", "cuda")
     assert ok == bool(torch._C._dispatch_has_kernel_for_dispatch_key("fastlm::add_rms_norm", "CUDA")), why
+
+
+@pytest.mark.parametrize("target", CPP)
+def test_auto_runs_the_cpp_kernels_on_cpu(target, monkeypatch):
+    monkeypatch.delenv("FASTLM_BACKEND", raising=False)
+    for op in registered_ops("cpp"):
+        assert dispatch(op, "auto", torch.device("cpu")) is impl(op, "cpp", "cpu"), op
 
 
 @pytest.mark.parametrize("target", CPP)

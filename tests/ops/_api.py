@@ -2,8 +2,8 @@
 
 The op tests import fastlm only through this module: the public ops and their references (all re-exported
 by fastlm.ops), the op registry (``BACKENDS``, ``backend_status``, ``impl(op, backend, device_type)``),
-the in-place overlap message (fastlm/_checks.py), the torch.library op each kernel backend registers and the
-families' real configs.
+the in-place overlap message (fastlm/_checks.py), the torch.library op each kernel backend registers, the
+quantized weight format (fastlm/ops/quantized.py) and the families' real configs.
 """
 from __future__ import annotations
 
@@ -12,11 +12,13 @@ import torch
 from fastlm._checks import INTERNAL_OVERLAP_MESSAGE  # noqa: F401
 from fastlm.bench.configs import CHECKPOINTS  # noqa: F401  (shape-setting config.json values per family)
 from fastlm.errors import BackendUnavailableError  # noqa: F401
-from fastlm.ops import (BACKENDS, add_layer_norm, add_layer_norm_ref, add_rms_norm, add_rms_norm_ref,  # noqa: F401
-                        backend_status, decode_attention, decode_attention_ref, impl, linear, linear_ref,
-                        prefill_attention, qkv_rope, qkv_rope_cache, qkv_rope_cache_ref, qkv_rope_ref, relu2, relu2_,
+from fastlm.ops import (BACKENDS, OPS, add_layer_norm, add_layer_norm_ref, add_rms_norm, add_rms_norm_ref,  # noqa: F401
+                        backend_status, decode_attention, decode_attention_ref, dequantize_weight, dispatch, impl,
+                        linear, linear_ref, prefill_attention, qkv_rope, qkv_rope_cache, qkv_rope_cache_ref,
+                        qkv_rope_ref, quant_linear, quant_linear_ref, quantize_weight, relu2, relu2_,
                         relu2_inplace_ref, relu2_ref, swiglu, swiglu_, swiglu_inplace_ref, swiglu_ref)
 from fastlm.ops._registry import backend_module
+from fastlm.ops.quantized import DEFAULT_GROUP_SIZE, resolve_group_size  # noqa: F401
 
 
 def qkv_rope_reference(qkv, cos, sin, *, num_heads, num_kv_heads, head_dim, rotary_dim, interleaved=False,
@@ -42,9 +44,9 @@ def qkv_rope_cache_reference(qkv, cos, sin, k_cache, v_cache, cache_positions, *
 # Triton kernels under the interpreter), each through a torch.library op that opcheck runs on
 KERNEL_OPS = {
     "cpp": ("add_rms_norm", "add_layer_norm", "qkv_rope", "qkv_rope_cache", "swiglu", "relu2", "swiglu_", "relu2_",
-            "decode_attention", "linear"),
+            "decode_attention", "linear", "quant_linear"),
     "triton": ("add_rms_norm", "add_layer_norm", "qkv_rope", "qkv_rope_cache", "swiglu", "relu2", "swiglu_",
-               "relu2_", "decode_attention"),
+               "relu2_", "decode_attention", "quant_linear"),
 }
 
 

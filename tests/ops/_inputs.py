@@ -13,7 +13,8 @@ inputs of every op.
   expanded (a zero stride: elements overlap) and overlapping rows (a row stride below the row width).
 * Shapes: each family's attention and MLP shapes from its real checkpoint config (head_dim, query heads
   per KV head, rotary fraction, layout, norms, hidden size), with fewer heads; odd sizes (head_dim 80 / 40 /
-  136, 7 and 33 tokens, hidden 3000, tails of every block size) and zero sizes.
+  136, 7 and 33 tokens, hidden 3000, tails of every block size) and zero sizes; quant_linear's weight
+  formats (int8 / int4, per channel and in groups, partial packing blocks) on odd N and K.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from _api import BACKENDS, CHECKPOINTS, backend_status, impl
+from _api import BACKENDS, CHECKPOINTS, backend_status, dequantize_weight, impl, quantize_weight
 from _gpu import DEVICE
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -519,6 +520,45 @@ def linear_inputs(rows, N, K, dtype, device, *, bias, residual, seed=None):
     return x, w, b, r
 
 
+# --------------------------------------------------------------------------------------- quant_linear
+
+# (bits, group_size): None is one group per output channel (G = K); groups of 40 end in a partial block of
+# the int4 packing (fastlm/ops/quantized.py); K not a multiple of 32 leaves per-channel rows a tail
+QUANT_FORMATS = ((8, None), (8, 32), (8, 40), (4, 32), (4, 64), (4, None), (4, 40))
+# (N, K): odd N (tail rows of a block); the first two for the C++ kernel, the last two small enough for the
+# interpreter (it runs one program at a time)
+QUANT_SHAPES = ((1003, 80), (37, 960), (37, 80), (21, 960))
+# rows of x per call and whether it has (bias, residual): M = 16 is the C++ decode kernel's last row count,
+# 17 and 64 its prefill path
+QUANT_CALLS = ((0, False, False), (1, True, True), (7, False, False), (16, True, False), (17, False, True),
+               (64, True, True))
+QUANT_ZERO_SIZES = ((0, 8, 64), (3, 0, 64), (3, 8, 0), (20, 8, 0), (0, 0, 0))  # (M, N, K)
+
+
+def quant_weight(N: int, K: int, bits: int, group_size: int, device="cpu", seed=0):
+    """(qweight, scales) of a seeded [N, K] weight of scale 1 / sqrt(K), quantized on the CPU."""
+    w = randn(N, K, seed=seed, scale=1 / math.sqrt(max(K, 1)))
+    return tuple(t.to(device) for t in quantize_weight(w, bits, group_size))
+
+
+def quant_inputs(M, N, K, bits, group_size, dtype, device, *, bias, residual, seed=0):
+    """quant_linear's positional arguments: x [M, K], qweight and scales of [N, K], bias [N], residual [M, N]."""
+    qweight, scales = quant_weight(N, K, bits, group_size, device, seed=N + K + bits)
+    x = randn(M, K, dtype=dtype, device=device, seed=seed + M)
+    b = randn(N, dtype=dtype, device=device, seed=seed + M + 1) if bias else None
+    r = randn(M, N, dtype=dtype, device=device, seed=seed + M + 2) if residual else None
+    return x, qweight, scales, b, r, bits, group_size
+
+
+def quant_linear_fp64(x, qweight, scales, bias, residual, bits, group_size):
+    """Independent reference: the dequantized weight (exact in fp64: q * scale) and fp64 products."""
+    out = x.double() @ dequantize_weight(qweight, scales, bits, group_size, torch.float64).t()
+    for extra in (bias, residual):
+        if extra is not None:
+            out = out + extra.double()
+    return out
+
+
 # -------------------------------------------------------------------------------------------- opcheck
 
 def run_opcheck(op: str, target: Target) -> None:
@@ -570,6 +610,10 @@ def opcheck_args(op: str, device) -> list[tuple]:
         return [(x, randn(24, 64, device=device, seed=7), None, None),
                 (x[:1, :1].to(bf), randn(24, 64, dtype=bf, device=device, seed=8),
                  randn(24, dtype=bf, device=device, seed=9), randn(1, 1, 24, dtype=bf, device=device, seed=10))]
+    if op == "quant_linear":  # int4 in groups (16-bit x, no bias), int8 per channel (17 rows, bias, residual)
+        return [(x[0].to(bf), *quant_weight(24, 64, 4, 32, device), None, None, 4, 32),
+                (randn(17, 64, device=device, seed=11), *quant_weight(24, 64, 8, 64, device),
+                 randn(24, device=device, seed=12), randn(17, 24, device=device, seed=13), 8, 64)]
     if op == "decode_attention":
         return [(randn(2, 4, 32, device=device), randn(2, 2, 9, 32, device=device, seed=1),
                  randn(2, 2, 9, 32, device=device, seed=2), torch.tensor([9, 4], device=device), 0.2),

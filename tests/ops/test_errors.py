@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from _api import (INTERNAL_OVERLAP_MESSAGE, add_layer_norm, add_rms_norm, decode_attention, impl, linear,
-                  qkv_rope, qkv_rope_cache, relu2, relu2_, swiglu, swiglu_)
-from _inputs import QKV_SMALL, randn, small_qkv, targets
+                  qkv_rope, qkv_rope_cache, quant_linear, relu2, relu2_, swiglu, swiglu_)
+from _inputs import QKV_SMALL, quant_weight, randn, small_qkv, targets
 
 OVERLAP = INTERNAL_OVERLAP_MESSAGE.split(":")[0]  # "unsupported operation"
 TARGETS = targets(device="cpu")
@@ -33,6 +33,42 @@ def _decode(b, q=None, k=None, lengths=None, scale=0.25):
     lengths = torch.ones(2, dtype=torch.long) if lengths is None else lengths
     return decode_attention(q, k, k.clone(), lengths, scale, backend=b)
 
+
+# quant_linear's arguments: int8 and int4 weights [30, 64] in groups of 32, x [2, 64]
+QW8, QW4 = quant_weight(30, 64, 8, 32), quant_weight(30, 64, 4, 32)
+QUANT_OK = dict(x=randn(2, 64), qweight=QW8[0], scales=QW8[1], bias=None, residual=None, bits=8, group_size=32)
+
+
+def _quant_args(**overrides) -> tuple:
+    a = dict(QUANT_OK, **overrides)
+    return a["x"], a["qweight"], a["scales"], a["bias"], a["residual"], a["bits"], a["group_size"]
+
+
+def _quant(b, **overrides):
+    x, qweight, scales, bias, residual, bits, group_size = _quant_args(**overrides)
+    return quant_linear(x, qweight, scales, bias, residual, bits=bits, group_size=group_size, backend=b)
+
+
+# (exception, message, overrides of QUANT_OK): the public op's errors, and the C++ op's (same types and words)
+QUANT_ERRORS = [
+    (TypeError, "x must be float32", dict(x=torch.ones(2, 64, dtype=torch.long))),
+    (TypeError, "qweight must be", dict(qweight=QW8[0].float())),
+    (TypeError, "qweight must be", dict(qweight=QW4[0], scales=QW4[1])),  # uint8 for bits=8
+    (TypeError, "qweight must be", dict(bits=4)),
+    (ValueError, "qweight must be", dict(qweight=QW8[0][:, :32])),
+    (ValueError, "qweight must be", dict(x=randn(2, 63))),
+    (ValueError, "bits must be 8 or 4", dict(bits=3)),
+    (ValueError, "group_size", dict(group_size=48)),
+    (ValueError, "group_size", dict(group_size=0)),
+    (ValueError, "group_size must be even", dict(qweight=QW4[0], scales=QW4[1], bits=4, group_size=1)),
+    (TypeError, "scales must be float32", dict(scales=QW8[1].half())),
+    (ValueError, "scales must have shape", dict(scales=QW8[1][:, :1])),
+    (ValueError, "bias must have shape", dict(bias=randn(29))),
+    (TypeError, "bias has dtype", dict(bias=randn(30).half())),
+    (ValueError, "residual must have shape", dict(residual=randn(2, 29))),
+    (TypeError, "residual has dtype", dict(residual=randn(2, 30).double())),
+    (ValueError, "0-d", dict(x=torch.tensor(1.0))),
+]
 
 X64 = randn(4, 64)
 ERRORS = [  # (op, exception, message, call(backend))
@@ -123,6 +159,8 @@ ERRORS = [  # (op, exception, message, call(backend))
         torch.tensor(1.0), torch.ones(1, 1), backend=b)),
     ("linear", TypeError, "weight must be a torch.Tensor", lambda b: linear(randn(2, 8), "w", backend=b)),
 ]
+ERRORS += [("quant_linear", exc, message, lambda b, over=over: _quant(b, **over))
+           for exc, message, over in QUANT_ERRORS]
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -170,6 +208,10 @@ def test_other_ops_reject_a_meta_argument(target):
     q, k = randn(2, 4, 16), randn(2, 2, 5, 16)
     with pytest.raises(ValueError, match="lengths is on meta but q is on cpu"):
         decode_attention(q, k, k, torch.ones(2, dtype=torch.long, device="meta"), 0.25, backend=b)
+    with pytest.raises(ValueError, match="qweight is on meta but x is on cpu"):
+        _quant(b, qweight=meta(QW8[0]))
+    with pytest.raises(ValueError, match="scales is on meta but x is on cpu"):
+        _quant(b, scales=meta(QW8[1]))
 
 
 @pytest.mark.parametrize("target", targets(backends=("cpp",), device="cpu"))
@@ -185,6 +227,8 @@ def test_cpp_ops_check_devices_on_their_meta_path(target):
         registered_op("cpp", "add_layer_norm")(x, None, meta_w, None, 1e-5)
     with pytest.raises(ValueError, match="weight is on meta but x is on cpu"):
         registered_op("cpp", "linear")(x, torch.empty(4, 64, device="meta"), None, None)
+    with pytest.raises(ValueError, match="qweight is on meta but x is on cpu"):
+        registered_op("cpp", "quant_linear")(*_quant_args(qweight=QW8[0].to("meta")))
     y, h = registered_op("cpp", "add_rms_norm")(x.to("meta"), None, meta_w, 1e-5, False)  # all meta: shapes only
     assert y.device.type == "meta" and y.shape == (3, 64)
 
@@ -194,3 +238,13 @@ def test_cpp_linear_checks_its_arguments_itself(target):
     """The C++ entry point, called directly (as the fused modules do), raises the public op's error type."""
     with pytest.raises(ValueError, match="weight must be \\[N, K\\]"):
         impl("linear", target.backend, "cpu")(randn(2, 8), randn(4, 7), None, None)
+
+
+@pytest.mark.parametrize("target", targets("quant_linear", backends=("cpp",), device="cpu"))
+@pytest.mark.parametrize("case", QUANT_ERRORS, ids=[f"{i}-{c[1]}" for i, c in enumerate(QUANT_ERRORS)])
+def test_cpp_quant_linear_checks_its_arguments_itself(target, case):
+    """The C++ entry point, called directly (the dispatch path, without the public op's checks), raises the
+    public op's exception types, naming the same argument."""
+    exc, message, over = case
+    with pytest.raises(exc, match=message):
+        impl("quant_linear", target.backend, "cpu")(*_quant_args(**over))

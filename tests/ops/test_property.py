@@ -28,9 +28,10 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from _api import (INTERNAL_OVERLAP_MESSAGE, BackendUnavailableError, add_layer_norm, add_layer_norm_ref, add_rms_norm,
                   add_rms_norm_ref, backend_status, decode_attention, decode_attention_ref, linear,
-                  linear_ref, prefill_attention, qkv_rope, qkv_rope_cache, qkv_rope_cache_ref, qkv_rope_ref, relu2,
-                  relu2_, relu2_inplace_ref, relu2_ref, swiglu, swiglu_, swiglu_inplace_ref, swiglu_ref)
-from _inputs import Spec, build, same_layout_clone, targets
+                  linear_ref, prefill_attention, qkv_rope, qkv_rope_cache, qkv_rope_cache_ref, qkv_rope_ref,
+                  quant_linear, relu2, relu2_, relu2_inplace_ref, relu2_ref, swiglu, swiglu_, swiglu_inplace_ref,
+                  swiglu_ref)
+from _inputs import Spec, build, layout, quant_linear_fp64, quant_weight, same_layout_clone, targets
 from _tolerance import assert_clean_error, assert_close_to_ref, atol_for, upcast
 
 KERNEL_TARGETS = targets(kernels=True, device="cpu")
@@ -346,6 +347,39 @@ def linear_cases(draw):
 
 
 
+# ------------------------------------------------------------------------------------ quant_linear
+
+
+@st.composite
+def quant_linear_cases(draw):
+    dtype = draw(ANY_DTYPE)
+    lead = draw(st.sampled_from(((1,), (2,), (5,), (17,), (2, 3), (0,))))
+    K = draw(st.sampled_from((32, 64, 96, 40, 0)))
+    N = draw(st.sampled_from((16, 7, 1, 0)))
+    bits = draw(st.sampled_from((8, 4)))
+    # a group size dividing K (per channel, 32, 8), sometimes one that does not or is odd for int4
+    per_channel = K or 2  # (K = 0: any even group size divides it)
+    group_size = draw(st.sampled_from((per_channel, per_channel, 32 if K % 32 == 0 and K else per_channel,
+                                       8 if K % 8 == 0 and K else per_channel)))
+    qweight, scales = quant_weight(N, K, bits, group_size, seed=draw(st.integers(0, 2 ** 16)))
+    bad_group = draw(st.sampled_from((None,) * 20 + (3, 0, 48, "32")))
+    if draw(st.sampled_from((False,) * 4 + (True,))):
+        qweight = layout(qweight, "last_dim_strided")[0]
+    if rarely(draw, 20):
+        qweight = qweight.float() if draw(st.booleans()) else qweight[:, 1:]  # the wrong dtype or K
+    if rarely(draw, 20):
+        scales = scales.half() if draw(st.booleans()) else scales[:1]
+    if rarely(draw, 24):
+        qweight = torch.empty_like(qweight, device="meta")
+    x = draw(specs(lead + (K,) if not rarely(draw, 30) else (), dtype))
+    bias = draw(specs((N,), dtype, specials=False)) if draw(st.booleans()) else None
+    residual = draw(specs(lead + (N,), dtype)) if draw(st.booleans()) else None
+    group = group_size if bad_group is None else bad_group
+    args = (materialise(x), qweight, scales, materialise(bias), materialise(residual))
+    return Case(quant_linear, args, dict(bits=bits if not rarely(draw, 30) else 2, group_size=group),
+                ref_hi=lambda *a: (quant_linear_fp64(*a, bits, group_size),)), dtype
+
+
 # ------------------------------------------------------------- every op with backends, every backend
 
 # op -> (its cases, the share of MAX_EXAMPLES it gets)
@@ -360,6 +394,7 @@ OP_CASES = {
     "qkv_rope_cache": (lambda: qkv_cases(cache=True), 1.0),
     "decode_attention": (decode_cases, 1.0),
     "linear": (linear_cases, 0.5),
+    "quant_linear": (quant_linear_cases, 0.5),
 }
 
 
