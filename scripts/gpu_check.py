@@ -37,15 +37,17 @@ BUDGET_S = 440
 STAGES = (
     ("device", 15, "GPU properties (the first CUDA call)"),
     ("build", 110, "pip install -e . with the CUDA extension (SASS for this GPU's arch, PTX for it too)"),
-    ("tests", 120, "the GPU test mode: tests/test_triton_kernels.py, tests/test_gpu_mode.py, test_engine -k cuda"),
+    ("tests", 120, "the GPU test mode: tests/ops' Triton targets, tests/test_triton_kernels.py, "
+                   "tests/test_gpu_mode.py, test_engine -k cuda"),
     ("decode", 95, "engine decode tokens/s vs HF generate (+ static cache + compile): Helium-1 2B, StableLM-2 1.6B"),
     ("attention", 40, "decode attention vs SDPA (and flash-attn when installed), every family, context 128-2k"),
     ("kernels", 60, "each fused kernel vs eager and torch.compile (one family's shapes per op)"),
 )
 REPORT_CAP_S = 20
 KILL_GRACE_S = 10  # timeout --kill-after for a stage that ignores SIGTERM
-TEST_FILES = ("tests/test_triton_kernels.py", "tests/test_gpu_mode.py", "tests/test_engine.py")
-TEST_SELECT = "not test_engine or cuda"  # test_engine.py: its CUDA tests only (its CPU tests run in CI)
+TEST_FILES = ("tests/ops", "tests/test_triton_kernels.py", "tests/test_gpu_mode.py", "tests/test_engine.py")
+# test_engine.py: its CUDA tests only, tests/ops: its Triton targets only (their CPU tests run in CI)
+TEST_SELECT = "(not test_engine or cuda) and (not ops or triton)"
 BENCH = {  # stage -> (suite, --filter): every fused op once (the family whose layer uses it), bf16, --quick
     "decode": ("decode", r"^decode/(helium|stablelm)/"),
     "attention": ("attention", r"^attention/"),

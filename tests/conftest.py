@@ -2,6 +2,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# the op tests' helpers (tests/ops/_api.py, tests/ops/_inputs.py), for the backend tests here too
+sys.path.insert(1, os.path.join(os.path.dirname(os.path.abspath(__file__)), "ops"))
 from _gpu import GPU_TEST_MODE  # noqa: E402  (decides the mode without importing triton)
 
 if GPU_TEST_MODE:

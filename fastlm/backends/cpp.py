@@ -15,6 +15,7 @@ alias of its input); the entry points return ``x`` there, as the references do.
 """
 from __future__ import annotations
 
+import inspect
 import platform
 
 import torch
@@ -162,6 +163,9 @@ def _entry_point(op: str):
         return (overload if _is_compiling() else eager)(*args)
 
     run.__name__ = run.__qualname__ = op
+    # what inspect.signature reports: the reference's parameters (the schema's names), positional as run takes them
+    run.__signature__ = inspect.Signature([inspect.Parameter(a.name, inspect.Parameter.POSITIONAL_ONLY)
+                                           for a in overload._schema.arguments])
     return run
 
 

@@ -1,15 +1,15 @@
-"""Property-based check of every public op in fastlm.ops, on every kernel backend available here (cpp;
-triton under the interpreter): for the same input, the backend gives the reference's answer (backend
+"""Property-based check of every public op with a kernel backend, on every kernel backend available here
+(cpp; triton under the interpreter): for the same input, the backend gives the reference's answer (backend
 ``torch``) within the project tolerance, or raises the same exception type.
 
-Inputs (hypothesis): shapes (odd sizes such as head_dim 80 and hidden 3000, 7 tokens, zero sizes),
-dtypes (fp32 / bf16 / fp16, and wrong ones), layouts (contiguous, row-strided, transposed, sliced,
-expanded: overlapping), a tensor on ``meta`` beside CPU ones, NaN / inf values, bad scalars (eps,
-head counts, lengths, cache positions) and non-tensor arguments.
+Inputs (hypothesis, built by tests/ops/_inputs.py's Spec / build): shapes (odd sizes such as head_dim 80 and
+hidden 3000, 7 tokens, zero sizes), dtypes (fp32 / bf16 / fp16, and wrong ones), layouts (contiguous,
+row-strided, a non-contiguous last dim, sliced, expanded: overlapping), a tensor on ``meta`` beside CPU ones,
+NaN / inf values, bad scalars (eps, head counts, lengths, cache positions) and non-tensor arguments.
 
 Results: same shape, dtype and device as the reference; NaN and inf in the same places; elsewhere the
-tolerance rule of tests/_tolerance.py against the reference run on fp64 inputs. In-place ops and the
-KV-cache write are compared on everything they write (each backend gets its own copy, same layout).
+tolerance rule and table of tests/_tolerance.py against the reference run on fp64 inputs. In-place ops and
+the KV-cache write are compared on everything they write (each backend gets its own copy, same layout).
 Errors: the reference's own (from the torch backend) may only be TypeError / ValueError (or torch's
 RuntimeError for an in-place write into overlapping memory), never an internal error; a backend that
 cannot run on a device raises BackendUnavailableError.
@@ -19,36 +19,25 @@ so its examples are fewer and small.
 """
 from __future__ import annotations
 
-import os
+from dataclasses import dataclass, field
+from typing import Callable
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (tests/conftest.py does too)
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
 
-from dataclasses import dataclass, field  # noqa: E402
-from typing import Callable  # noqa: E402
+from _api import (INTERNAL_OVERLAP_MESSAGE, BackendUnavailableError, add_layer_norm, add_layer_norm_ref, add_rms_norm,
+                  add_rms_norm_ref, backend_status, decode_attention, decode_attention_ref, linear,
+                  linear_ref, prefill_attention, qkv_rope, qkv_rope_cache, qkv_rope_cache_ref, qkv_rope_ref,
+                  quant_linear, relu2, relu2_, relu2_inplace_ref, relu2_ref, swiglu, swiglu_, swiglu_inplace_ref,
+                  swiglu_ref)
+from _inputs import Spec, build, layout, quant_linear_fp64, quant_weight, same_layout_clone, targets
+from _tolerance import assert_clean_error, assert_close_to_ref, atol_for, upcast
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
-
-import fastlm.ops as ops  # noqa: E402
-from _backends import backend_params  # noqa: E402
-from _tolerance import assert_close_to_ref  # noqa: E402
-from fastlm.errors import BackendUnavailableError  # noqa: E402
-from fastlm.ops._registry import backend_status  # noqa: E402
-from fastlm._checks import INTERNAL_OVERLAP_MESSAGE  # noqa: E402
-from fastlm.ops.activations import relu2_inplace_ref, relu2_ref, swiglu_inplace_ref, swiglu_ref  # noqa: E402
-from fastlm.ops.attention import decode_attention_ref  # noqa: E402
-from fastlm.ops.layer_norm import add_layer_norm_ref  # noqa: E402
-from fastlm.ops.projection import linear_ref  # noqa: E402
-from fastlm.ops.qkv import qkv_rope_cache_ref, qkv_rope_ref  # noqa: E402
-from fastlm.ops.rms_norm import add_rms_norm_ref  # noqa: E402
-
-KERNEL_BACKENDS = [p for p in backend_params() if p.values[0] != "torch"]
+KERNEL_TARGETS = targets(kernels=True, device="cpu")
 # the Triton interpreter evaluates NaN / inf inputs with numpy, which warns about them
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning",
                                         "ignore:overflow encountered:RuntimeWarning")
-ATOL = {torch.float32: 1e-5, torch.float16: 3e-4, torch.bfloat16: 2e-3}
 # the Triton interpreter is slow: fewer, smaller examples there
 MAX_EXAMPLES = {"cpp": 400, "triton": 80}
 
@@ -65,49 +54,7 @@ FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 GOOD_DTYPE = st.sampled_from(FLOATS)
 # mostly a supported dtype, sometimes not
 ANY_DTYPE = st.sampled_from(FLOATS * 10 + (torch.float64, torch.int32))
-LAYOUTS = ("contiguous",) * 4 + ("row_strided", "transposed", "sliced", "expanded")
-SPECIALS = (float("nan"), float("inf"), -float("inf"))
-
-
-@dataclass
-class Spec:
-    """How to build one tensor argument."""
-    shape: tuple
-    dtype: torch.dtype
-    layout: str = "contiguous"
-    device: str = "cpu"
-    specials: int = 0  # NaN / inf entries to inject
-    scale: float = 1.0
-    seed: int = 0
-
-
-def build(spec: Spec) -> torch.Tensor:
-    shape, dtype = tuple(spec.shape), spec.dtype
-    if spec.device == "meta":
-        return torch.empty(shape, dtype=dtype, device="meta")
-    g = torch.Generator().manual_seed(spec.seed)
-
-    def values(sh):
-        if dtype.is_floating_point:
-            t = torch.randn(sh, generator=g) * spec.scale
-            if spec.specials and t.numel():
-                flat = t.view(-1)
-                for i in range(spec.specials):
-                    pos = int(torch.randint(0, flat.numel(), (1,), generator=g))
-                    flat[pos] = SPECIALS[i % len(SPECIALS)]
-            return t.to(dtype)
-        return torch.randint(-3, 4, sh, generator=g).to(dtype)
-
-    layout = spec.layout if len(shape) else "contiguous"
-    if layout == "row_strided":  # rows of a wider buffer, at an offset
-        return values(shape[:-1] + (shape[-1] + 5,))[..., 2: 2 + shape[-1]]
-    if layout == "transposed" and len(shape) >= 2:  # last dim not contiguous
-        return values(shape[:-2] + (shape[-1], shape[-2])).transpose(-1, -2)
-    if layout == "sliced":  # every other entry of the first dim
-        return values((2 * shape[0],) + shape[1:])[::2]
-    if layout == "expanded":  # the first dim a zero stride: elements overlap
-        return values((1,) + shape[1:]).expand(shape)
-    return values(shape)
+LAYOUTS = ("contiguous",) * 4 + ("row_strided", "last_dim_strided", "sliced", "expanded")
 
 
 @st.composite
@@ -148,17 +95,9 @@ class Case:
     ref_hi: Callable | None = None
 
 
-def clone_same_layout(t):
-    """A copy of t with the same sizes, strides and storage offset (overlap included)."""
-    if not isinstance(t, torch.Tensor) or t.device.type == "meta":
-        return t
-    out = torch.empty(0, dtype=t.dtype, device=t.device)
-    return out.set_(t.untyped_storage().clone(), t.storage_offset(), t.size(), t.stride())
-
-
 def call(case: Case, backend: str):
     """(outputs, exception): outputs are the op's tensors followed by the tensors it wrote."""
-    args = [clone_same_layout(a) if i in case.written else a for i, a in enumerate(case.args)]
+    args = [same_layout_clone(a) if i in case.written else a for i, a in enumerate(case.args)]
     try:
         out = case.op(*args, **case.kwargs, backend=backend)
     except Exception as exc:  # noqa: BLE001 (the property is about which exception)
@@ -167,21 +106,7 @@ def call(case: Case, backend: str):
     return outs + [args[i] for i in case.written], None
 
 
-def upcast(v):
-    if isinstance(v, torch.Tensor) and v.is_floating_point() and v.device.type != "meta":
-        return v.detach().double()
-    return v
-
-
-def check_reference_error(exc: Exception) -> None:
-    """The reference's (public op's) errors for bad input: TypeError / ValueError naming the problem, or
-    torch's own RuntimeError for an in-place write into overlapping memory. Never an internal error."""
-    if isinstance(exc, RuntimeError) and INTERNAL_OVERLAP_MESSAGE.split(":")[0] in str(exc):
-        return
-    assert type(exc) in (TypeError, ValueError, BackendUnavailableError), f"internal error escaped: {exc!r}"
-
-
-def assert_matches(i: int, out, lowp, hi, dtype) -> None:
+def assert_matches(op: str, i: int, out, lowp, hi, dtype) -> None:
     name = f"output {i}"
     assert isinstance(out, torch.Tensor), f"{name}: {type(out)}"
     assert out.shape == lowp.shape, f"{name}: shape {tuple(out.shape)} != reference {tuple(lowp.shape)}"
@@ -199,7 +124,7 @@ def assert_matches(i: int, out, lowp, hi, dtype) -> None:
     finite = lowp.isfinite() & hi.isfinite()
     zero = torch.zeros((), dtype=out.dtype)
     hi = hi.to(torch.float64).where(finite, 0.0)
-    atol = ATOL.get(dtype, 1e-5) * max(1.0, float(hi.abs().max()))
+    atol = atol_for(op, dtype if dtype in FLOATS else torch.float32, hi)
     assert_close_to_ref(out.where(finite, zero), hi, lowp.where(finite, zero), atol, name=name)
 
 
@@ -207,7 +132,7 @@ def check_case(case: Case, backend: str, dtype) -> None:
     ref, ref_exc = call(case, "torch")
     out, exc = call(case, backend)
     if ref_exc is not None:
-        check_reference_error(ref_exc)
+        assert_clean_error(ref_exc, INTERNAL_OVERLAP_MESSAGE)
     # the op runs on its first tensor's device: a backend without kernels there says so (before or
     # after the argument checks, by op)
     first = case.args[0]
@@ -223,12 +148,12 @@ def check_case(case: Case, backend: str, dtype) -> None:
     devices = {a.device.type for a in case.args if isinstance(a, torch.Tensor)}
     hi = None
     if case.ref_hi is not None and "meta" not in devices:
-        hi_args = [clone_same_layout(a) if i in case.written else a for i, a in enumerate(case.args)]
-        hi_args = [upcast(a) for a in hi_args]
+        hi_args = [same_layout_clone(a) if i in case.written else a for i, a in enumerate(case.args)]
+        hi_args = [upcast(a, torch.float64) for a in hi_args]
         hi = case.ref_hi(*hi_args)
     assert len(out) == len(ref)
     for i, (o, r) in enumerate(zip(out, ref)):
-        assert_matches(i, o, r, None if hi is None else hi[i], dtype)
+        assert_matches(case.op.__name__, i, o, r, None if hi is None else hi[i], dtype)
 
 
 # ------------------------------------------------------------------------------------------- norms
@@ -251,9 +176,9 @@ def norm_cases(draw, layer: bool):
     if layer:
         bias = draw(specs(w_shape, w_dtype, specials=False)) if draw(st.booleans()) else None
         args = (x, residual, weight, bias, eps)
-        return Case(ops.add_layer_norm, tuple(map(materialise, args)), ref_hi=add_layer_norm_ref), dtype
+        return Case(add_layer_norm, tuple(map(materialise, args)), ref_hi=add_layer_norm_ref), dtype
     args = (x, residual, weight, eps, draw(st.booleans()))
-    return Case(ops.add_rms_norm, tuple(map(materialise, args)), ref_hi=add_rms_norm_ref), dtype
+    return Case(add_rms_norm, tuple(map(materialise, args)), ref_hi=add_rms_norm_ref), dtype
 
 
 
@@ -273,12 +198,12 @@ def activation_cases(draw, op: str):
     shape = lead + (n,) if not rarely(draw, 30) else ()
     x = materialise(draw(specs(shape, dtype, scale=3.0)))
     if op == "swiglu":
-        return Case(ops.swiglu, (x,), ref_hi=lambda a: (swiglu_ref(a),)), dtype
+        return Case(swiglu, (x,), ref_hi=lambda a: (swiglu_ref(a),)), dtype
     if op == "relu2":
-        return Case(ops.relu2, (x,), ref_hi=lambda a: (relu2_ref(a),)), dtype
+        return Case(relu2, (x,), ref_hi=lambda a: (relu2_ref(a),)), dtype
     if op == "swiglu_":
-        return Case(ops.swiglu_, (x,), written=(0,), ref_hi=lambda a: (swiglu_inplace_ref(a), a)), dtype
-    return Case(ops.relu2_, (x,), written=(0,), ref_hi=lambda a: (relu2_inplace_ref(a), a)), dtype
+        return Case(swiglu_, (x,), written=(0,), ref_hi=lambda a: (swiglu_inplace_ref(a), a)), dtype
+    return Case(relu2_, (x,), written=(0,), ref_hi=lambda a: (relu2_inplace_ref(a), a)), dtype
 
 
 
@@ -298,7 +223,7 @@ def qkv_cases(draw, cache: bool):
     R = draw(st.sampled_from((D,) * 8 + (D // 2 - (D // 2) % 2, 0, 2) * 4 + (3, D + 2)))
     width = (H + 2 * Hkv) * D
     qkv = draw(specs((B, S, width if not rarely(draw, 20) else width + D), dtype,
-                     layouts=("contiguous", "row_strided", "sliced", "transposed")))
+                     layouts=("contiguous", "row_strided", "sliced", "last_dim_strided")))
     table = (draw(st.sampled_from((1, B))), S, max(R, 0) + draw(st.sampled_from((0, 0, 2))))
     cos = draw(specs(table, dtype, specials=False, layouts=("contiguous", "row_strided", "expanded")))
     sin = draw(specs(table, dtype, specials=False, layouts=("contiguous", "row_strided")))
@@ -322,18 +247,19 @@ def qkv_cases(draw, cache: bool):
     tensors = tuple(map(materialise, (qkv, cos, sin)))
 
     def norms():
-        return tuple(upcast(kwargs[k]) for k in ("q_norm_weight", "q_norm_bias", "k_norm_weight", "k_norm_bias"))
+        names = ("q_norm_weight", "q_norm_bias", "k_norm_weight", "k_norm_bias")
+        return tuple(upcast(kwargs[k], torch.float64) for k in names)
 
     if not cache:
         def ref_hi(qkv_, cos_, sin_):
             return qkv_rope_ref(qkv_, cos_, sin_, *norms(), *static)
 
-        return Case(ops.qkv_rope, tensors, kwargs, ref_hi=ref_hi), dtype
+        return Case(qkv_rope, tensors, kwargs, ref_hi=ref_hi), dtype
     t_max = draw(st.sampled_from((1, 4, 9, 4, 9, 0)))
     c_dtype = dtype if not rarely(draw, 30) else draw(ANY_DTYPE)
     c_shape = (B, Hkv, t_max, D)
     k_cache = draw(specs(c_shape, c_dtype, meta=False, layouts=("contiguous",) * 12 + ("sliced",) * 4 + (
-        "expanded", "transposed")))
+        "expanded", "last_dim_strided")))
     v_cache = draw(specs(c_shape, c_dtype, meta=False, layouts=("contiguous", "sliced")))
     # distinct in-range positions per sequence (duplicates make the write order visible), or bad ones
     g = torch.Generator().manual_seed(draw(st.integers(0, 2 ** 16)))
@@ -356,7 +282,7 @@ def qkv_cases(draw, cache: bool):
         q = qkv_rope_cache_ref(qkv_, cos_, sin_, *norms(), kc, vc, pos_, *static)
         return q, kc, vc
 
-    return Case(ops.qkv_rope_cache, tensors + caches, kwargs, written=(3, 4), ref_hi=ref_hi), dtype
+    return Case(qkv_rope_cache, tensors + caches, kwargs, written=(3, 4), ref_hi=ref_hi), dtype
 
 
 
@@ -372,8 +298,8 @@ def decode_cases(draw):
     B = draw(st.sampled_from((1, 2, 3, 0)))
     D = draw(st.sampled_from((8, 16, 80, 64)))
     t_max = draw(st.sampled_from((1, 4, 9, 130)))
-    q = draw(specs((B, H, D), dtype, layouts=("contiguous", "sliced", "transposed", "row_strided")))
-    kv_layouts = ("contiguous", "contiguous", "sliced", "transposed", "expanded")
+    q = draw(specs((B, H, D), dtype, layouts=("contiguous", "sliced", "last_dim_strided", "row_strided")))
+    kv_layouts = ("contiguous", "contiguous", "sliced", "last_dim_strided", "expanded")
     k = draw(specs((B, Hkv, t_max, D), dtype, specials=False, layouts=kv_layouts))
     v = draw(specs((B, Hkv, t_max, D), dtype, specials=False, layouts=kv_layouts))
     g = torch.Generator().manual_seed(draw(st.integers(0, 2 ** 16)))
@@ -398,7 +324,7 @@ def decode_cases(draw):
             v[b, :, int(lengths[b].clamp(0, t_max)):] = fill
     scale = draw(st.sampled_from((D ** -0.5,) * 20 + (1.0, 1.0, float("nan"), "0.1")))
     args = (materialise(q), k, v, lengths, scale)
-    return Case(ops.decode_attention, args, ref_hi=lambda *a: (decode_attention_ref(*a),)), dtype
+    return Case(decode_attention, args, ref_hi=lambda *a: (decode_attention_ref(*a),)), dtype
 
 
 
@@ -413,12 +339,45 @@ def linear_cases(draw):
     N = draw(st.sampled_from((16, 7, 1, 0)))
     x = draw(specs(lead + (K,) if not rarely(draw, 30) else (), dtype))
     w_shape = (N, K) if not rarely(draw, 20) else (N, K + 1)
-    w = maybe_bad(draw, draw(specs(w_shape, dtype, specials=False, layouts=("contiguous", "transposed"))))
+    w = maybe_bad(draw, draw(specs(w_shape, dtype, specials=False, layouts=("contiguous", "last_dim_strided"))))
     bias = draw(specs((N,), dtype, specials=False)) if draw(st.booleans()) else None
     residual = draw(specs(lead + (N,), dtype)) if draw(st.booleans()) else None
     args = tuple(map(materialise, (x, w, bias, residual)))
-    return Case(ops.linear, args, ref_hi=lambda *a: (linear_ref(*a),)), dtype
+    return Case(linear, args, ref_hi=lambda *a: (linear_ref(*a),)), dtype
 
+
+
+# ------------------------------------------------------------------------------------ quant_linear
+
+
+@st.composite
+def quant_linear_cases(draw):
+    dtype = draw(ANY_DTYPE)
+    lead = draw(st.sampled_from(((1,), (2,), (5,), (17,), (2, 3), (0,))))
+    K = draw(st.sampled_from((32, 64, 96, 40, 0)))
+    N = draw(st.sampled_from((16, 7, 1, 0)))
+    bits = draw(st.sampled_from((8, 4)))
+    # a group size dividing K (per channel, 32, 8), sometimes one that does not or is odd for int4
+    per_channel = K or 2  # (K = 0: any even group size divides it)
+    group_size = draw(st.sampled_from((per_channel, per_channel, 32 if K % 32 == 0 and K else per_channel,
+                                       8 if K % 8 == 0 and K else per_channel)))
+    qweight, scales = quant_weight(N, K, bits, group_size, seed=draw(st.integers(0, 2 ** 16)))
+    bad_group = draw(st.sampled_from((None,) * 20 + (3, 0, 48, "32")))
+    if draw(st.sampled_from((False,) * 4 + (True,))):
+        qweight = layout(qweight, "last_dim_strided")[0]
+    if rarely(draw, 20):
+        qweight = qweight.float() if draw(st.booleans()) else qweight[:, 1:]  # the wrong dtype or K
+    if rarely(draw, 20):
+        scales = scales.half() if draw(st.booleans()) else scales[:1]
+    if rarely(draw, 24):
+        qweight = torch.empty_like(qweight, device="meta")
+    x = draw(specs(lead + (K,) if not rarely(draw, 30) else (), dtype))
+    bias = draw(specs((N,), dtype, specials=False)) if draw(st.booleans()) else None
+    residual = draw(specs(lead + (N,), dtype)) if draw(st.booleans()) else None
+    group = group_size if bad_group is None else bad_group
+    args = (materialise(x), qweight, scales, materialise(bias), materialise(residual))
+    return Case(quant_linear, args, dict(bits=bits if not rarely(draw, 30) else 2, group_size=group),
+                ref_hi=lambda *a: (quant_linear_fp64(*a, bits, group_size),)), dtype
 
 
 # ------------------------------------------------------------- every op with backends, every backend
@@ -435,14 +394,17 @@ OP_CASES = {
     "qkv_rope_cache": (lambda: qkv_cases(cache=True), 1.0),
     "decode_attention": (decode_cases, 1.0),
     "linear": (linear_cases, 0.5),
+    "quant_linear": (quant_linear_cases, 0.5),
 }
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("target", KERNEL_TARGETS)
 @pytest.mark.parametrize("op", list(OP_CASES))
-def test_backend_matches_reference(backend, op):
+def test_backend_matches_reference(target, op):
+    backend = target.backend
     cases, share = OP_CASES[op]
 
+    # (the source of prop is that of the test this one replaced: hypothesis derives the examples from it)
     @settings_for(backend, share)
     @given(cases())
     def prop(case_and_dtype):
@@ -482,11 +444,11 @@ def test_prefill_attention(case):
     """No backends (SDPA is the kernel): bad input gets a TypeError / ValueError, good input SDPA's answer."""
     (q, k, v, mask), kwargs = case
     try:
-        out = ops.prefill_attention(q, k, v, mask, **kwargs)
+        out = prefill_attention(q, k, v, mask, **kwargs)
     except Exception as exc:  # noqa: BLE001
-        check_reference_error(exc)
+        assert_clean_error(exc, INTERNAL_OVERLAP_MESSAGE)
         return
-    expect = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=kwargs["scale"],
+    expect = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=kwargs["scale"],
                                             is_causal=kwargs["is_causal"] and mask is None and q.shape[2] > 1,
                                             enable_gqa=k.shape[1] != q.shape[1])
     assert torch.equal(out.isnan(), expect.isnan())

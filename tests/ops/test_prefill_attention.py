@@ -1,0 +1,45 @@
+"""prefill_attention: SDPA (or flash-attn on CUDA) with its argument checks; it has no backends (SDPA is the
+kernel), so its tests are not parametrised by one. Its property test: tests/ops/test_property.py."""
+import pytest
+import torch
+
+from _api import prefill_attention
+from _inputs import randn
+
+PREFILL_BAD = [  # (exception, message, q, k, v, mask, kwargs)
+    (ValueError, "q must be \\[B, H, S, D\\]", randn(4, 3, 8), randn(1, 2, 3, 8), randn(1, 2, 3, 8), None, {}),
+    (ValueError, "k must be \\[B, Hkv, T, D\\] with B=1", randn(1, 4, 3, 8), randn(2, 2, 3, 8), randn(2, 2, 3, 8),
+     None, {}),
+    (ValueError, "Hkv > 0 dividing H=4", randn(1, 4, 3, 8), randn(1, 3, 3, 8), randn(1, 3, 3, 8), None, {}),
+    (ValueError, "k must have q's head dim D=8", randn(1, 4, 3, 8), randn(1, 2, 3, 16), randn(1, 2, 3, 8), None, {}),
+    (ValueError, "v must be \\[B, Hkv, T, Dv\\]", randn(1, 4, 3, 8), randn(1, 2, 3, 8), randn(1, 2, 5, 8), None, {}),
+    (TypeError, "k has dtype torch.float16 but q has dtype torch.float32", randn(1, 4, 3, 8),
+     randn(1, 2, 3, 8, dtype=torch.float16), randn(1, 2, 3, 8), None, {}),
+    (ValueError, "v is on meta but q is on cpu", randn(1, 4, 3, 8), randn(1, 2, 3, 8),
+     torch.empty(1, 2, 3, 8, device="meta"), None, {}),
+    (ValueError, "attn_mask must broadcast to \\[B, H, S, T\\] = \\[1, 4, 3, 5\\]", randn(1, 4, 3, 8),
+     randn(1, 2, 5, 8), randn(1, 2, 5, 8), torch.ones(1, 1, 3, 4, dtype=torch.bool), {}),
+    (TypeError, "attn_mask must be bool or q's dtype", randn(1, 4, 3, 8), randn(1, 2, 5, 8), randn(1, 2, 5, 8),
+     torch.ones(3, 5, dtype=torch.int64), {}),
+    (TypeError, "q must be float32", torch.ones(1, 4, 3, 8, dtype=torch.int32), randn(1, 2, 3, 8),
+     randn(1, 2, 3, 8), None, {}),
+    (TypeError, "v must be a torch.Tensor", randn(1, 4, 3, 8), randn(1, 2, 3, 8), None, None, {}),
+    (ValueError, "scale must be finite", randn(1, 4, 3, 8), randn(1, 2, 3, 8), randn(1, 2, 3, 8), None,
+     {"scale": float("nan")}),
+]
+
+
+@pytest.mark.parametrize("case", range(len(PREFILL_BAD)))
+def test_checks_its_arguments(case):
+    exc, message, q, k, v, mask, kwargs = PREFILL_BAD[case]
+    with pytest.raises(exc, match=message):
+        prefill_attention(q, k, v, mask, **kwargs)
+
+
+def test_accepts_gqa_masks_and_scales():
+    q, k, v = randn(2, 4, 3, 8), randn(2, 2, 5, 8, seed=1), randn(2, 2, 5, 8, seed=2)
+    mask = torch.rand(2, 1, 3, 5, generator=torch.Generator().manual_seed(3)) > 0.3
+    mask[..., 0] = True
+    out = prefill_attention(q, k, v, mask, scale=0.2)
+    expect = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.2, enable_gqa=True)
+    torch.testing.assert_close(out, expect)
