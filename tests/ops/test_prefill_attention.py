@@ -43,3 +43,29 @@ def test_accepts_gqa_masks_and_scales():
     out = prefill_attention(q, k, v, mask, scale=0.2)
     expect = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.2, enable_gqa=True)
     torch.testing.assert_close(out, expect)
+
+
+@pytest.mark.parametrize("mask_kind", [None, "bool", "additive"])
+def test_fp16_on_cpu_follows_the_gemm_path(mask_kind):
+    """fp16 on a CPU without native fp16 dot products (this one's answer: fastlm._C.cpu_gemm16_widens) runs
+    SDPA in fp32 on exact copies and rounds once; elsewhere, ATen's fp16 SDPA. Either way within the
+    low-precision rule of the fp64 result."""
+    import torch.nn.functional as F
+
+    from fastlm.ops.attention import _cpu_fp16_widens
+
+    q, k, v = (randn(1, 4, 7, 80, seed=s, dtype=torch.float16) for s in range(3))  # head_dim 80, 7 tokens
+    mask = None
+    if mask_kind is not None:
+        keep = torch.rand(1, 1, 7, 7, generator=torch.Generator().manual_seed(4)) > 0.3
+        keep[..., 0] = True
+        mask = keep if mask_kind == "bool" else torch.zeros(keep.shape, dtype=torch.float16).masked_fill(~keep, -1e4)
+    out = prefill_attention(q, k, v, mask)
+    m32 = mask.float() if mask is not None and mask.dtype != torch.bool else mask
+    wide = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=m32,
+                                          is_causal=mask is None).half()
+    native = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+    torch.testing.assert_close(out, wide if _cpu_fp16_widens() else native, rtol=0, atol=0)
+    m64 = mask.double() if mask is not None and mask.dtype != torch.bool else mask
+    exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=m64, is_causal=mask is None)
+    assert (out.double() - exact).abs().max() <= 2 * (native.double() - exact).abs().max() + 1e-3
