@@ -12,6 +12,8 @@ import torch
 from fastlm._checks import INTERNAL_OVERLAP_MESSAGE  # noqa: F401
 from fastlm.bench.configs import CHECKPOINTS  # noqa: F401  (shape-setting config.json values per family)
 from fastlm.errors import BackendUnavailableError  # noqa: F401
+# fp16 prefill attention on CPU: fp32 SDPA where the CPU has no native fp16 dot products (fastlm.ops.attention)
+from fastlm.ops.attention import _cpu_fp16_widens as cpu_fp16_sdpa_widens  # noqa: F401,E402
 from fastlm.ops import (BACKENDS, OPS, add_layer_norm, add_layer_norm_ref, add_rms_norm, add_rms_norm_ref,  # noqa: F401
                         backend_status, decode_attention, decode_attention_ref, dequantize_weight, dispatch, impl,
                         linear, linear_ref, prefill_attention, qkv_rope, qkv_rope_cache, qkv_rope_cache_ref,

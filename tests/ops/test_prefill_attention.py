@@ -3,7 +3,7 @@ kernel), so its tests are not parametrised by one. Its property test: tests/ops/
 import pytest
 import torch
 
-from _api import prefill_attention
+from _api import cpu_fp16_sdpa_widens, prefill_attention
 from _inputs import randn
 
 PREFILL_BAD = [  # (exception, message, q, k, v, mask, kwargs)
@@ -52,8 +52,6 @@ def test_fp16_on_cpu_follows_the_gemm_path(mask_kind):
     low-precision rule of the fp64 result."""
     import torch.nn.functional as F
 
-    from fastlm.ops.attention import _cpu_fp16_widens
-
     q, k, v = (randn(1, 4, 7, 80, seed=s, dtype=torch.float16) for s in range(3))  # head_dim 80, 7 tokens
     mask = None
     if mask_kind is not None:
@@ -65,7 +63,7 @@ def test_fp16_on_cpu_follows_the_gemm_path(mask_kind):
     wide = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=m32,
                                           is_causal=mask is None).half()
     native = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
-    torch.testing.assert_close(out, wide if _cpu_fp16_widens() else native, rtol=0, atol=0)
+    torch.testing.assert_close(out, wide if cpu_fp16_sdpa_widens() else native, rtol=0, atol=0)
     m64 = mask.double() if mask is not None and mask.dtype != torch.bool else mask
     exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=m64, is_causal=mask is None)
     assert (out.double() - exact).abs().max() <= 2 * (native.double() - exact).abs().max() + 1e-3
