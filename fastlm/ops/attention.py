@@ -140,16 +140,23 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_ma
                                           enable_gqa=gqa)
 
 
-@functools.cache
 def _cpu_fp16_widens() -> bool:
-    """Whether 16-bit GEMMs in fp16 run widened to fp32 on this CPU (fastlm.ops.projection: the CPU's
-    native fp16 dot products, ONEDNN_MAX_CPU_ISA and FASTLM_CPU_GEMM16 as read at the first call). Without
-    the C++ extension: unless the CPU has AMX-FP16 (torch has no AVX512-FP16 probe)."""
+    """Whether 16-bit GEMMs in fp16 run widened to fp32 on this CPU, under the C++ extension's current mode
+    (fastlm.ops.projection: the CPU's native fp16 dot products, ONEDNN_MAX_CPU_ISA, FASTLM_CPU_GEMM16 and
+    fastlm._C.set_cpu_gemm16), so that attention and the projections follow one choice. Without the
+    extension: unless the CPU has AMX-FP16 (torch has no AVX512-FP16 probe)."""
+    query = _gemm16_widens_query()
+    return query("float16") if query is not None else not torch.cpu._is_amx_fp16_supported()
+
+
+@functools.cache
+def _gemm16_widens_query():
+    """fastlm._C.cpu_gemm16_widens, or None in a pure-Python install (the import looked up once)."""
     try:
         from fastlm import _C
-    except ImportError:  # not built: a pure-Python install
-        return not torch.cpu._is_amx_fp16_supported()
-    return _C.cpu_gemm16_widens("float16")
+    except ImportError:
+        return None
+    return _C.cpu_gemm16_widens
 
 
 _FLASH = []

@@ -67,3 +67,22 @@ def test_fp16_on_cpu_follows_the_gemm_path(mask_kind):
     m64 = mask.double() if mask is not None and mask.dtype != torch.bool else mask
     exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=m64, is_causal=mask is None)
     assert (out.double() - exact).abs().max() <= 2 * (native.double() - exact).abs().max() + 1e-3
+
+
+@pytest.mark.parametrize("mode", ["widen", "aten"])
+def test_fp16_on_cpu_follows_the_gemm_mode_set_at_run_time(mode):
+    """fastlm._C.set_cpu_gemm16 moves prefill attention's fp16 choice with the projections' (one choice)."""
+    import torch.nn.functional as F
+
+    C = pytest.importorskip("fastlm._C", reason="the 16-bit GEMM mode lives in the C++ extension")
+    q, k, v = (randn(1, 2, 7, 80, seed=s, dtype=torch.float16) for s in range(3))
+    prev = C.set_cpu_gemm16(mode)
+    try:
+        out = prefill_attention(q, k, v)
+    finally:
+        C.set_cpu_gemm16(prev)
+    if mode == "widen":
+        expect = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True).half()
+    else:
+        expect = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(out, expect, rtol=0, atol=0)
