@@ -183,25 +183,15 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const OptT& bia
   const bool widen = is16 && M > kMaxGemvRows16 && N > 0 && K > 0 && widen_gemm16(x.scalar_type());
   const int64_t max_rows = !is16 ? kMaxGemvRowsFp32 : widen ? kMaxGemvRows16Widened : kMaxGemvRows16;
   if (widen && M > max_rows) {
-    at::Tensor y = at::empty(out_shape, x.options().memory_format(at::MemoryFormat::Contiguous));
     const at::Tensor w = weight.stride(1) == 1 ? weight : weight.contiguous();
     const int64_t ws = N > 1 ? w.stride(0) : K;
-    const at::Tensor b32 = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
-    const Rows rr = residual ? rows_of(*residual) : Rows{};
-    FASTLM_DISPATCH_FLOAT(x.scalar_type(), "linear", [&] {
-      using T = scalar_t;
-      if constexpr (!std::is_same_v<T, float>) {
-        const T* wp = reinterpret_cast<const T*>(w.const_data_ptr());
-        auto widen_rows = [&](int64_t n0, int64_t rows, float* dst) {
-          for (int64_t j = 0; j < rows; ++j) convert_row(wp + (n0 + j) * ws, dst + j * K, K);
-        };
-        gemm_widened<T>(reinterpret_cast<const T*>(xr.data.const_data_ptr()), xr.stride, widen_rows,
-                        bias ? b32.const_data_ptr<float>() : nullptr,
-                        residual ? reinterpret_cast<const T*>(rr.data.const_data_ptr()) : nullptr, rr.stride,
-                        reinterpret_cast<T*>(y.data_ptr()), N, M, N, K);
-      }
+    return linear_widened("linear", xr, bias, residual, out_shape, N, K, [&](auto tag) {
+      using T = decltype(tag);  // x's dtype, the weight's too
+      const T* wp = reinterpret_cast<const T*>(w.const_data_ptr());
+      return [wp, ws, K](int64_t n0, int64_t rows, float* dst) {
+        for (int64_t j = 0; j < rows; ++j) convert_row(wp + (n0 + j) * ws, dst + j * K, K);
+      };
     });
-    return y;
   }
   if (M > max_rows || M == 0 || K == 0) {  // a real GEMM (or nothing to stream): ATen's
     const at::Tensor x2 = xr.data.as_strided({M, K}, {xr.stride, 1});

@@ -340,24 +340,15 @@ at::Tensor prefill(const Rows& xr, const QWeight& qw, int bits, const OptT& bias
     if (residual) yf.add_(residual->reshape({M, N}).to(at::kFloat));
     return yf.to(xr.data.scalar_type()).view(out_shape);
   }
-  at::Tensor y = at::empty(out_shape, xr.data.options().memory_format(at::MemoryFormat::Contiguous));
-  const at::Tensor b32 = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
-  const Rows rr = residual ? rows_of(*residual) : Rows{};
-  FASTLM_DISPATCH_FLOAT(xr.data.scalar_type(), "quant_linear", [&] {
-    using T = scalar_t;
-    auto widen = [&](int64_t n0, int64_t rows, float* dst) {
+  return linear_widened("quant_linear", xr, bias, residual, out_shape, N, K, [&](auto) {
+    return [&](int64_t n0, int64_t rows, float* dst) {
       if (bits == 8) {
         widen_rows<8>(qw, n0, rows, K, dst);
       } else {
         widen_rows<4>(qw, n0, rows, K, dst);
       }
     };
-    gemm_widened<T>(reinterpret_cast<const T*>(xr.data.const_data_ptr()), xr.stride, widen,
-                    bias ? b32.const_data_ptr<float>() : nullptr,
-                    residual ? reinterpret_cast<const T*>(rr.data.const_data_ptr()) : nullptr, rr.stride,
-                    reinterpret_cast<T*>(y.data_ptr()), N, M, N, K);
   });
-  return y;
 }
 
 }  // namespace

@@ -17,6 +17,7 @@
 
 #include <c10/core/InferenceMode.h>
 
+#include <optional>
 #include <vector>
 
 #include "vec_util.h"
@@ -133,6 +134,26 @@ void gemm_widened(const T* x, int64_t xs, const WidenRows& widen_rows, const flo
       }
     });
   }
+}
+
+// linear / quant_linear beyond decode sizes: y [out_shape] = round_T(x @ W^T + bias + residual) with x's rows xr
+// [M, K] (M, N, K > 0), the tensors' side of gemm_widened: y allocated, bias widened to fp32, residual's rows,
+// x's dtype dispatched. make_widen_rows(T{}) returns gemm_widened's widen_rows for x's dtype T.
+template <typename MakeWidenRows>
+at::Tensor linear_widened(const char* op, const Rows& xr, const std::optional<at::Tensor>& bias,
+                          const std::optional<at::Tensor>& residual, const std::vector<int64_t>& out_shape, int64_t N,
+                          int64_t K, const MakeWidenRows& make_widen_rows) {
+  at::Tensor y = at::empty(out_shape, xr.data.options().memory_format(at::MemoryFormat::Contiguous));
+  const at::Tensor b32 = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  const Rows rr = residual ? rows_of(*residual) : Rows{};
+  FASTLM_DISPATCH_FLOAT(xr.data.scalar_type(), op, [&] {
+    using T = scalar_t;
+    gemm_widened<T>(reinterpret_cast<const T*>(xr.data.const_data_ptr()), xr.stride, make_widen_rows(T{}),
+                    bias ? b32.const_data_ptr<float>() : nullptr,
+                    residual ? reinterpret_cast<const T*>(rr.data.const_data_ptr()) : nullptr, rr.stride,
+                    reinterpret_cast<T*>(y.data_ptr()), N, xr.rows, N, K);
+  });
+  return y;
 }
 
 }  // namespace fastlm::cpu
