@@ -34,33 +34,36 @@ namespace cpu {
 // each a normal float for the clamped n in [-150, 128], so a subnormal result is rounded once (by the
 // second multiply) and n = 128 overflows to inf, as with vscalefps. There, ATen's Sleef_expf8_u10 is an
 // out-of-line call per 8 lanes: bf16 SwiGLU at T = 512 ran ~7x slower than the AVX-512 build with it.
+// exp_u1's constants, one set for its AVX-512 and AVX2 bodies.
+struct ExpU1 {
+  static constexpr float kMax = 88.8f, kMin = -104.0f;  // the clamp: n in [-150, 128]
+  static constexpr float kLog2e = 1.44269504088896341f;
+  static constexpr float kLn2Hi = 0.693359375f;     // 10 significant bits: n * kLn2Hi is exact
+  static constexpr float kLn2Lo = -2.12194440e-4f;  // ln2 - kLn2Hi
+  static constexpr int kDegree = 5;                 // P's coefficients, highest degree first
+  static constexpr float kPoly[kDegree + 1] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                                               4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+};
+
 inline fVec exp_u1(const fVec& v) {
 #if defined(CPU_CAPABILITY_AVX512)
-  const __m512 x = _mm512_min_ps(_mm512_set1_ps(88.8f), _mm512_max_ps(_mm512_set1_ps(-104.0f), v));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+  const __m512 x = _mm512_min_ps(_mm512_set1_ps(ExpU1::kMax), _mm512_max_ps(_mm512_set1_ps(ExpU1::kMin), v));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(ExpU1::kLog2e)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // ln2_hi: 10 significant bits
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);     // ln2_lo = ln2 - ln2_hi
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(ExpU1::kLn2Hi), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(ExpU1::kLn2Lo), r);
+  __m512 p = _mm512_set1_ps(ExpU1::kPoly[0]);
+  for (int i = 1; i <= ExpU1::kDegree; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(ExpU1::kPoly[i]));
   const __m512 expm1_r = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r);
   return fVec(_mm512_scalef_ps(_mm512_add_ps(expm1_r, _mm512_set1_ps(1.0f)), n));
 #elif defined(CPU_CAPABILITY_AVX2)
-  const __m256 x = _mm256_min_ps(_mm256_set1_ps(88.8f), _mm256_max_ps(_mm256_set1_ps(-104.0f), v));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+  const __m256 x = _mm256_min_ps(_mm256_set1_ps(ExpU1::kMax), _mm256_max_ps(_mm256_set1_ps(ExpU1::kMin), v));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(ExpU1::kLog2e)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(ExpU1::kLn2Hi), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(ExpU1::kLn2Lo), r);
+  __m256 p = _mm256_set1_ps(ExpU1::kPoly[0]);
+  for (int i = 1; i <= ExpU1::kDegree; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(ExpU1::kPoly[i]));
   const __m256 e_r = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
   const __m256i ni = _mm256_cvtps_epi32(n);  // NaN -> INT_MIN: garbage factors, but e_r is NaN already
   const __m256i n1 = _mm256_srai_epi32(ni, 1), n2 = _mm256_sub_epi32(ni, n1);
