@@ -1,7 +1,10 @@
 // Decode attention on CPU: one query token per sequence over the first lengths[b] slots of a static
 // [B, Hkv, Tmax, D] cache, GQA (the G = H / Hkv query heads of a kv head share each K/V row read),
 // online softmax in fp32 over blocks of keys. Reads each valid K/V row once; never touches slots past
-// the length.
+// the length. The work is split over (batch row, kv head) tasks, and where there are fewer of those than
+// threads also over ranges of keys, whose partial softmaxes are merged at the end (key_splits): at batch 1,
+// Arcee's single kv head (5 query heads, head_dim 128) ran on one of the two cores, 55-80 us a layer at
+// 530 keys.
 #include "../checks.h"
 #include "../op_list.h"
 #include "vec_util.h"
@@ -15,20 +18,36 @@ namespace {
 
 constexpr int64_t kBlock = 128;  // keys per online-softmax block
 
-inline float dot(const float* a, const float* b, int64_t n) {
+// a . b over n elements, b in the cache's dtype (16-bit widened in registers).
+template <typename T>
+inline float dot(const float* a, const T* b, int64_t n) {
   fVec acc0(0.f), acc1(0.f);
   for (int64_t j = 0; j < n; j += kChunk) {
     const int64_t m = std::min(kChunk, n - j);
     fVec a0, a1, b0, b1;
     IO<float>::load(a + j, m, a0, a1);
-    IO<float>::load(b + j, m, b0, b1);
+    IO<T>::load(b + j, m, b0, b1);
     acc0 = at::vec::fmadd(a0, b0, acc0);
     acc1 = at::vec::fmadd(a1, b1, acc1);  // zero-filled tails contribute 0
   }
   return hsum(acc0 + acc1);
 }
 
-// A K/V row as fp32: the row itself for fp32 storage, else converted into buf.
+// acc += p * v over n elements, v in the cache's dtype.
+template <typename T>
+inline void axpy(float p, const T* v, float* acc, int64_t n) {
+  const fVec vp(p);
+  for (int64_t j = 0; j < n; j += kChunk) {
+    const int64_t m = std::min(kChunk, n - j);
+    fVec v0, v1, a0, a1;
+    IO<T>::load(v + j, m, v0, v1);
+    IO<float>::load(acc + j, m, a0, a1);
+    IO<float>::store(acc + j, m, at::vec::fmadd(vp, v0, a0), at::vec::fmadd(vp, v1, a1));
+  }
+}
+
+// A K/V row for several query heads, as fp32: the row itself for fp32 storage, else converted once into
+// buf (one head reads it in place, widened in registers by dot / axpy).
 template <typename T>
 inline const float* row_f32(const T* p, float* buf, int64_t n) {
   if constexpr (std::is_same_v<T, float>) {
@@ -53,77 +72,141 @@ void check_lengths(const at::Tensor& lengths, int64_t Tmax) {
   }
 }
 
+// Keys [t_begin, t_end) of one (batch row, kv head) for its G query heads qf [G, D] (fp32): the online
+// softmax's running max mx [G], denominator den [G] and unnormalised sum acc [G, D] = sum_t p_t * v_t,
+// updated in place (start from mx = -inf, den = 0, acc = 0). row [D] and scores [G, kBlock] are scratch.
+template <typename T>
+void attend_keys(const float* qf, const T* kbase, int64_t k_stride, const T* vbase, int64_t v_stride,
+                 int64_t t_begin, int64_t t_end, int64_t G, int64_t D, float scale, float* row, float* scores,
+                 float* acc, float* mx, float* den) {
+  for (int64_t t0 = t_begin; t0 < t_end; t0 += kBlock) {
+    const int64_t tb = std::min(kBlock, t_end - t0);
+    for (int64_t t = 0; t < tb; ++t) {  // scores = q . k * scale
+      const T* k_row = kbase + (t0 + t) * k_stride;
+      if (G == 1) {
+        scores[t] = dot(qf, k_row, D) * scale;
+        continue;
+      }
+      const float* k = row_f32(k_row, row, D);
+      for (int64_t g = 0; g < G; ++g) scores[g * kBlock + t] = dot(qf + g * D, k, D) * scale;
+    }
+    for (int64_t g = 0; g < G; ++g) {  // online softmax: rescale the running sums to the new max
+      float* sc = scores + g * kBlock;
+      fVec vmax(-std::numeric_limits<float>::infinity());
+      for (int64_t t = 0; t < tb; t += kF) {
+        const int64_t m = std::min(kF, tb - t);
+        vmax = at::vec::maximum(vmax, fVec::set(fVec(-std::numeric_limits<float>::infinity()), fVec::loadu(sc + t, m), m));
+      }
+      const float new_max = std::max(mx[g], hmax(vmax));
+      const float corr = MathOps<float>::exp(mx[g] - new_max);  // exp(-inf) = 0 on the first block
+      fVec vsum(0.f);
+      const fVec vm(new_max);
+      for (int64_t t = 0; t < tb; t += kF) {
+        const int64_t m = std::min(kF, tb - t);
+        fVec p = exp_u1(fVec::loadu(sc + t, m) - vm);
+        p = fVec::set(fVec(0.f), p, m);
+        p.store(sc + t, m);
+        vsum = vsum + p;
+      }
+      den[g] = den[g] * corr + hsum(vsum);
+      mx[g] = new_max;
+      if (corr != 1.f) {
+        const fVec vc_(corr);
+        float* ag = acc + g * D;
+        for (int64_t j = 0; j < D; j += kF) {
+          const int64_t m = std::min(kF, D - j);
+          (fVec::loadu(ag + j, m) * vc_).store(ag + j, m);
+        }
+      }
+    }
+    for (int64_t t = 0; t < tb; ++t) {  // acc += p * v
+      const T* v_row = vbase + (t0 + t) * v_stride;
+      if (G == 1) {
+        axpy(scores[t], v_row, acc, D);
+        continue;
+      }
+      const float* v = row_f32(v_row, row, D);
+      for (int64_t g = 0; g < G; ++g) axpy(scores[g * kBlock + t], v, acc + g * D, D);
+    }
+  }
+}
+
+// Key ranges per (batch row, kv head): one, unless there are fewer of those than threads (GQA with one
+// or two kv heads at batch 1: Arcee's kv head would run on one core), then enough ranges of at least
+// kMinSplitKeys keys to give every thread work, merged after (split-K, as flash-decoding does on GPUs).
+constexpr int64_t kMinSplitKeys = 256;
+
+int64_t key_splits(int64_t tasks, int64_t max_len) {
+  const int64_t threads = at::get_num_threads();
+  if (tasks == 0 || tasks >= threads) return 1;
+  return std::max<int64_t>(1, std::min((threads + tasks - 1) / tasks, max_len / kMinSplitKeys));
+}
+
 template <typename T>
 void decode_kernel(const T* q, int64_t q_sb, int64_t q_sh, const T* kc, const int64_t* ks, const T* vc,
                    const int64_t* vs, const void* lengths, bool len64, int64_t len_s, T* out, int64_t B, int64_t H,
                    int64_t Hkv, int64_t D, int64_t Tmax, float scale) {
-  const int64_t G = H / Hkv;
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(G * D), acc(G * D), row(D), scores(G * kBlock), mx(G), den(G);
-    for (int64_t task = begin; task < end; ++task) {
+  const int64_t G = H / Hkv, tasks = B * Hkv;
+  int64_t max_len = 0;
+  for (int64_t b = 0; b < B; ++b) max_len = std::max(max_len, length_of(lengths, len64, len_s, b));
+  const int64_t splits = key_splits(tasks, max_len);
+  // Each (task, range) unit's partial softmax: acc [G, D], then mx [G], then den [G]. Unsplit, a unit is
+  // a whole task and is normalised straight into out.
+  const int64_t unit_floats = G * (D + 2);
+  std::vector<float> partials(splits > 1 ? tasks * splits * unit_floats : 0);
+  at::parallel_for(0, tasks * splits, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(G * D), row(D), scores(G * kBlock), own(splits > 1 ? 0 : unit_floats);
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t task = unit / splits, part = unit % splits;
       const int64_t b = task / Hkv, hk = task % Hkv;
       const int64_t L = length_of(lengths, len64, len_s, b);  // in [1, Tmax]: check_lengths ran before
+      const int64_t chunk = round_up((L + splits - 1) / splits, kBlock);
+      const int64_t t_begin = std::min(L, part * chunk), t_end = std::min(L, t_begin + chunk);
+      float* acc = splits > 1 ? partials.data() + unit * unit_floats : own.data();
+      float* mx = acc + G * D;
+      float* den = mx + G;
+      std::fill(acc, acc + G * D, 0.f);
+      std::fill(mx, mx + G, -std::numeric_limits<float>::infinity());
+      std::fill(den, den + G, 0.f);
+      if (t_begin == t_end) continue;  // a short sequence's empty range: den = 0, merged as nothing
       for (int64_t g = 0; g < G; ++g) convert_row(q + b * q_sb + (hk * G + g) * q_sh, qf.data() + g * D, D);
-      std::fill(acc.begin(), acc.end(), 0.f);
-      std::fill(mx.begin(), mx.end(), -std::numeric_limits<float>::infinity());
-      std::fill(den.begin(), den.end(), 0.f);
-      const T* kbase = kc + b * ks[0] + hk * ks[1];
-      const T* vbase = vc + b * vs[0] + hk * vs[1];
-      for (int64_t t0 = 0; t0 < L; t0 += kBlock) {
-        const int64_t tb = std::min(kBlock, L - t0);
-        for (int64_t t = 0; t < tb; ++t) {  // scores = q . k * scale
-          const float* k = row_f32(kbase + (t0 + t) * ks[2], row.data(), D);
-          for (int64_t g = 0; g < G; ++g) scores[g * kBlock + t] = dot(qf.data() + g * D, k, D) * scale;
-        }
-        for (int64_t g = 0; g < G; ++g) {  // online softmax: rescale the running sums to the new max
-          float* sc = scores.data() + g * kBlock;
-          fVec vmax(-std::numeric_limits<float>::infinity());
-          for (int64_t t = 0; t < tb; t += kF) {
-            const int64_t m = std::min(kF, tb - t);
-            vmax = at::vec::maximum(vmax, fVec::set(fVec(-std::numeric_limits<float>::infinity()), fVec::loadu(sc + t, m), m));
-          }
-          const float new_max = std::max(mx[g], hmax(vmax));
-          const float corr = MathOps<float>::exp(mx[g] - new_max);  // exp(-inf) = 0 on the first block
-          fVec vsum(0.f);
-          const fVec vm(new_max);
-          for (int64_t t = 0; t < tb; t += kF) {
-            const int64_t m = std::min(kF, tb - t);
-            fVec p = exp_u1(fVec::loadu(sc + t, m) - vm);
-            p = fVec::set(fVec(0.f), p, m);
-            p.store(sc + t, m);
-            vsum = vsum + p;
-          }
-          den[g] = den[g] * corr + hsum(vsum);
-          mx[g] = new_max;
-          if (corr != 1.f) {
-            const fVec vc_(corr);
-            float* ag = acc.data() + g * D;
-            for (int64_t j = 0; j < D; j += kF) {
-              const int64_t m = std::min(kF, D - j);
-              (fVec::loadu(ag + j, m) * vc_).store(ag + j, m);
-            }
-          }
-        }
-        for (int64_t t = 0; t < tb; ++t) {  // acc += p * v
-          const float* v = row_f32(vbase + (t0 + t) * vs[2], row.data(), D);
-          for (int64_t g = 0; g < G; ++g) {
-            const fVec p(scores[g * kBlock + t]);
-            float* ag = acc.data() + g * D;
-            for (int64_t j = 0; j < D; j += kF) {
-              const int64_t m = std::min(kF, D - j);
-              at::vec::fmadd(p, fVec::loadu(v + j, m), fVec::loadu(ag + j, m)).store(ag + j, m);
-            }
-          }
-        }
-      }
+      attend_keys(qf.data(), kc + b * ks[0] + hk * ks[1], ks[2], vc + b * vs[0] + hk * vs[1], vs[2], t_begin,
+                  t_end, G, D, scale, row.data(), scores.data(), acc, mx, den);
+      if (splits > 1) continue;
       for (int64_t g = 0; g < G; ++g) {
         const float inv = 1.f / den[g];
-        float* ag = acc.data() + g * D;
+        float* ag = acc + g * D;
         for (int64_t j = 0; j < D; ++j) ag[j] *= inv;
         convert_row(ag, out + (b * H + hk * G + g) * D, D);
       }
     }
   });
+  if (splits == 1) return;
+  // Merge each task's ranges: sums rescaled from their own max to the overall one, then normalised.
+  std::vector<float> acc(G * D);
+  for (int64_t task = 0; task < tasks; ++task) {
+    const int64_t b = task / Hkv, hk = task % Hkv;
+    const float* first = partials.data() + task * splits * unit_floats;
+    for (int64_t g = 0; g < G; ++g) {
+      float m = -std::numeric_limits<float>::infinity();
+      for (int64_t part = 0; part < splits; ++part) m = std::max(m, first[part * unit_floats + G * D + g]);
+      float den = 0.f;
+      float* ag = acc.data() + g * D;
+      std::fill(ag, ag + D, 0.f);
+      for (int64_t part = 0; part < splits; ++part) {
+        const float* unit = first + part * unit_floats;
+        const float d = unit[G * D + G + g];
+        if (d == 0.f) continue;  // an empty range
+        const float w = MathOps<float>::exp(unit[G * D + g] - m);
+        den += d * w;
+        const float* ap = unit + g * D;
+        for (int64_t j = 0; j < D; ++j) ag[j] += ap[j] * w;
+      }
+      const float inv = 1.f / den;
+      for (int64_t j = 0; j < D; ++j) ag[j] *= inv;
+      convert_row(ag, out + (b * H + hk * G + g) * D, D);
+    }
+  }
 }
 
 void run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& lengths,

@@ -65,6 +65,25 @@ def test_strided_lengths(target, dtype, lengths_dtype):
     check_decode(decode_attention(q, kc, vc, lengths, 0.2, backend=target.backend), q, clean_k, clean_v, lengths, 0.2)
 
 
+@pytest.mark.parametrize("target", targets(OP, backends=("cpp",), device="cpu"))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("threads,lengths", [(4, (700, 5)), (6, (1000, 5)), (8, (300,)), (3, (1,))])
+def test_keys_split_across_threads(target, dtype, threads, lengths):
+    """Fewer (batch row, kv head) tasks than threads: the C++ kernel splits each sequence's keys into ranges
+    (at least 256 keys each) and merges their softmaxes; ranges past a short sequence's length are empty.
+    (4, (700, 5)): two ranges each, the short row's second one empty; (6, (1000, 5)): three ranges of 384
+    keys; (8, (300,)) and (3, (1,)): too few keys to split."""
+    case = DecodeCase("split", 5, 1, 128, max(lengths) + 3, lengths)
+    q, kc, vc, lengths_t, clean_k, clean_v = decode_inputs(case, dtype, target.device, seed=60)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = decode_attention(q, kc, vc, lengths_t, 128 ** -0.5, backend=target.backend)
+    finally:
+        torch.set_num_threads(before)
+    check_decode(out, q, clean_k, clean_v, lengths_t, 128 ** -0.5)
+
+
 @pytest.mark.parametrize("target", targets(OP, device="cpu"))
 @pytest.mark.parametrize("fill", [float("nan"), float("inf"), -float("inf")])
 def test_garbage_past_the_lengths_is_never_read(target, fill):
