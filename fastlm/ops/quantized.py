@@ -45,7 +45,8 @@ fp32 itself is +0.00%): int8 per channel -0.01%, int8 G=32 -0.02%, int4 G=32 +2.
   loop has no per-group multiply.
 - int4: groups of 32. G=64 leaves too little room under the 3% perplexity bound (2.84%) for 11% fewer
   bytes; at decode the int4 loop is bound by its instructions, not by the bytes, on the 2-core Zen 4
-  (csrc/cpu/quant_linear.cpp: G=64 widens ~9% faster per weight from cache, ~equal from DRAM).
+  (csrc/cpu/quant_linear.cpp: G=64 widens ~9% faster per weight from cache, ~equal from DRAM). G=32 also
+  has the bf16 dot-product decode kernel for bf16 x on CPUs with AVX512-BF16 (a pair of groups a step).
 """
 from __future__ import annotations
 

@@ -525,13 +525,14 @@ def linear_inputs(rows, N, K, dtype, device, *, bias, residual, seed=None):
 # (bits, group_size): None is one group per output channel (G = K); groups of 40 end in a partial block of
 # the int4 packing (fastlm/ops/quantized.py); K not a multiple of 32 leaves per-channel rows a tail
 QUANT_FORMATS = ((8, None), (8, 32), (8, 40), (4, 32), (4, 64), (4, None), (4, 40))
-# (N, K): odd N (tail rows of a block); the first two for the C++ kernel, the last two small enough for the
-# interpreter (it runs one program at a time)
-QUANT_SHAPES = ((1003, 80), (37, 960), (37, 80), (21, 960))
+# (N, K): odd N (tail rows of a block); the first three for the C++ kernel (K = 224: 7 groups of 32, an odd
+# count, which the bf16 int4 kernel takes two at a time), the last two small enough for the interpreter (it
+# runs one program at a time)
+QUANT_SHAPES = ((1003, 80), (37, 960), (37, 224), (37, 80), (21, 960))
 # rows of x per call and whether it has (bias, residual): M = 16 is the C++ decode kernel's last row count,
 # 17 and 64 its prefill path
-QUANT_CALLS = ((0, False, False), (1, True, True), (7, False, False), (16, True, False), (17, False, True),
-               (64, True, True))
+QUANT_CALLS = ((0, False, False), (1, True, True), (2, False, True), (7, False, False), (16, True, False),
+               (17, False, True), (64, True, True))
 QUANT_ZERO_SIZES = ((0, 8, 64), (3, 0, 64), (3, 8, 0), (20, 8, 0), (0, 0, 0))  # (M, N, K)
 
 
