@@ -63,13 +63,17 @@ inline int64_t length_of(const void* lengths, bool len64, int64_t len_s, int64_t
 }
 
 // Every length in [1, Tmax] (B reads): an empty sequence has no softmax, and slots past Tmax do not exist.
-void check_lengths(const at::Tensor& lengths, int64_t Tmax) {
+// Returns the longest (0 for B = 0).
+int64_t check_lengths(const at::Tensor& lengths, int64_t Tmax) {
   const bool len64 = lengths.scalar_type() == at::kLong;
+  int64_t longest = 0;
   for (int64_t b = 0; b < lengths.size(0); ++b) {
     const int64_t L = length_of(lengths.const_data_ptr(), len64, lengths.stride(0), b);
     TORCH_CHECK_VALUE(L >= 1 && L <= Tmax, "fastlm: lengths[", b, "] = ", L,
                       " is outside [1, Tmax] = [1, ", Tmax, "]: each sequence attends to 1 to Tmax cache slots");
+    longest = std::max(longest, L);
   }
+  return longest;
 }
 
 // Keys [t_begin, t_end) of one (batch row, kv head) for its G query heads qf [G, D] (fp32): the online
@@ -131,6 +135,14 @@ void attend_keys(const float* qf, const T* kbase, int64_t k_stride, const T* vba
   }
 }
 
+// out [D] = acc / den in out's dtype (acc is scratch).
+template <typename T>
+inline void normalise_into(float* acc, float den, T* out, int64_t D) {
+  const float inv = 1.f / den;
+  for (int64_t j = 0; j < D; ++j) acc[j] *= inv;
+  convert_row(acc, out, D);
+}
+
 // Key ranges per (batch row, kv head): one, unless there are fewer of those than threads (GQA with one
 // or two kv heads at batch 1: Arcee's kv head would run on one core), then enough ranges of at least
 // kMinSplitKeys keys to give every thread work, merged after (split-K, as flash-decoding does on GPUs).
@@ -144,11 +156,9 @@ int64_t key_splits(int64_t tasks, int64_t max_len) {
 
 template <typename T>
 void decode_kernel(const T* q, int64_t q_sb, int64_t q_sh, const T* kc, const int64_t* ks, const T* vc,
-                   const int64_t* vs, const void* lengths, bool len64, int64_t len_s, T* out, int64_t B, int64_t H,
-                   int64_t Hkv, int64_t D, int64_t Tmax, float scale) {
+                   const int64_t* vs, const void* lengths, bool len64, int64_t len_s, int64_t max_len, T* out,
+                   int64_t B, int64_t H, int64_t Hkv, int64_t D, float scale) {
   const int64_t G = H / Hkv, tasks = B * Hkv;
-  int64_t max_len = 0;
-  for (int64_t b = 0; b < B; ++b) max_len = std::max(max_len, length_of(lengths, len64, len_s, b));
   const int64_t splits = key_splits(tasks, max_len);
   // Each (task, range) unit's partial softmax: acc [G, D], then mx [G], then den [G]. Unsplit, a unit is
   // a whole task and is normalised straight into out.
@@ -173,17 +183,12 @@ void decode_kernel(const T* q, int64_t q_sb, int64_t q_sh, const T* kc, const in
       attend_keys(qf.data(), kc + b * ks[0] + hk * ks[1], ks[2], vc + b * vs[0] + hk * vs[1], vs[2], t_begin,
                   t_end, G, D, scale, row.data(), scores.data(), acc, mx, den);
       if (splits > 1) continue;
-      for (int64_t g = 0; g < G; ++g) {
-        const float inv = 1.f / den[g];
-        float* ag = acc + g * D;
-        for (int64_t j = 0; j < D; ++j) ag[j] *= inv;
-        convert_row(ag, out + (b * H + hk * G + g) * D, D);
-      }
+      for (int64_t g = 0; g < G; ++g) normalise_into(acc + g * D, den[g], out + (b * H + hk * G + g) * D, D);
     }
   });
   if (splits == 1) return;
   // Merge each task's ranges: sums rescaled from their own max to the overall one, then normalised.
-  std::vector<float> acc(G * D);
+  std::vector<float> acc(D);
   for (int64_t task = 0; task < tasks; ++task) {
     const int64_t b = task / Hkv, hk = task % Hkv;
     const float* first = partials.data() + task * splits * unit_floats;
@@ -191,7 +196,7 @@ void decode_kernel(const T* q, int64_t q_sb, int64_t q_sh, const T* kc, const in
       float m = -std::numeric_limits<float>::infinity();
       for (int64_t part = 0; part < splits; ++part) m = std::max(m, first[part * unit_floats + G * D + g]);
       float den = 0.f;
-      float* ag = acc.data() + g * D;
+      float* ag = acc.data();
       std::fill(ag, ag + D, 0.f);
       for (int64_t part = 0; part < splits; ++part) {
         const float* unit = first + part * unit_floats;
@@ -202,9 +207,7 @@ void decode_kernel(const T* q, int64_t q_sb, int64_t q_sh, const T* kc, const in
         const float* ap = unit + g * D;
         for (int64_t j = 0; j < D; ++j) ag[j] += ap[j] * w;
       }
-      const float inv = 1.f / den;
-      for (int64_t j = 0; j < D; ++j) ag[j] *= inv;
-      convert_row(ag, out + (b * H + hk * G + g) * D, D);
+      normalise_into(ag, den, out + (b * H + hk * G + g) * D, D);
     }
   }
 }
@@ -212,7 +215,7 @@ void decode_kernel(const T* q, int64_t q_sb, int64_t q_sh, const T* kc, const in
 void run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& lengths,
          double scale, const at::Tensor& out) {
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), Hkv = k_cache.size(1), Tmax = k_cache.size(2);
-  check_lengths(lengths, Tmax);
+  const int64_t max_len = check_lengths(lengths, Tmax);
   if (B == 0 || H == 0 || D == 0) return;
   const at::Tensor qc = q.stride(2) == 1 ? q : q.contiguous();
   const at::Tensor kc = k_cache.stride(3) == 1 ? k_cache : k_cache.contiguous();
@@ -224,8 +227,8 @@ void run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cac
     decode_kernel<T>(reinterpret_cast<const T*>(qc.const_data_ptr()), qc.stride(0), qc.stride(1),
                      reinterpret_cast<const T*>(kc.const_data_ptr()), ks,
                      reinterpret_cast<const T*>(vc.const_data_ptr()), vs, lengths.const_data_ptr(),
-                     lengths.scalar_type() == at::kLong, lengths.stride(0), reinterpret_cast<T*>(out.data_ptr()), B,
-                     H, Hkv, D, Tmax, static_cast<float>(scale));
+                     lengths.scalar_type() == at::kLong, lengths.stride(0), max_len,
+                     reinterpret_cast<T*>(out.data_ptr()), B, H, Hkv, D, static_cast<float>(scale));
   });
 }
 

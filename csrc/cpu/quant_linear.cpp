@@ -18,20 +18,21 @@
 //    group's (n - 8) * scale (the index uses only the low 4 bits, so the low nibble needs no mask and
 //    the scaling is free). AVX2: OR-ing a nibble n into the bits of 2^23 gives the float 2^23 + n, and
 //    subtracting 2^23 + 8 gives n - 8 exactly, without a conversion instruction.
-// Grouped formats sum a group's q * x and multiply the sum by the group's scale (row_dot_scale_after), except
-// AVX-512 int4, whose table lookup scales for free, and groups that are not a multiple of 32, which scale the
-// widened weights (the reference's fp32 q * scale) before the FMAs; per-channel formats (one group)
-// accumulate q * x and multiply the sum by the scale once. Four accumulator chains per row of x hide the FMA latency (groups of
-// 32 take two groups a step for that). Measured from cache on one Zen 4 core (fastlm.bench.quant for the
-// DRAM numbers): int8 per channel ~24 G weights/s, int4 G=32 ~18 G/s against 30 G/s for the bf16 dot
-// product kernel of csrc/cpu/linear.cpp: int8 is bound by memory at 2 threads, int4 by these
-// instructions (one FMA per weight and row of x in fp32; no activation quantization, for parity).
+// Grouped formats sum a group's q * x and multiply the sum by the group's scale (row_dot_scale_after),
+// except AVX-512 int4, whose table lookup scales for free, and groups that are not a multiple of 32, which
+// scale the widened weights (the reference's fp32 q * scale) before the FMAs; per-channel formats (one
+// group) accumulate q * x and multiply the sum by the scale once. Four accumulator chains per row of x
+// hide the FMA latency (groups of 32 take two groups a step for that). Measured from cache on one Zen 4
+// core (fastlm.bench.quant for the DRAM numbers): int8 per channel ~24 G weights/s, int4 G=32 ~18 G/s
+// against 30 G/s for the bf16 dot product kernel of csrc/cpu/linear.cpp: int8 is bound by memory at 2
+// threads, int4 by these instructions (one FMA per weight and row of x in fp32; no activation
+// quantization, for parity).
 // With bf16 x on CPUs with AVX512-BF16, int4 in groups of 32 (the default) widens to bf16 instead and
 // multiplies with vdpbf16ps (gemv_int4_bf16: half the instructions a weight, exact the same way): from
 // cache on one core 22-32 G weights/s, and streaming the E2E Arcee layer shapes from DRAM at 2 threads
-// 16-21 GB/s against 12.7-12.9 GB/s (the op called on the 36 distinct weights of 9 such layers in turn, interleaved with the fp32-widening
-// build, 2-core Zen 4). Decode reads memory and computes in turn more than it overlaps them, so fewer
-// instructions a byte show in the DRAM rate too.
+// 16-21 GB/s against 12.7-12.9 GB/s (the op called on the 36 distinct weights of 9 such layers in turn,
+// interleaved with the fp32-widening build, 2-core Zen 4). Decode reads memory and computes in turn more
+// than it overlaps them, so fewer instructions a byte show in the DRAM rate too.
 //
 // Prefill (M > kMaxGemvRows): a GEMM, where the weight is reused M times and its bytes no longer matter.
 // The weight is widened to fp32 (q * scale) panel by panel and multiplied by ATen's fp32 GEMM, the path
@@ -323,8 +324,8 @@ std::array<RowDot, kMaxXRows> pick_row_dots(int bits, bool grouped) {
 // row and tile of up to kMaxXRows rows of x calls dot(n, m0, mr, out) (out[i] = W[n] . x[m0 + i]); bias
 // and residual are added in fp32 and the result rounded once.
 template <typename T, typename Dot>
-void gemv_rows(const QWeight& qw, int64_t row_bytes, const T* bias, const T* res, int64_t rs, T* y, int64_t ys,
-               int64_t M, int64_t N, const Dot& dot) {
+void gemv_rows(int64_t row_bytes, const T* bias, const T* res, int64_t rs, T* y, int64_t ys, int64_t M, int64_t N,
+               const Dot& dot) {
   const int64_t blocks = (N + kBlockRows - 1) / kBlockRows;
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, kBlockRows * row_bytes));  // >= 64 KB
   at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
@@ -421,7 +422,8 @@ inline void row_dot_int4_bf16(const uint8_t* w, const float* s, int64_t groups, 
     g += 2;
   }
   if (g < groups) {  // an odd last group, in the low halves (its x pair-partner is zeros, its scale lanes 0)
-    const __m512i v = _mm512_cvtepu8_epi16(_mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + g * 16))));
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + g * 16));
+    const __m512i v = _mm512_cvtepu8_epi16(_mm256_zextsi128_si256(bytes));
     step(v, _mm512_maskz_mov_ps(0x00FF, _mm512_set1_ps(s[g])), g / 2, 1);
   }
   for (int i = 0; i < MR; ++i) out[i] = _mm512_reduce_add_ps(_mm512_add_ps(acc[i][0], acc[i][1]));
@@ -433,7 +435,7 @@ void gemv_int4_bf16(const at::BFloat16* x, int64_t xs, const QWeight& qw, const 
   std::vector<at::BFloat16> xp(M * xpk);
   for (int64_t i = 0; i < M; ++i) pair_order_x(x + i * xs, K, xp.data() + i * xpk);
   const __m512i table = int4_bf16_table();
-  gemv_rows<at::BFloat16>(qw, K / 2, bias, res, rs, y, ys, M, N, [&](int64_t n, int64_t m0, int64_t mr, float* out) {
+  gemv_rows<at::BFloat16>(K / 2, bias, res, rs, y, ys, M, N, [&](int64_t n, int64_t m0, int64_t mr, float* out) {
     const uint8_t* w = qw.data + n * qw.row_stride;
     const float* s = qw.scales + n * qw.groups;
     const at::BFloat16* xm = xp.data() + m0 * xpk;
@@ -460,7 +462,7 @@ void gemv(const T* x, int64_t xs, const QWeight& qw, int bits, const T* bias, co
   std::vector<float> xf(M * xk, 0.f);
   for (int64_t i = 0; i < M; ++i) convert_row(x + i * xs, xf.data() + i * xk, K);
   const auto dots = pick_row_dots(bits, qw.groups > 1);
-  gemv_rows<T>(qw, K * bits / 8, bias, res, rs, y, ys, M, N, [&](int64_t n, int64_t m0, int64_t mr, float* out) {
+  gemv_rows<T>(K * bits / 8, bias, res, rs, y, ys, M, N, [&](int64_t n, int64_t m0, int64_t mr, float* out) {
     dots[mr - 1](qw.data + n * qw.row_stride, qw.scales + n * qw.groups, qw.group_size, qw.groups,
                  xf.data() + m0 * xk, xk, out);
   });
