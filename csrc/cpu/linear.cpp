@@ -40,7 +40,7 @@ constexpr int64_t kMaxGemvRows16 = 4;
 // AVX2, 2 threads, Zen 4).
 constexpr int64_t kMaxGemvRows16Widened = 8;
 constexpr int64_t kRowsPerStep = 8;  // W rows per block (read in order; re-read from cache per x tile)
-constexpr int kMaxXRows = 4;         // rows of x per register tile (2 x 4 accumulators)
+constexpr int kMaxXRows = 4;         // rows of x per register tile (kChains accumulators each)
 #if defined(FASTLM_AVX512_BF16)
 constexpr bool kHasBf16Tile = true;
 #else
@@ -50,24 +50,47 @@ constexpr bool kHasBf16Tile = false;
 // out[r][i] = W[n0 + r, :] . x[m0 + i, :] for the block's rows, MR rows of x. The rows are read one
 // after another: a block is contiguous in W, so this is one sequential stream, which the hardware
 // prefetchers follow at full bandwidth (interleaving the rows' streams measured ~40% slower at K = 768).
-// Two accumulators per row of x hide the FMA latency.
+// kChains accumulators a row of x, enough FMAs in flight to hide their latency (4 cycles on Zen): with
+// 2 at batch 1 the loop was bound by it, at one 16-bit chunk (16 elements on AVX2) per 4 cycles.
+template <int MR>
+constexpr int kChains = MR <= 2 ? 4 : 2;
+
 template <typename T, int MR>
 inline void gemv_tile(const T* const w_rows[kRowsPerStep], const float* xf, int64_t xk, int64_t K,
                       float out[kRowsPerStep][kMaxXRows]) {
+  constexpr int C = kChains<MR>;
+  static_assert(C % 2 == 0, "a 16-bit chunk fills two chains");
   for (int r = 0; r < kRowsPerStep; ++r) {
     const T* wr = w_rows[r];
-    fVec acc0[MR], acc1[MR];
-    for (int i = 0; i < MR; ++i) acc0[i] = acc1[i] = fVec(0.f);
-    for (int64_t k = 0; k < K; k += kChunk) {
+    fVec acc[MR][C];
+    for (int i = 0; i < MR; ++i) {
+      for (int c = 0; c < C; ++c) acc[i][c] = fVec(0.f);
+    }
+    int64_t k = 0;
+    for (; k + C * kF <= K; k += C * kF) {
+      for (int c = 0; c < C; c += 2) {
+        fVec wa, wb;
+        IO<T>::load(wr + k + c * kF, wa, wb);
+        for (int i = 0; i < MR; ++i) {
+          acc[i][c] = at::vec::fmadd(wa, fVec::loadu(xf + i * xk + k + c * kF), acc[i][c]);
+          acc[i][c + 1] = at::vec::fmadd(wb, fVec::loadu(xf + i * xk + k + (c + 1) * kF), acc[i][c + 1]);
+        }
+      }
+    }
+    for (; k < K; k += kChunk) {  // the last < C * kF elements (x is zero-padded to a multiple of 32)
       const int64_t m = std::min(kChunk, K - k);
       fVec wa, wb;
       IO<T>::load(wr + k, m, wa, wb);  // tail lanes zero
       for (int i = 0; i < MR; ++i) {
-        acc0[i] = at::vec::fmadd(wa, fVec::loadu(xf + i * xk + k), acc0[i]);
-        acc1[i] = at::vec::fmadd(wb, fVec::loadu(xf + i * xk + k + kF), acc1[i]);
+        acc[i][0] = at::vec::fmadd(wa, fVec::loadu(xf + i * xk + k), acc[i][0]);
+        acc[i][1] = at::vec::fmadd(wb, fVec::loadu(xf + i * xk + k + kF), acc[i][1]);
       }
     }
-    for (int i = 0; i < MR; ++i) out[r][i] = hsum(acc0[i] + acc1[i]);
+    for (int i = 0; i < MR; ++i) {
+      fVec sum = acc[i][0];
+      for (int c = 1; c < C; ++c) sum = sum + acc[i][c];
+      out[r][i] = hsum(sum);
+    }
   }
 }
 
