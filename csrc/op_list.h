@@ -45,7 +45,9 @@
   X(quant_linear, "(Tensor x, Tensor qweight, Tensor scales, Tensor? bias, Tensor? residual, int bits, "             \
                   "int group_size) -> Tensor")                                                                      \
   /* decode attention over a static cache */                                                                        \
-  X(decode_attention, "(Tensor q, Tensor k_cache, Tensor v_cache, Tensor lengths, float scale) -> Tensor")
+  X(decode_attention, "(Tensor q, Tensor k_cache, Tensor v_cache, Tensor lengths, float scale) -> Tensor")          \
+  /* prefill attention without a mask (causal or not; fastlm/ops/attention.py sends masked calls to SDPA) */       \
+  X(prefill_attention, "(Tensor q, Tensor k, Tensor v, bool is_causal, float scale) -> Tensor")
 
 #define FASTLM_ALL_OPS(X) FASTLM_DEVICE_OPS(X) FASTLM_CPU_OPS(X)
 
@@ -84,5 +86,9 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                             const at::Tensor& lengths, double scale);
+// softmax(q k^T * scale, causal: key j <= query i) v, q [B, H, S, D], k / v [B, Hkv, T, D / Dv]
+// (csrc/cpu/prefill_attention.cpp); the result is [B, H, S, Dv] over [B, S, H, Dv] memory.
+at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool is_causal,
+                             double scale);
 
 }  // namespace fastlm::cpu

@@ -35,9 +35,9 @@ inline int64_t ceil_div(int64_t n, int64_t d) { return (n + d - 1) / d; }
 // This thread's scratch buffer `slot` of at least n floats. Kept (and grown) for the thread's lifetime, as a
 // caching allocator would keep it: fresh buffers of a few MB come from glibc as fresh mmaps whose every
 // page faults in zero-filled on first touch, as costly as the widening itself at prefill sizes.
-enum ScratchSlot : int { kPanelSlot = 0, kTileSlot = 1, kXSlot = 2 };
+enum ScratchSlot : int { kPanelSlot = 0, kTileSlot = 1, kXSlot = 2, kAttentionSlot = 3, kScratchSlots = 4 };
 inline float* thread_scratch(ScratchSlot slot, int64_t n) {
-  thread_local std::vector<float> buffers[3];
+  thread_local std::vector<float> buffers[kScratchSlots];
   std::vector<float>& b = buffers[slot];
   if (static_cast<int64_t>(b.size()) < n) {
     b = std::vector<float>();  // freed first: the peak is the new size, not old + new

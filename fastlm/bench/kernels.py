@@ -17,6 +17,7 @@ from fastlm.bench import configs
 from fastlm.bench.backends import discover, timed_backend
 from fastlm.bench.suite import Built, Suite, Unavailable, snapshot
 from fastlm.ops.activations import relu2_ref, swiglu_ref
+from fastlm.ops.attention import prefill_attention_ref
 from fastlm.ops.layer_norm import add_layer_norm_ref
 from fastlm.ops.projection import linear_ref
 from fastlm.ops.qkv import qkv_rope_cache_ref, qkv_rope_ref
@@ -217,15 +218,28 @@ def _build_linear(case: KernelCase, device, dtype) -> Bound:
     return Bound(linear_ref, call, _nbytes(weight, x, bias, residual) + B * T * p.out_features * x.element_size())
 
 
+def _build_prefill_attention(case: KernelCase, device, dtype) -> Bound:
+    """Causal prefill attention as the engine calls it: q, k and v views of [B, T, heads, D] (what the QKV
+    epilogue and the cache hold), against SDPA (its reference, the fp32 widening for fp16 included)."""
+    a, B, T = case.layer.attention, case.step.batch, case.step.tokens
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (_randn((B, T, h, a.head_dim), dtype, device, g).transpose(1, 2)
+               for h in (a.num_heads, a.num_kv_heads, a.num_kv_heads))
+    return Bound(prefill_attention_ref, _on(q, k, v, True, a.head_dim ** -0.5), 2 * _nbytes(q) + _nbytes(k, v))
+
+
 def _layer_cases(layer: configs.Layer, step: Step, scale: str) -> list[KernelCase]:
     """The family's norm (RMS with its cast order, or LayerNorm), its QKV epilogue (plus the cache-writing
-    twin at decode), its MLP activation out of place and in place (``relu2_`` always, ``swiglu_`` beyond
-    decode sizes, as fastlm.modules.mlp calls them), and at decode each projection (``linear``)."""
+    twin at decode, causal prefill attention beyond), its MLP activation out of place and in place
+    (``relu2_`` always, ``swiglu_`` beyond decode sizes, as fastlm.modules.mlp calls them), and at decode
+    each projection (``linear``)."""
     v = layer.variant
     ops_ = [("add_rms_norm", f"{v}:" + ("w-fp32" if layer.rms_weight_in_fp32 else "w-after-cast"), _build_rms)
             if layer.norm == "rms" else ("add_layer_norm", v, _build_ln), ("qkv_rope", v, _build_qkv)]
     if step.decode:
         ops_.append(("qkv_rope_cache", v, _build_qkv_cache))
+    else:
+        ops_.append(("prefill_attention", v, _build_prefill_attention))
     if layer.mlp.activation == "silu":
         ops_.append(("swiglu", v, _build_swiglu))
         if not step.decode:

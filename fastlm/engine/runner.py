@@ -139,7 +139,7 @@ class ModelRunner:
             k_cache, v_cache = self.cache.layer(i, B)
             q = self._epilogue(i, qkv, cos, sin, k_cache, v_cache, cache_pos)
             out = ops.prefill_attention(q, k_cache[:, :, :T], v_cache[:, :, :T], mask, is_causal=mask is None,
-                                        scale=self.scaling[i])
+                                        scale=self.scaling[i], backend=self.backend)
             return out.transpose(1, 2).reshape(B, S, -1)
 
         x = self.embed(input_ids)

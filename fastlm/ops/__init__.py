@@ -3,7 +3,7 @@ its public function (argument checks, then the backend's implementation) and its
 (fastlm/ops/_registry.py), which maps (op, backend, device type) to a backend plugin's kernel or the reference.
 
 Files: rms_norm (add_rms_norm), layer_norm (add_layer_norm), qkv (qkv_rope, qkv_rope_cache), activations
-(swiglu, relu2 and their in-place forms), attention (decode_attention; prefill_attention, SDPA only),
+(swiglu, relu2 and their in-place forms), attention (decode_attention; prefill_attention, SDPA where a mask is given),
 projection (linear), quantized (quant_linear: weight-only int8 / int4 linear). Each file's ``__all__`` (its public ops
 and references) is re-exported here.
 """

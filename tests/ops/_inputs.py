@@ -620,6 +620,11 @@ def opcheck_args(op: str, device) -> list[tuple]:
                  randn(2, 2, 9, 32, device=device, seed=2), torch.tensor([9, 4], device=device), 0.2),
                 (randn(2, 2, 40, device=device, seed=3), randn(2, 1, 8, 40, device=device, seed=4),
                  randn(2, 1, 8, 40, device=device, seed=5), torch.tensor([3, 8], device=device), 40 ** -0.5)]
+    if op == "prefill_attention":  # GQA causal in the engine's [B, S, H, D] layout; MHA not causal, D != Dv
+        q, k, v = (randn(1, 5, h, 32, device=device, seed=s).transpose(1, 2) for s, h in ((6, 4), (7, 2), (8, 2)))
+        return [(q, k, v, True, 0.2),
+                (randn(2, 2, 3, 16, device=device, seed=9).to(bf), randn(2, 2, 6, 16, device=device, seed=10).to(bf),
+                 randn(2, 2, 6, 24, device=device, seed=11).to(bf), False, 0.25)]
     raise ValueError(f"no opcheck arguments for {op!r}")
 
 
