@@ -34,14 +34,13 @@ namespace {
 
 constexpr int64_t kQueryRows = 64;  // queries per block (a GEMM's rows)
 
-// Row-wise softmax of s [rows, cols] (row stride ss) in place, scaled first; row r keeps its first
-// limit(r) entries and zeroes the rest. Returns each row's sum of exponentials in sums [rows].
+// Row-wise softmax of s [rows, cols] in place, scaled first; row r keeps its first limit(r) entries and
+// zeroes the rest. Returns each row's sum of exponentials in sums [rows].
 template <typename Limit>
-inline void softmax_rows(float* s, int64_t ss, int64_t rows, int64_t cols, float scale, const Limit& limit,
-                         float* sums) {
+inline void softmax_rows(float* s, int64_t rows, int64_t cols, float scale, const Limit& limit, float* sums) {
   const fVec vscale(scale);
   for (int64_t r = 0; r < rows; ++r) {
-    float* row = s + r * ss;
+    float* row = s + r * cols;
     const int64_t n = limit(r);
     fVec vmax(-std::numeric_limits<float>::infinity());
     int64_t j = 0;
@@ -107,27 +106,20 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& kf, const at::Tenso
     float* sums = ob + kQueryRows * Dv;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t p = task % pairs, bh = task / pairs, b = bh / H, h = bh % H, hk = h / G;
+      const E* qh = qp + b * q.stride(0) + h * q.stride(1);
+      const at::Tensor kh = kf.select(0, b).select(0, hk), vh = vf.select(0, b).select(0, hk);  // [T, D / Dv]
       const int64_t pair_blocks[2] = {p, blocks - 1 - p};
       for (int u = 0; u < (pair_blocks[1] != p ? 2 : 1); ++u) {  // one block in the middle of an odd count
         const int64_t blk = pair_blocks[u];
         const int64_t i0 = blk * kQueryRows, rows = std::min(kQueryRows, S - i0);
         const int64_t keys = is_causal ? std::min(T, i0 + rows) : T;
-        const E* qh = qp + b * q.stride(0) + h * q.stride(1);
         for (int64_t r = 0; r < rows; ++r) convert_row(qh + (i0 + r) * q.stride(2), qb + r * D, D);
-        at::Tensor scores = at::from_blob(sc, {rows, keys}, {keys, 1}, f32);
-        const at::Tensor kh = kf.select(0, b).select(0, hk).narrow(0, 0, keys);  // [keys, D]
-        const at::Tensor vh = vf.select(0, b).select(0, hk).narrow(0, 0, keys);  // [keys, Dv]
-        if (keys > 0) {
-          at::mm_out(scores, at::from_blob(qb, {rows, D}, f32), kh.t());
-        }
-        softmax_rows(sc, keys, rows, keys, scale,
+        at::Tensor scores = at::from_blob(sc, {rows, keys}, f32);
+        at::mm_out(scores, at::from_blob(qb, {rows, D}, f32), kh.narrow(0, 0, keys).t());
+        softmax_rows(sc, rows, keys, scale,
                      [&](int64_t r) { return is_causal ? std::min(keys, i0 + r + 1) : keys; }, sums);
         at::Tensor o = at::from_blob(ob, {rows, Dv}, f32);
-        if (keys > 0) {
-          at::mm_out(o, scores, vh);
-        } else {
-          o.zero_();
-        }
+        at::mm_out(o, scores, vh.narrow(0, 0, keys));  // no keys (T = 0): zeros
         for (int64_t r = 0; r < rows; ++r) {  // / sum (0 / 0 = NaN where no key is visible, as in SDPA)
           float* orow = ob + r * Dv;
           const float inv = 1.f / sums[r];

@@ -184,8 +184,9 @@ struct Widener {
   }
 };
 
-// Weight o of a group's partial last block of t (< 32, even) weights at `p`: byte o holds weights o and
-// o + t / 2 (fastlm/ops/quantized.py's layout); int8 weights are one a byte.
+// Weight o of a block of t (<= 32, even) weights at `p`: byte o holds weights o and o + t / 2
+// (fastlm/ops/quantized.py's layout: a whole block of 32, t = 32, or a group's partial last one); int8
+// weights are one a byte.
 template <int kBits>
 inline int tail_q(const uint8_t* p, int64_t t, int64_t o) {
   if constexpr (kBits == 8) {
@@ -479,7 +480,7 @@ inline uint32_t bf16_bits_of_int(int q) {  // exact for |q| < 256
 // scratch.
 template <int kBits>
 void pack_panel_bf16(const QWeight& qw, int64_t n0, int64_t nr, int64_t K, uint32_t* bp, float* sp, int8_t* q_row) {
-  const int64_t G = qw.group_size, full = G / kQBlock * kQBlock, pairs = K / 2;
+  const int64_t G = qw.group_size, pairs = K / 2;
   for (int64_t j = 0; j < kPanelN; ++j) {
     if (j >= nr) {
       for (int64_t kp = 0; kp < pairs; ++kp) bp[kp * kPanelN + j] = 0;
@@ -493,15 +494,10 @@ void pack_panel_bf16(const QWeight& qw, int64_t n0, int64_t nr, int64_t K, uint3
       if constexpr (kBits == 8) {
         std::memcpy(q_row + k0, w + k0, G);
       } else {
-        for (int64_t k = k0; k < k0 + full; k += kQBlock) {  // byte i: weights i (low nibble) and i + 16
-          const uint8_t* p = w + k / 2;
-          for (int i = 0; i < 16; ++i) {
-            q_row[k + i] = static_cast<int8_t>((p[i] & 0xF) - 8);
-            q_row[k + 16 + i] = static_cast<int8_t>((p[i] >> 4) - 8);
-          }
+        for (int64_t k = k0; k < k0 + G; k += kQBlock) {  // whole blocks of 32, then a partial one
+          const int64_t t = std::min(kQBlock, k0 + G - k);
+          for (int64_t o = 0; o < t; ++o) q_row[k + o] = static_cast<int8_t>(tail_q<4>(w + k / 2, t, o));
         }
-        const int64_t t = G - full, k = k0 + full;
-        for (int64_t o = 0; o < t; ++o) q_row[k + o] = static_cast<int8_t>(tail_q<4>(w + k / 2, t, o));
       }
     }
     for (int64_t kp = 0; kp < pairs; ++kp) {
