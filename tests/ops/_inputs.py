@@ -426,6 +426,11 @@ def _decode_cases() -> tuple:
         lengths = (ctx, max(1, ctx // 2), 1)[:b]
         cases.append(DecodeCase(f"H{h}_Hkv{hkv}_D{d}_ctx{ctx}_B{b}", h, hkv, d, ctx + 5, lengths,
                                 lengths_dtype=torch.int32 if b == 1 else torch.int64))
+    # the C++ kernel's register-tiled blocks (csrc/cpu/attention.cpp): an odd number of SIMD registers a
+    # row read in place (MHA, head_dim 80: 5 on AVX-512, 10 on AVX2) and a 16-bit cache widened per block
+    # for several heads (head_dim 96), key counts off the 16-key tiles and the 128-key blocks
+    cases.append(DecodeCase("mha_d80_tiled", 3, 3, 80, 305, (300, 131)))
+    cases.append(DecodeCase("gqa3_d96_tiled", 6, 2, 96, 260, (257, 16)))
     fam = FAMILIES["arcee"]  # the real group size and head_dim (one KV head)
     cases.append(DecodeCase("arcee", fam.heads // fam.kv_heads, 1, fam.head_dim, 70, (64, 9)))
     cases.append(DecodeCase("no_sequences", 4, 2, 16, 8, ()))  # B = 0
