@@ -4,7 +4,7 @@
 // once. ATen's small-M path reaches ~14 GB/s on this project's 2-core machines; reading W in order
 // reaches 30-50 GB/s, and decode time is mostly these products.
 //
-// Algorithm: x is copied once to a scratch [M, K] (fp32, or bf16 for the bf16 dot-product tile),
+// Algorithm: x is copied once to a scratch [M, K] (fp32, or 16-bit x as is on AVX-512: DecodeX),
 // rows zero-padded to a multiple of 32. Each thread takes a contiguous range of W's rows in blocks
 // of 8 and reads each row in full, in memory order (a block is contiguous, so the thread makes one
 // sequential pass over its share of W), accumulating up to 4 rows of x at once in fp32 registers
@@ -41,12 +41,6 @@ constexpr int64_t kMaxGemvRows16 = 4;
 constexpr int64_t kMaxGemvRows16Widened = 8;
 constexpr int64_t kRowsPerStep = 8;  // W rows per block (read in order; re-read from cache per x tile)
 constexpr int kMaxXRows = 4;         // rows of x per register tile (kChains accumulators each)
-#if defined(FASTLM_AVX512_BF16)
-constexpr bool kHasBf16Tile = true;
-#else
-constexpr bool kHasBf16Tile = false;
-#endif
-
 // out[r][i] = W[n0 + r, :] . x[m0 + i, :] for the block's rows, MR rows of x. The rows are read one
 // after another: a block is contiguous in W, so this is one sequential stream, which the hardware
 // prefetchers follow at full bandwidth (interleaving the rows' streams measured ~40% slower at K = 768).
@@ -55,8 +49,8 @@ constexpr bool kHasBf16Tile = false;
 template <int MR>
 constexpr int kChains = MR <= 2 ? 4 : 2;
 
-template <typename T, int MR>
-inline void gemv_tile(const T* const w_rows[kRowsPerStep], const float* xf, int64_t xk, int64_t K,
+template <typename T, typename XT, int MR>
+inline void gemv_tile(const T* const w_rows[kRowsPerStep], const XT* xt, int64_t xk, int64_t K,
                       float out[kRowsPerStep][kMaxXRows]) {
   constexpr int C = kChains<MR>;
   static_assert(C % 2 == 0, "a 16-bit chunk fills two chains");
@@ -72,8 +66,10 @@ inline void gemv_tile(const T* const w_rows[kRowsPerStep], const float* xf, int6
         fVec wa, wb;
         IO<T>::load(wr + k + c * kF, wa, wb);
         for (int i = 0; i < MR; ++i) {
-          acc[i][c] = at::vec::fmadd(wa, fVec::loadu(xf + i * xk + k + c * kF), acc[i][c]);
-          acc[i][c + 1] = at::vec::fmadd(wb, fVec::loadu(xf + i * xk + k + (c + 1) * kF), acc[i][c + 1]);
+          fVec xa, xb;
+          IO<XT>::load(xt + i * xk + k + c * kF, xa, xb);
+          acc[i][c] = at::vec::fmadd(wa, xa, acc[i][c]);
+          acc[i][c + 1] = at::vec::fmadd(wb, xb, acc[i][c + 1]);
         }
       }
     }
@@ -82,8 +78,10 @@ inline void gemv_tile(const T* const w_rows[kRowsPerStep], const float* xf, int6
       fVec wa, wb;
       IO<T>::load(wr + k, m, wa, wb);  // tail lanes zero
       for (int i = 0; i < MR; ++i) {
-        acc[i][0] = at::vec::fmadd(wa, fVec::loadu(xf + i * xk + k), acc[i][0]);
-        acc[i][1] = at::vec::fmadd(wb, fVec::loadu(xf + i * xk + k + kF), acc[i][1]);
+        fVec xa, xb;
+        IO<XT>::load(xt + i * xk + k, xa, xb);
+        acc[i][0] = at::vec::fmadd(wa, xa, acc[i][0]);
+        acc[i][1] = at::vec::fmadd(wb, xb, acc[i][1]);
       }
     }
     for (int i = 0; i < MR; ++i) {
@@ -126,8 +124,8 @@ inline void gemv_tile_bf16(const at::BFloat16* const w_rows[kRowsPerStep], const
 #endif
 
 // One register tile: the bf16 dot-product instructions where built with them, else the fp32 path.
-template <typename T, int MR>
-inline void tile(const T* const w_rows[kRowsPerStep], const float* xf, const T* xt, int64_t xk, int64_t K,
+template <typename T, typename XT, int MR>
+inline void tile(const T* const w_rows[kRowsPerStep], const XT* xt, int64_t xk, int64_t K,
                  float out[kRowsPerStep][kMaxXRows]) {
 #if defined(FASTLM_AVX512_BF16)
   if constexpr (std::is_same_v<T, at::BFloat16>) {
@@ -135,25 +133,32 @@ inline void tile(const T* const w_rows[kRowsPerStep], const float* xf, const T* 
     return;
   }
 #endif
-  gemv_tile<T, MR>(w_rows, xf, xk, K, out);
+  gemv_tile<T, XT, MR>(w_rows, xt, xk, K, out);
 }
+
+// x's dtype in the decode scratch: 16-bit x stays 16-bit on AVX-512 builds and is widened in registers,
+// as the weights are: half the L1 traffic of an fp32 copy, and the weights stream faster beside it (a
+// 256 MiB fp16 weight, and Arcee's 37 decode weights in turn, at 1.05-1.5x the rate with fp32 x; a row
+// loop reading fp32 x beside 16-bit weights streamed at 0.5-0.9x the rate of one reading 16-bit x, which
+// matched two threads' sum; 2-core Zen 4). On AVX2 builds the second conversion a chunk cost more than it
+// saved (fp16 0.75-0.95x), so x is widened to fp32 once there.
+#if defined(CPU_CAPABILITY_AVX512) || defined(FASTLM_AVX512_BF16)  // (the bf16 tile reads bf16 x)
+template <typename T>
+using DecodeX = T;
+#else
+template <typename T>
+using DecodeX = float;
+#endif
 
 template <typename T>
 void gemv(const T* x, int64_t xs, const T* w, int64_t ws, const T* bias, const T* res, int64_t rs, T* y, int64_t ys,
           int64_t M, int64_t N, int64_t K) {
-  // x as fp32 (and, for the bf16 tile, as bf16), each row zero-padded to a whole number of 32-element
-  // chunks so the tile loads of x need no masks.
+  // x in the scratch's dtype (DecodeX; always T for the bf16 dot-product tile), each row zero-padded to a
+  // whole number of 32-element chunks so the tile loads of x need no masks.
   const int64_t xk = round_up(K, 32);
-  constexpr bool kBf16Tile = kHasBf16Tile && std::is_same_v<T, at::BFloat16>;
-  std::vector<float> xf(kBf16Tile ? 0 : M * xk, 0.f);
-  std::vector<T> xt(kBf16Tile ? M * xk : 0, T(0.f));
-  for (int64_t i = 0; i < M; ++i) {
-    if constexpr (kBf16Tile) {
-      std::copy(x + i * xs, x + i * xs + K, xt.data() + i * xk);
-    } else {
-      convert_row(x + i * xs, xf.data() + i * xk, K);
-    }
-  }
+  using XT = DecodeX<T>;
+  std::vector<XT> xt(M * xk, XT(0.f));
+  for (int64_t i = 0; i < M; ++i) convert_row(x + i * xs, xt.data() + i * xk, K);
 
   const int64_t blocks = (N + kRowsPerStep - 1) / kRowsPerStep;
   const int64_t grain = grain_for(K, 16384);  // >= ~64 KB of W per task
@@ -165,14 +170,13 @@ void gemv(const T* x, int64_t xs, const T* w, int64_t ws, const T* bias, const T
       for (int r = 0; r < kRowsPerStep; ++r) w_rows[r] = w + std::min(n0 + r, N - 1) * ws;  // tail: repeat
       for (int64_t m0 = 0; m0 < M; m0 += kMaxXRows) {
         const int mr = static_cast<int>(std::min<int64_t>(kMaxXRows, M - m0));
-        const float* xf_m = kBf16Tile ? nullptr : xf.data() + m0 * xk;
-        const T* xt_m = kBf16Tile ? xt.data() + m0 * xk : nullptr;
+        const XT* xt_m = xt.data() + m0 * xk;
         static_assert(kMaxXRows == 4, "one tile instantiation per row count below");
         switch (mr) {
-          case 1: tile<T, 1>(w_rows, xf_m, xt_m, xk, K, out); break;
-          case 2: tile<T, 2>(w_rows, xf_m, xt_m, xk, K, out); break;
-          case 3: tile<T, 3>(w_rows, xf_m, xt_m, xk, K, out); break;
-          default: tile<T, 4>(w_rows, xf_m, xt_m, xk, K, out); break;
+          case 1: tile<T, XT, 1>(w_rows, xt_m, xk, K, out); break;
+          case 2: tile<T, XT, 2>(w_rows, xt_m, xk, K, out); break;
+          case 3: tile<T, XT, 3>(w_rows, xt_m, xk, K, out); break;
+          default: tile<T, XT, 4>(w_rows, xt_m, xk, K, out); break;
         }
         for (int r = 0; r < kRowsPerStep && n0 + r < N; ++r) {
           const int64_t n = n0 + r;
