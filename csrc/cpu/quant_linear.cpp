@@ -7,10 +7,10 @@
 // Decode (M <= kMaxGemvRows rows of x): the cost is reading the quantized weight once, 1 byte a weight for
 // int8 and 0.5 for int4 (+ 4 / G for the scales), against 2 for bf16 and 4 for fp32: these are the
 // minimum bytes, and the kernel moves exactly them plus x (L1/L2-resident). As in csrc/cpu/linear.cpp, x
-// is widened once to an fp32 scratch [M, K] (rows zero-padded to a multiple of 32), each thread takes a
-// contiguous range of W's rows in blocks of kBlockRows and reads each row once, in memory order, for up to
-// kMaxXRows rows of x at a time (more rows re-read the block from L1/L2, never from memory). Each block of
-// 32 weights is widened in registers to fp32 (Widener):
+// is copied once to a scratch [M, K] (fp32; 16-bit x as is on AVX-512, DecodeX below; rows zero-padded to
+// a multiple of 32), each thread takes a contiguous range of W's rows in blocks of kBlockRows and reads
+// each row once, in memory order, for up to kMaxXRows rows of x at a time (more rows re-read the block
+// from L1/L2, never from memory). Each block of 32 weights is widened in registers to fp32 (Widener):
 //  * int8: sign extension and an int -> float conversion;
 //  * int4: its 16 bytes zero-extended to 16 int32 lanes, whose low nibbles are weights 0..15 of the block
 //    and whose high nibbles are weights 16..31 (the packing puts them there so that each half lines up
