@@ -220,19 +220,15 @@ void attend_keys_tiled(const float* qf, const R* kbase, int64_t k_stride, const 
 
 // attend_keys through attend_keys_tiled where D is a supported whole number of registers (DV below); 16-bit
 // caches with several heads a kv head are widened to fp32 once per block of keys (row, [2, kBlock, D]
-// scratch) rather than once per head. Returns false (nothing done) for other D.
+// scratch) rather than once per head.
 template <typename T, int DV>
-bool attend_tiled_dv(const float* qf, const T* kbase, int64_t k_stride, const T* vbase, int64_t v_stride,
+void attend_tiled_dv(const float* qf, const T* kbase, int64_t k_stride, const T* vbase, int64_t v_stride,
                      int64_t t_begin, int64_t t_end, int64_t G, float scale, float* wide, float* scores, float* acc,
                      float* mx, float* den) {
   constexpr int64_t D = DV * kF;
-  if constexpr (std::is_same_v<T, float>) {
-    attend_keys_tiled<float, DV>(qf, kbase, k_stride, vbase, v_stride, t_begin, t_end, G, scale, scores, acc, mx, den);
+  if (std::is_same_v<T, float> || G == 1) {  // rows read in place
+    attend_keys_tiled<T, DV>(qf, kbase, k_stride, vbase, v_stride, t_begin, t_end, G, scale, scores, acc, mx, den);
   } else {
-    if (G == 1) {
-      attend_keys_tiled<T, DV>(qf, kbase, k_stride, vbase, v_stride, t_begin, t_end, G, scale, scores, acc, mx, den);
-      return true;
-    }
     float* kw = wide;
     float* vw = wide + kBlock * D;
     for (int64_t t0 = t_begin; t0 < t_end; t0 += kBlock) {
@@ -244,9 +240,9 @@ bool attend_tiled_dv(const float* qf, const T* kbase, int64_t k_stride, const T*
       attend_keys_tiled<float, DV>(qf, kw, D, vw, D, 0, tb, G, scale, scores, acc, mx, den);
     }
   }
-  return true;
 }
 
+// attend_tiled_dv for the supported D; returns false (nothing done) for other D.
 template <typename T>
 bool attend_tiled(const float* qf, const T* kbase, int64_t k_stride, const T* vbase, int64_t v_stride,
                   int64_t t_begin, int64_t t_end, int64_t G, int64_t D, float scale, float* wide, float* scores,
@@ -254,8 +250,9 @@ bool attend_tiled(const float* qf, const T* kbase, int64_t k_stride, const T* vb
   if (D % kF != 0) return false;
 #define FASTLM_TILED_DV(dv)                                                                                   \
   case dv:                                                                                                    \
-    return attend_tiled_dv<T, dv>(qf, kbase, k_stride, vbase, v_stride, t_begin, t_end, G, scale, wide, scores, \
-                                  acc, mx, den);
+    attend_tiled_dv<T, dv>(qf, kbase, k_stride, vbase, v_stride, t_begin, t_end, G, scale, wide, scores, acc,   \
+                           mx, den);                                                                          \
+    return true;
   switch (D / kF) {  // head_dim 64 / 80 / 96 / 128 on AVX-512; 32 to 128 on AVX2
     FASTLM_TILED_DV(2)
     FASTLM_TILED_DV(4)

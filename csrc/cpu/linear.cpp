@@ -4,7 +4,8 @@
 // once. ATen's small-M path reaches ~14 GB/s on this project's 2-core machines; reading W in order
 // reaches 30-50 GB/s, and decode time is mostly these products.
 //
-// Algorithm: x is copied once to a scratch [M, K] (fp32, or 16-bit x as is on AVX-512: DecodeX),
+// Algorithm: x is copied once to a scratch [M, K] (fp32, or 16-bit x as is on AVX-512: DecodeX,
+// csrc/cpu/vec_util.h),
 // rows zero-padded to a multiple of 32. Each thread takes a contiguous range of W's rows in blocks
 // of 8 and reads each row in full, in memory order (a block is contiguous, so the thread makes one
 // sequential pass over its share of W), accumulating up to 4 rows of x at once in fp32 registers
@@ -135,20 +136,6 @@ inline void tile(const T* const w_rows[kRowsPerStep], const XT* xt, int64_t xk, 
 #endif
   gemv_tile<T, XT, MR>(w_rows, xt, xk, K, out);
 }
-
-// x's dtype in the decode scratch: 16-bit x stays 16-bit on AVX-512 builds and is widened in registers,
-// as the weights are: half the L1 traffic of an fp32 copy, and the weights stream faster beside it (a
-// 256 MiB fp16 weight, and Arcee's 37 decode weights in turn, at 1.05-1.5x the rate with fp32 x; a row
-// loop reading fp32 x beside 16-bit weights streamed at 0.5-0.9x the rate of one reading 16-bit x, which
-// matched two threads' sum; 2-core Zen 4). On AVX2 builds the second conversion a chunk cost more than it
-// saved (fp16 0.75-0.95x), so x is widened to fp32 once there.
-#if defined(CPU_CAPABILITY_AVX512) || defined(FASTLM_AVX512_BF16)  // (the bf16 tile reads bf16 x)
-template <typename T>
-using DecodeX = T;
-#else
-template <typename T>
-using DecodeX = float;
-#endif
 
 template <typename T>
 void gemv(const T* x, int64_t xs, const T* w, int64_t ws, const T* bias, const T* res, int64_t rs, T* y, int64_t ys,

@@ -7,7 +7,7 @@
 // Decode (M <= kMaxGemvRows rows of x): the cost is reading the quantized weight once, 1 byte a weight for
 // int8 and 0.5 for int4 (+ 4 / G for the scales), against 2 for bf16 and 4 for fp32: these are the
 // minimum bytes, and the kernel moves exactly them plus x (L1/L2-resident). As in csrc/cpu/linear.cpp, x
-// is copied once to a scratch [M, K] (fp32; 16-bit x as is on AVX-512, DecodeX below; rows zero-padded to
+// is copied once to a scratch [M, K] (fp32; 16-bit x as is on AVX-512, DecodeX; rows zero-padded to
 // a multiple of 32), each thread takes a contiguous range of W's rows in blocks of kBlockRows and reads
 // each row once, in memory order, for up to kMaxXRows rows of x at a time (more rows re-read the block
 // from L1/L2, never from memory). Each block of 32 weights is widened in registers to fp32 (Widener):
@@ -137,20 +137,12 @@ inline void widen4(const uint8_t* p, VF w[32]) {
   }
 }
 #endif
-// x's dtype in the decode scratch (DecodeX): 16-bit x stays 16-bit on AVX-512 builds and is widened in
-// registers (vload_x), fp32 elsewhere. Half the bytes of x beside the weights: int8 weights streamed at
-// 1.6-2x the rate with bf16 x than with fp32 x at K = 4608 (the same at K = 640) in a stand-alone probe of
-// this loop (2-core Zen 4, 256 MiB of weights), as for linear's 16-bit weights (csrc/cpu/linear.cpp).
+// A register of x from the decode scratch (DecodeX, csrc/cpu/vec_util.h: 16-bit on AVX-512 builds), as fp32.
 #if defined(CPU_CAPABILITY_AVX512)
-template <typename T>
-using DecodeX = T;
 inline VF vload_x(const at::BFloat16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
 }
 inline VF vload_x(const at::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
-#else
-template <typename T>
-using DecodeX = float;
 #endif
 inline VF vload_x(const float* p) { return vload(p); }
 
