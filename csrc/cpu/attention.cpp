@@ -4,7 +4,9 @@
 // the length. The work is split over (batch row, kv head) tasks, and where there are fewer of those than
 // threads also over ranges of keys, whose partial softmaxes are merged at the end (key_splits): at batch 1,
 // Arcee's single kv head (5 query heads, head_dim 128) ran on one of the two cores, 55-80 us a layer at
-// 530 keys. Where head_dim is a whole number of SIMD registers (64 / 80 / 96 / 128 on AVX-512, 32-128 on
+// 530 keys. The ranges are as even as multiples of 16 keys allow: in whole 128-key blocks, 545 keys split
+// 384 + 161 and two threads ran 1.2-1.3x slower than one; split evenly, 0.6-0.7x of one thread's time
+// (Arcee's shape, fp32 and bf16, 2-core Zen 3). Where head_dim is a whole number of SIMD registers (64 / 80 / 96 / 128 on AVX-512, 32-128 on
 // AVX2) a block of keys runs register-tiled (attend_keys_tiled): 1.4-1.7x faster from cache at 513 keys
 // (Arcee's shape 37 -> 22 us, StableLM's 12 heads of 64 55 -> 33 us, 2 threads, Zen 4); in the engine's
 // decode step, where the cache comes from memory, Arcee's 9 calls went from ~660 to ~400 us a token.
@@ -280,6 +282,7 @@ inline void normalise_into(float* acc, float den, T* out, int64_t D) {
 // or two kv heads at batch 1: Arcee's kv head would run on one core), then enough ranges of at least
 // kMinSplitKeys keys to give every thread work, merged after (split-K, as flash-decoding does on GPUs).
 constexpr int64_t kMinSplitKeys = 256;
+constexpr int64_t kSplitKeyMultiple = 16;  // a whole number of attend_keys_tiled's key steps (kF: 8 or 16)
 
 int64_t key_splits(int64_t tasks, int64_t max_len) {
   const int64_t threads = at::get_num_threads();
@@ -304,7 +307,9 @@ void decode_kernel(const T* q, int64_t q_sb, int64_t q_sh, const T* kc, const in
       const int64_t task = unit / splits, part = unit % splits;
       const int64_t b = task / Hkv, hk = task % Hkv;
       const int64_t L = length_of(lengths, len64, len_s, b);  // in [1, Tmax]: check_lengths ran before
-      const int64_t chunk = round_up((L + splits - 1) / splits, kBlock);
+      // ranges as even as whole tiles of keys allow: rounded up to kBlock, 545 keys split 384 + 161, and
+      // the two threads of a 2-core machine ran slower than one (Arcee's shape, Zen 3)
+      const int64_t chunk = round_up((L + splits - 1) / splits, kSplitKeyMultiple);
       const int64_t t_begin = std::min(L, part * chunk), t_end = std::min(L, t_begin + chunk);
       float* acc = splits > 1 ? partials.data() + unit * unit_floats : own.data();
       float* mx = acc + G * D;

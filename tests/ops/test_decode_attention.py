@@ -70,9 +70,10 @@ def test_strided_lengths(target, dtype, lengths_dtype):
 @pytest.mark.parametrize("threads,lengths", [(4, (700, 5)), (6, (1000, 5)), (8, (300,)), (3, (1,))])
 def test_keys_split_across_threads(target, dtype, threads, lengths):
     """Fewer (batch row, kv head) tasks than threads: the C++ kernel splits each sequence's keys into ranges
-    (at least 256 keys each) and merges their softmaxes; ranges past a short sequence's length are empty.
-    (4, (700, 5)): two ranges each, the short row's second one empty; (6, (1000, 5)): three ranges of 384
-    keys; (8, (300,)) and (3, (1,)): too few keys to split."""
+    (at least 256 keys each, as even as multiples of 16 keys allow) and merges their softmaxes; ranges past a
+    short sequence's length are empty. (4, (700, 5)): two ranges each (352 + 348 keys), the short row's second
+    one empty; (6, (1000, 5)): three ranges (336 + 336 + 328 keys, none starting at a 128-key block boundary
+    but the first); (8, (300,)) and (3, (1,)): too few keys to split."""
     case = DecodeCase("split", 5, 1, 128, max(lengths) + 3, lengths)
     q, kc, vc, lengths_t, clean_k, clean_v = decode_inputs(case, dtype, target.device, seed=60)
     before = torch.get_num_threads()
