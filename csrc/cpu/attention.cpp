@@ -6,10 +6,11 @@
 // Arcee's single kv head (5 query heads, head_dim 128) ran on one of the two cores, 55-80 us a layer at
 // 530 keys. The ranges are as even as multiples of 16 keys allow: in whole 128-key blocks, 545 keys split
 // 384 + 161 and two threads ran 1.2-1.3x slower than one; split evenly, 0.6-0.7x of one thread's time
-// (Arcee's shape, fp32 and bf16, 2-core Zen 3). Where head_dim is a whole number of SIMD registers (64 / 80 / 96 / 128 on AVX-512, 32-128 on
-// AVX2) a block of keys runs register-tiled (attend_keys_tiled): 1.4-1.7x faster from cache at 513 keys
-// (Arcee's shape 37 -> 22 us, StableLM's 12 heads of 64 55 -> 33 us, 2 threads, Zen 4); in the engine's
-// decode step, where the cache comes from memory, Arcee's 9 calls went from ~660 to ~400 us a token.
+// (Arcee's shape, fp32 and bf16, 2-core Zen 3). Where head_dim is a whole number of SIMD registers
+// (64 / 80 / 96 / 128 on AVX-512, 32-128 on AVX2) a block of keys runs register-tiled (attend_keys_tiled):
+// 1.4-1.7x faster from cache at 513 keys (Arcee's shape 37 -> 22 us, StableLM's 12 heads of 64 55 -> 33 us,
+// 2 threads, Zen 4); in the engine's decode step, where the cache comes from memory, Arcee's 9 calls went
+// from ~660 to ~400 us a token.
 #include "../checks.h"
 #include "../op_list.h"
 #include "vec_util.h"
@@ -307,8 +308,7 @@ void decode_kernel(const T* q, int64_t q_sb, int64_t q_sh, const T* kc, const in
       const int64_t task = unit / splits, part = unit % splits;
       const int64_t b = task / Hkv, hk = task % Hkv;
       const int64_t L = length_of(lengths, len64, len_s, b);  // in [1, Tmax]: check_lengths ran before
-      // ranges as even as whole tiles of keys allow: rounded up to kBlock, 545 keys split 384 + 161, and
-      // the two threads of a 2-core machine ran slower than one (Arcee's shape, Zen 3)
+      // ranges as even as kSplitKeyMultiple allows (see the header: whole kBlocks split 545 keys 384 + 161)
       const int64_t chunk = round_up((L + splits - 1) / splits, kSplitKeyMultiple);
       const int64_t t_begin = std::min(L, part * chunk), t_end = std::min(L, t_begin + chunk);
       float* acc = splits > 1 ? partials.data() + unit * unit_floats : own.data();
