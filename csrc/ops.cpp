@@ -86,6 +86,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return fastlm::cpu::widen_gemm16(dtype == "bfloat16" ? c10::kBFloat16 : c10::kHalf);
       },
       "whether linear widens a 16-bit GEMM of this dtype to fp32 on this CPU, under the current mode");
+  m.def("set_cpu_gemm32", &fastlm::cpu::set_gemm32_mode,
+        "set which library runs linear's fp32 GEMMs beyond decode sizes on CPU: 'auto' or 'onednn' (oneDNN "
+        "where this torch has it) or 'aten' (ATen's addmm); returns the previous mode (initially FASTLM_CPU_GEMM32)");
+  m.def(
+      "cpu_gemm32_library", [] { return std::string(fastlm::cpu::gemm32_uses_onednn() ? "onednn" : "aten"); },
+      "the library linear's fp32 GEMMs run on under the current mode: 'onednn' or 'aten'");
   m.def("parallel_threads_used", &parallel_threads_used,
         "threads that one at::parallel_for over `tasks` tasks ran on (1 means the build lost OpenMP)");
   // Dispatcher calls without torch.ops' Python layer (see DispatchCall), for fastlm.ops' eager path:

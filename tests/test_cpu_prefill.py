@@ -1,9 +1,11 @@
-"""16-bit prefill on CPUs without native 16-bit dot products: ``linear`` on weights widened to fp32
-(csrc/cpu/widened_gemm.h, csrc/cpu/linear.cpp) and its run-time choice (csrc/cpu/cpu_features.h).
+"""Prefill-sized ``linear`` on CPU: 16-bit on CPUs without native 16-bit dot products, on weights widened
+to fp32 (csrc/cpu/widened_gemm.h, csrc/cpu/linear.cpp), and its run-time choice (csrc/cpu/cpu_features.h);
+the fp32 GEMMs (linear's own and the widened panels') on oneDNN or on ATen's addmm.
 
-Both paths run on every CPU when forced (``fastlm._C.set_cpu_gemm16("widen" | "aten")``), so both are
-tested here whatever this CPU has; ``auto`` must take one of them by the CPU's features. Parity: the
-low-precision rule against the fp64 reference (tests/_tolerance.py)."""
+Both 16-bit paths run on every CPU when forced (``fastlm._C.set_cpu_gemm16("widen" | "aten")``), and
+both fp32 libraries (``fastlm._C.set_cpu_gemm32("onednn" | "aten")``), so all are tested here whatever
+this CPU has; ``auto`` must take one of them by the CPU's features. Parity: the low-precision rule
+against the fp64 reference (tests/_tolerance.py)."""
 from __future__ import annotations
 
 import os
@@ -17,7 +19,7 @@ import torch
 from fastlm.ops._registry import backend_status, has_impl, impl
 from fastlm.ops.projection import linear_ref
 from fastlm.ops.quantized import quant_linear_ref, quantize_weight
-from _tolerance import assert_close_to_ref
+from _tolerance import assert_close_to_ref, atol_for
 
 _OK, _WHY = backend_status("cpp", "cpu")
 if not _OK or not has_impl("linear", "cpp", "cpu"):
@@ -31,17 +33,28 @@ DTYPES16 = [torch.bfloat16, torch.float16]
 MODES = ["widen", "aten"]
 
 
-@pytest.fixture
-def gemm16_mode():
-    """``gemm16_mode(mode)`` sets the 16-bit GEMM mode for one test; the previous one is restored after."""
+def _restoring(set_mode_fn):
+    """A fixture body: yields ``set_mode(mode)``, which calls ``set_mode_fn``; restores the previous modes after."""
     prev = []
 
     def set_mode(mode):
-        prev.append(_C.set_cpu_gemm16(mode))
+        prev.append(set_mode_fn(mode))
 
     yield set_mode
     for p in reversed(prev):
-        _C.set_cpu_gemm16(p)
+        set_mode_fn(p)
+
+
+@pytest.fixture
+def gemm16_mode():
+    """``gemm16_mode(mode)`` sets the 16-bit GEMM mode for one test."""
+    yield from _restoring(_C.set_cpu_gemm16)
+
+
+@pytest.fixture
+def gemm32_mode():
+    """``gemm32_mode(mode)`` sets the fp32 GEMM library for one test."""
+    yield from _restoring(_C.set_cpu_gemm32)
 
 
 def _check_linear(x, w, b, r, name):
@@ -77,6 +90,69 @@ def test_linear16_prefill(gemm16_mode, mode, dtype, M, nk):
     for bias, res in ((None, None), (b, None), (None, r), (b, r)):
         _check_linear(x, w, bias, res, f"linear {mode} {dtype} M={M} N={N} K={K} bias={bias is not None} "
                       f"residual={res is not None}")
+
+
+GEMM32_MODES = ["onednn", "aten"]
+# fp32 beyond the streaming kernel's 16 rows: odd N and K, one output column, a long K
+SHAPES32 = [(17, (720, 3000)), (100, (1043, 129)), (100, (1, 80)), (513, (5, 3000)), (64, (77, 20000))]
+
+
+def _check_linear32(x, w, b, r, name):
+    args = (x, w, b, r)
+    ref64 = linear_ref(*(None if t is None else t.double() for t in args))
+    out = LINEAR(*args)
+    assert out.dtype == torch.float32 and out.shape == ref64.shape and out.is_contiguous()
+    assert_close_to_ref(out, ref64, linear_ref(*args), atol_for("linear", torch.float32, ref64), name=name)
+    return out
+
+
+@pytest.mark.parametrize("mode", GEMM32_MODES)
+@pytest.mark.parametrize("M,nk", SHAPES32)
+def test_linear32_prefill(gemm32_mode, mode, M, nk):
+    gemm32_mode(mode)
+    N, K = nk
+    x, w, b, r = _operands(M, N, K, torch.float32, M + N)
+    for bias, res in ((None, None), (b, None), (None, r), (b, r)):
+        _check_linear32(x, w, bias, res, f"linear fp32 {mode} M={M} N={N} K={K} bias={bias is not None} "
+                        f"residual={res is not None}")
+
+
+@pytest.mark.parametrize("mode", GEMM32_MODES)
+def test_linear32_layouts(gemm32_mode, mode):
+    # strided x rows, a row view of a fused weight, a transposed weight (oneDNN's op is not given one: addmm),
+    # a strided bias and a broadcast-free residual view, batched x
+    gemm32_mode(mode)
+    g = torch.Generator().manual_seed(3)
+    K, N = 96, 40
+    x = torch.randn(3, 20, K + 24, generator=g)[..., :K]
+    fused = torch.randn(3 * N, K, generator=g)
+    weights = {"row view": fused[N:2 * N], "transposed": torch.randn(K, N, generator=g).t()}
+    b = torch.randn(2 * N, generator=g)[::2]
+    r = torch.randn(3, 20, 2 * N, generator=g)[..., N:]
+    for label, w in weights.items():
+        for bias, res in ((None, None), (b, r)):
+            _check_linear32(x, w, bias, res, f"linear fp32 {mode} {label} weight")
+
+
+@pytest.mark.parametrize("mode", GEMM32_MODES)
+@pytest.mark.parametrize("dtype", DTYPES16)
+def test_widened_panels_on_either_library(gemm16_mode, gemm32_mode, mode, dtype):
+    # the widened 16-bit GEMM multiplies its fp32 panels with the same library as fp32 linear
+    gemm16_mode("widen")
+    gemm32_mode(mode)
+    for M, (N, K) in ((100, (1043, 129)), (513, (5, 3000))):
+        x, w, b, r = _operands(M, N, K, dtype, 7)
+        _check_linear(x, w, b, r, f"widened linear {dtype} on {mode} M={M} N={N} K={K}")
+
+
+def test_gemm32_library_and_bad_values(gemm32_mode):
+    gemm32_mode("aten")
+    assert _C.cpu_gemm32_library() == "aten"
+    gemm32_mode("auto")
+    x86 = os.uname().machine in ("x86_64", "AMD64")
+    assert _C.cpu_gemm32_library() == ("onednn" if x86 and torch.backends.mkldnn.is_available() else "aten")
+    with pytest.raises(ValueError, match="fp32 GEMM mode must be auto, onednn or aten, got 'mkl'"):
+        _C.set_cpu_gemm32("mkl")
 
 
 @pytest.mark.parametrize("dtype", DTYPES16)
@@ -182,6 +258,8 @@ import torch
 from fastlm import _C
 from fastlm.ops._registry import impl
 for call in (lambda: (_C.cpu_gemm16_widens("bfloat16"), _C.cpu_gemm16_widens("float16")),
+             lambda: (_C.cpu_gemm32_library(), tuple(impl("linear", "cpp", "cpu")(torch.randn(20, 8),
+                                                                                torch.randn(4, 8)).shape)),
              lambda: tuple(impl("linear", "cpp", "cpu")(torch.randn(20, 8).bfloat16(),
                                                         torch.randn(4, 8).bfloat16()).shape)):
     try:
@@ -193,7 +271,7 @@ for call in (lambda: (_C.cpu_gemm16_widens("bfloat16"), _C.cpu_gemm16_widens("fl
 
 def _run_with_env(**env):
     full = {k: v for k, v in os.environ.items()
-            if k not in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "FASTLM_CPU_GEMM16")}
+            if k not in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "FASTLM_CPU_GEMM16", "FASTLM_CPU_GEMM32")}
     full.update(env)
     res = subprocess.run([sys.executable, "-c", ENV_SCRIPT], capture_output=True, text=True, timeout=120, env=full,
                          cwd=tempfile.gettempdir())
@@ -204,10 +282,15 @@ def _run_with_env(**env):
 def test_isa_cap_and_env():
     # oneDNN's cap hides native 16-bit dot products from fastlm as from ATen (an AVX2 or pre-BF16 AVX-512
     # CPU emulated); FASTLM_CPU_GEMM16 forces a path; a bad value is one clear error
-    assert _run_with_env(ONEDNN_MAX_CPU_ISA="AVX512_CORE") == ["True True", "20 4"]
-    assert _run_with_env(FASTLM_CPU_GEMM16="aten", DNNL_MAX_CPU_ISA="avx2") == ["False False", "20 4"]
+    onednn = "onednn" if os.uname().machine == "x86_64" and torch.backends.mkldnn.is_available() else "aten"
+    assert _run_with_env(ONEDNN_MAX_CPU_ISA="AVX512_CORE") == ["True True", f"{onednn} (20, 4)", "20 4"]
+    assert _run_with_env(FASTLM_CPU_GEMM16="aten", DNNL_MAX_CPU_ISA="avx2", FASTLM_CPU_GEMM32="aten") == [
+        "False False", "aten (20, 4)", "20 4"]
     message = "ValueError: fastlm: FASTLM_CPU_GEMM16 must be auto, widen or aten, got 'fastest'"
-    assert _run_with_env(FASTLM_CPU_GEMM16="fastest") == [message, message]
+    assert _run_with_env(FASTLM_CPU_GEMM16="fastest") == [message, f"{onednn} (20, 4)", message]
+    message32 = "ValueError: fastlm: FASTLM_CPU_GEMM32 must be auto, onednn or aten, got 'mkl'"
+    plain, bad32 = _run_with_env(), _run_with_env(FASTLM_CPU_GEMM32="mkl")
+    assert bad32[:2] == [plain[0], message32]  # (a 16-bit GEMM widened on this CPU would raise it too)
 
 
 def test_swiglu_fp32_relative_accuracy():

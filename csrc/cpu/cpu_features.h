@@ -13,14 +13,19 @@
 // (fastlm/ops/projection.py documents both).
 #pragma once
 
+#include <ATen/Context.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cctype>
 #include <cstdlib>
+#include <optional>
 #include <string>
+#include <vector>
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <cpuid.h>
@@ -78,51 +83,120 @@ inline Native16 native16_under_isa_cap() {
   return n;
 }
 
+// A process-wide choice among named modes (mode 0 is "auto"): the environment variable `env` at first
+// use, or what set() set since. An invalid variable raises at the first use of the mode, naming it.
+template <size_t N>
+class ModeSetting {
+ public:
+  constexpr ModeSetting(const char* env, const char* what, std::array<const char*, N> names)
+      : env_(env), what_(what), names_(names) {}
+
+  int get() const {
+    int m = slot_.load(std::memory_order_relaxed);
+    if (m == kUnread) {  // first use: parse the variable, unless set() (or another thread) got there first
+      const char* v = std::getenv(env_);
+      int expected = kUnread;
+      slot_.compare_exchange_strong(expected, parse(v ? v : ""));
+      m = slot_.load(std::memory_order_relaxed);
+    }
+    TORCH_CHECK_VALUE(m != kInvalid, "fastlm: ", env_, " must be ", choices(), ", got '",
+                      std::getenv(env_) ? std::getenv(env_) : "", "'");
+    return m;
+  }
+
+  // Set the mode by name; returns the previous one's name ("invalid" for an invalid variable never read).
+  std::string set(const std::string& name) {
+    const int m = parse(name);
+    TORCH_CHECK_VALUE(m != kInvalid && !name.empty(), "fastlm: ", what_, " must be ", choices(), ", got '", name,
+                      "'");
+    int prev = slot_.exchange(m);
+    if (prev == kUnread) {
+      const char* v = std::getenv(env_);
+      prev = parse(v ? v : "");
+    }
+    return prev == kInvalid ? "invalid" : names_[prev];
+  }
+
+  const char* name(int m) const { return names_[m]; }
+
+ private:
+  static constexpr int kUnread = -1, kInvalid = static_cast<int>(N);
+  int parse(const std::string& s) const {
+    if (s.empty()) return 0;
+    for (size_t i = 0; i < N; ++i)
+      if (s == names_[i]) return static_cast<int>(i);
+    return kInvalid;
+  }
+  std::string choices() const {
+    std::string out;
+    for (size_t i = 0; i < N; ++i) out += std::string(i == 0 ? "" : i + 1 == N ? " or " : ", ") + names_[i];
+    return out;
+  }
+  const char* env_;
+  const char* what_;
+  std::array<const char*, N> names_;
+  mutable std::atomic<int> slot_{kUnread};
+};
+
 // How `linear` multiplies 16-bit x by a 16-bit weight beyond decode sizes (FASTLM_CPU_GEMM16):
-// kAuto: ATen's 16-bit GEMM where the CPU has native dot products for the dtype, else widened to fp32;
-// kWiden / kAten: always that one (benchmarks, tests).
-enum class Gemm16Mode : int { kAuto = 0, kWiden = 1, kAten = 2, kInvalid = 3 };
+// auto: ATen's 16-bit GEMM where the CPU has native dot products for the dtype, else widened to fp32;
+// widen / aten: always that one (benchmarks, tests).
+enum class Gemm16Mode : int { kAuto = 0, kWiden = 1, kAten = 2 };
+inline ModeSetting<3> gemm16_setting("FASTLM_CPU_GEMM16", "the 16-bit GEMM mode", {"auto", "widen", "aten"});
+inline Gemm16Mode gemm16_mode() { return static_cast<Gemm16Mode>(gemm16_setting.get()); }
+inline std::string set_gemm16_mode(const std::string& mode) { return gemm16_setting.set(mode); }
 
-inline const char* gemm16_mode_name(Gemm16Mode m) {
-  switch (m) {
-    case Gemm16Mode::kWiden: return "widen";
-    case Gemm16Mode::kAten: return "aten";
-    default: return "auto";
+// Which library runs `linear`'s fp32 GEMMs beyond decode sizes (FASTLM_CPU_GEMM32): auto and onednn:
+// oneDNN's matmul (ATen's mkldnn::_linear_pointwise op, the weight as it is) where this torch has it,
+// else ATen's addmm (MKL or torch's BLAS); aten: always addmm. On the 2-core Zen 4, two threads, M = 512
+// and the E2E shapes: oneDNN 185-208 GFLOP/s against addmm's 112-166 (one thread: 88-105 against 67-100,
+// so the difference is mostly MKL's two-thread scaling); capped to AVX2, 149-170 against 124-166.
+enum class Gemm32Mode : int { kAuto = 0, kOnednn = 1, kAten = 2 };
+inline ModeSetting<3> gemm32_setting("FASTLM_CPU_GEMM32", "the fp32 GEMM mode", {"auto", "onednn", "aten"});
+inline Gemm32Mode gemm32_mode() { return static_cast<Gemm32Mode>(gemm32_setting.get()); }
+inline std::string set_gemm32_mode(const std::string& mode) { return gemm32_setting.set(mode); }
+
+// oneDNN's fp32 linear in this torch: ATen's mkldnn::_linear_pointwise op and its binary form (absent from
+// torch builds without oneDNN, and not used off x86, where oneDNN wraps other libraries).
+struct OnednnLinearOps {
+  std::optional<c10::OperatorHandle> pointwise, binary;
+};
+inline const OnednnLinearOps& onednn_linear_ops() {
+  static const OnednnLinearOps ops = [] {
+    OnednnLinearOps o;
+#if defined(__x86_64__)
+    if (at::hasMKLDNN()) {
+      o.pointwise = c10::Dispatcher::singleton().findOp({"mkldnn::_linear_pointwise", ""});
+      o.binary = c10::Dispatcher::singleton().findOp({"mkldnn::_linear_pointwise", "binary"});
+    }
+#endif
+    return o;
+  }();
+  return ops;
+}
+
+// Whether `linear`'s fp32 GEMMs run on oneDNN (else ATen's addmm), under the current mode.
+inline bool gemm32_uses_onednn() {
+  const OnednnLinearOps& ops = onednn_linear_ops();
+  return gemm32_mode() != Gemm32Mode::kAten && ops.pointwise && ops.binary;
+}
+
+// fp32 y [M, N] = x [M, K] @ w [N, K]^T (+ bias [N]) (+ other [M, N], oneDNN's post-op: one rounding, as
+// addmm's) by oneDNN (gemm32_uses_onednn() must hold). Both take rows with unit column stride. Boxed
+// calls (the schema's list of optional Scalars has no simple unboxed type): a few us, against a GEMM.
+inline at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
+                                const std::optional<at::Tensor>& other) {
+  const OnednnLinearOps& ops = onednn_linear_ops();
+  const c10::IValue b = bias ? c10::IValue(bias->contiguous()) : c10::IValue();
+  std::vector<c10::IValue> stack;
+  if (other) {
+    stack = {x, other->contiguous(), w, b, std::string("add")};
+    ops.binary->callBoxed(&stack);
+  } else {
+    stack = {x, w, b, std::string("none"), c10::List<std::optional<at::Scalar>>(), c10::IValue()};
+    ops.pointwise->callBoxed(&stack);
   }
-}
-
-inline Gemm16Mode parse_gemm16_mode(const std::string& s) {
-  if (s.empty() || s == "auto") return Gemm16Mode::kAuto;
-  if (s == "widen") return Gemm16Mode::kWiden;
-  if (s == "aten") return Gemm16Mode::kAten;
-  return Gemm16Mode::kInvalid;
-}
-
-// The process-wide mode: FASTLM_CPU_GEMM16 at first use, or what set_gemm16_mode set since.
-inline std::atomic<int>& gemm16_mode_slot() {
-  static std::atomic<int> slot([] {
-    const char* env = std::getenv("FASTLM_CPU_GEMM16");
-    return static_cast<int>(parse_gemm16_mode(env ? env : ""));
-  }());
-  return slot;
-}
-
-inline Gemm16Mode gemm16_mode() {
-  const auto m = static_cast<Gemm16Mode>(gemm16_mode_slot().load(std::memory_order_relaxed));
-  if (m == Gemm16Mode::kInvalid) {  // only from the environment: set_gemm16_mode accepts valid modes only
-    const char* env = std::getenv("FASTLM_CPU_GEMM16");
-    TORCH_CHECK_VALUE(false, "fastlm: FASTLM_CPU_GEMM16 must be auto, widen or aten, got '", env ? env : "", "'");
-  }
-  return m;
-}
-
-// Set the mode ("auto", "widen" or "aten"); returns the previous one.
-inline std::string set_gemm16_mode(const std::string& mode) {
-  const Gemm16Mode m = parse_gemm16_mode(mode);
-  TORCH_CHECK_VALUE(m != Gemm16Mode::kInvalid && !mode.empty(),
-                    "fastlm: the 16-bit GEMM mode must be auto, widen or aten, got '", mode, "'");
-  const auto prev = static_cast<Gemm16Mode>(gemm16_mode_slot().exchange(static_cast<int>(m)));
-  return prev == Gemm16Mode::kInvalid ? "invalid" : gemm16_mode_name(prev);
+  return stack.back().toTensor();
 }
 
 // Whether `linear` widens a 16-bit GEMM of dtype t to fp32 (else: ATen's 16-bit GEMM).

@@ -1,8 +1,10 @@
 // GEMMs on weights widened to fp32 panel by panel: y = round_T(x @ W^T + bias + residual), for weights
 // whose own format has no fast GEMM on this CPU: 16-bit weights without native 16-bit dot products
 // (csrc/cpu/linear.cpp, chosen at run time by csrc/cpu/cpu_features.h) and int8 / int4 weights
-// (csrc/cpu/quant_linear.cpp). Both run ATen's fp32 GEMM (MKL, or whatever BLAS torch has), the one
-// that fastlm's fp32 path uses, on fp32 copies that stay in cache:
+// (csrc/cpu/quant_linear.cpp). Both run the fp32 GEMM that fastlm's fp32 path uses (oneDNN's, or ATen's
+// addmm: Gemm32Mode in cpu_features.h; single-threaded, one panel a task: oneDNN 88-105 GFLOP/s against
+// MKL's 67-100 at these panels' shapes on one Zen 4 core, fp16 prefill of 512 tokens 1.08-1.11x), on fp32
+// copies that stay in cache:
 //   x: a slice of at most ~kXSliceBytes of fp32 rows [mb, K] (widened once per slice unless x is fp32);
 //   W: one parallel region per slice; each task widens a panel of nb rows [nb, K] into its own buffer
 //      (the caller's widen_rows: exact for 16-bit weights, q * scale for quantized ones), multiplies it
@@ -20,6 +22,7 @@
 #include <optional>
 #include <vector>
 
+#include "cpu_features.h"
 #include "vec_util.h"
 
 namespace fastlm::cpu {
@@ -97,6 +100,7 @@ void gemm_widened(const T* x, int64_t xs, const WidenRows& widen_rows, const flo
   // InferenceMode" (the engine runs under torch.inference_mode).
   c10::InferenceMode no_autograd;
   constexpr bool kFp32 = std::is_same_v<T, float>;
+  const bool onednn = gemm32_uses_onednn();  // the panels' GEMM library, as linear's own fp32 GEMMs
   const int64_t threads = std::max(1, at::get_num_threads());
   // x slices as even as multiples of 16 rows allow (MKL ran a 341-row slice 1.7x slower per flop than
   // a 512-row one)
@@ -123,12 +127,18 @@ void gemm_widened(const T* x, int64_t xs, const WidenRows& widen_rows, const flo
       const at::TensorOptions f32 = at::TensorOptions().dtype(at::kFloat);
       const at::Tensor x2 = at::from_blob(const_cast<float*>(xf), {mr, K}, {xfs, 1}, f32);
       float* panel = thread_scratch(kPanelSlot, nb * K);
-      float* tile = thread_scratch(kTileSlot, mr * nb);
+      float* tile = onednn ? nullptr : thread_scratch(kTileSlot, mr * nb);  // (oneDNN's op allocates its output)
       for (int64_t p = begin; p < end; ++p) {
         const int64_t n0 = p * nb, nr = std::min(nb, N - n0);
         widen_rows(n0, nr, panel);
-        at::Tensor out = at::from_blob(tile, {mr, nr}, f32);
-        at::mm_out(out, x2, at::from_blob(panel, {K, nr}, {1, K}, f32));  // panel^T: [K, nr]
+        const at::Tensor w = at::from_blob(panel, {nr, K}, f32);
+        at::Tensor out;  // [mr, nr]; the GEMMs run single-threaded inside this parallel region
+        if (onednn) {
+          out = onednn_linear(x2, w, std::nullopt, std::nullopt);
+        } else {
+          out = at::from_blob(tile, {mr, nr}, f32);
+          at::mm_out(out, x2, w.t());  // panel^T: [K, nr]
+        }
         widened_epilogue<T>(out.const_data_ptr<float>(), out.stride(0), bias ? bias + n0 : nullptr,
                             res ? res + m0 * rs + n0 : nullptr, rs, y + m0 * ys + n0, ys, mr, nr);
       }
