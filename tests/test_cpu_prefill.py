@@ -31,6 +31,8 @@ LINEAR = impl("linear", "cpp", "cpu")
 ATOL = {torch.bfloat16: 1e-3, torch.float16: 3e-4}
 DTYPES16 = [torch.bfloat16, torch.float16]
 MODES = ["widen", "aten"]
+# the fp32 GEMM library `auto` takes here (csrc/cpu/cpu_features.h: oneDNN where torch has it, on x86)
+AUTO_GEMM32 = "onednn" if os.uname().machine in ("x86_64", "AMD64") and torch.backends.mkldnn.is_available() else "aten"
 
 
 def _restoring(set_mode_fn):
@@ -149,8 +151,7 @@ def test_gemm32_library_and_bad_values(gemm32_mode):
     gemm32_mode("aten")
     assert _C.cpu_gemm32_library() == "aten"
     gemm32_mode("auto")
-    x86 = os.uname().machine in ("x86_64", "AMD64")
-    assert _C.cpu_gemm32_library() == ("onednn" if x86 and torch.backends.mkldnn.is_available() else "aten")
+    assert _C.cpu_gemm32_library() == AUTO_GEMM32
     with pytest.raises(ValueError, match="fp32 GEMM mode must be auto, onednn or aten, got 'mkl'"):
         _C.set_cpu_gemm32("mkl")
 
@@ -282,7 +283,7 @@ def _run_with_env(**env):
 def test_isa_cap_and_env():
     # oneDNN's cap hides native 16-bit dot products from fastlm as from ATen (an AVX2 or pre-BF16 AVX-512
     # CPU emulated); FASTLM_CPU_GEMM16 forces a path; a bad value is one clear error
-    onednn = "onednn" if os.uname().machine == "x86_64" and torch.backends.mkldnn.is_available() else "aten"
+    onednn = AUTO_GEMM32
     assert _run_with_env(ONEDNN_MAX_CPU_ISA="AVX512_CORE") == ["True True", f"{onednn} (20, 4)", "20 4"]
     assert _run_with_env(FASTLM_CPU_GEMM16="aten", DNNL_MAX_CPU_ISA="avx2", FASTLM_CPU_GEMM32="aten") == [
         "False False", "aten (20, 4)", "20 4"]

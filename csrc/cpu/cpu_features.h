@@ -117,8 +117,6 @@ class ModeSetting {
     return prev == kInvalid ? "invalid" : names_[prev];
   }
 
-  const char* name(int m) const { return names_[m]; }
-
  private:
   static constexpr int kUnread = -1, kInvalid = static_cast<int>(N);
   int parse(const std::string& s) const {

@@ -21,7 +21,6 @@
 #include "vec_util.h"
 #include "widened_gemm.h"
 
-
 #include <type_traits>
 #include <vector>
 
@@ -183,10 +182,12 @@ void gemv(const T* x, int64_t xs, const T* w, int64_t ws, const T* bias, const T
 
 // fp32 y [M, N] = x2 @ W^T (+ bias) (+ residual) by oneDNN's matmul (cpu_features.h: onednn_linear), faster
 // than addmm's MKL at prefill shapes (Gemm32Mode has the numbers); nullopt where the mode or this torch says
-// addmm, or for a layout the op does not take as it is (a transposed weight).
+// addmm: 16-bit x, an empty product, or a layout the op does not take as it is (a transposed weight).
 std::optional<at::Tensor> onednn_linear_f32(const at::Tensor& x2, const at::Tensor& weight, const OptT& bias,
                                             const OptT& residual) {
-  if (!gemm32_uses_onednn() || weight.stride(1) != 1 || x2.stride(1) != 1) return std::nullopt;
+  if (x2.scalar_type() != at::kFloat || x2.numel() == 0 || weight.numel() == 0 || !gemm32_uses_onednn() ||
+      weight.stride(1) != 1 || x2.stride(1) != 1)
+    return std::nullopt;
   return onednn_linear(x2, weight, bias, residual ? OptT(residual->reshape({x2.size(0), weight.size(0)})) : OptT());
 }
 
@@ -219,9 +220,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const OptT& bia
   }
   if (M > max_rows || M == 0 || K == 0) {  // a real GEMM (or nothing to stream): oneDNN's or ATen's
     const at::Tensor x2 = xr.data.as_strided({M, K}, {xr.stride, 1});
-    if (!is16 && M > 0 && N > 0 && K > 0) {
-      if (auto y = onednn_linear_f32(x2, weight, bias, residual)) return y->view(out_shape);
-    }
+    if (auto y = onednn_linear_f32(x2, weight, bias, residual)) return y->view(out_shape);
     at::Tensor y;
     if (residual && !bias) {
       y = at::addmm(residual->reshape({M, N}), x2, weight.t());  // not -1: ambiguous when N = 0
