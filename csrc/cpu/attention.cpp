@@ -10,10 +10,14 @@
 // (64 / 80 / 96 / 128 on AVX-512, 32-128 on AVX2) a block of keys runs register-tiled (attend_keys_tiled):
 // 1.4-1.7x faster from cache at 513 keys (Arcee's shape 37 -> 22 us, StableLM's 12 heads of 64 55 -> 33 us,
 // 2 threads, Zen 4); in the engine's decode step, where the cache comes from memory, Arcee's 9 calls went
-// from ~660 to ~400 us a token.
+// from ~660 to ~400 us a token. A 16-bit cache shared by several heads (Arcee: 5 a kv head) is widened in
+// 32-key blocks that stay in L1 (kWideBlock), and the scratch is the thread's own, kept between calls
+// (zero-filling fresh vectors, 128 KB a call, was most of the fixed cost): Arcee's shape at 545 keys in
+// bf16, 34-36 -> 27-30 us; at 1 key, 4.4-5.4 -> 1.7 us (2 threads, Zen 4).
 #include "../checks.h"
 #include "../op_list.h"
 #include "vec_util.h"
+#include "widened_gemm.h"
 
 #include <limits>
 #include <type_traits>
@@ -23,6 +27,10 @@ namespace fastlm::cpu {
 namespace {
 
 constexpr int64_t kBlock = 128;  // keys per online-softmax block
+// Keys per widened block of a 16-bit cache shared by several heads: K and V rows widened to fp32 are read
+// once per head, so the block is sized to stay in L1 (32 x 128 x 4 B x 2 = 32 KB at head_dim 128) rather
+// than L2 (a whole 128-key kBlock, 128 KB).
+constexpr int64_t kWideBlock = 32;
 
 // a . b over n elements, b in the cache's dtype (16-bit widened in registers).
 template <typename T>
@@ -222,7 +230,7 @@ void attend_keys_tiled(const float* qf, const R* kbase, int64_t k_stride, const 
 }
 
 // attend_keys through attend_keys_tiled where D is a supported whole number of registers (DV below); 16-bit
-// caches with several heads a kv head are widened to fp32 once per block of keys (row, [2, kBlock, D]
+// caches with several heads a kv head are widened to fp32 once per kWideBlock keys (wide, [2, kWideBlock, D]
 // scratch) rather than once per head.
 template <typename T, int DV>
 void attend_tiled_dv(const float* qf, const T* kbase, int64_t k_stride, const T* vbase, int64_t v_stride,
@@ -233,9 +241,9 @@ void attend_tiled_dv(const float* qf, const T* kbase, int64_t k_stride, const T*
     attend_keys_tiled<T, DV>(qf, kbase, k_stride, vbase, v_stride, t_begin, t_end, G, scale, scores, acc, mx, den);
   } else {
     float* kw = wide;
-    float* vw = wide + kBlock * D;
-    for (int64_t t0 = t_begin; t0 < t_end; t0 += kBlock) {
-      const int64_t tb = std::min(kBlock, t_end - t0);
+    float* vw = wide + kWideBlock * D;
+    for (int64_t t0 = t_begin; t0 < t_end; t0 += kWideBlock) {
+      const int64_t tb = std::min(kWideBlock, t_end - t0);
       for (int64_t t = 0; t < tb; ++t) {
         convert_row(kbase + (t0 + t) * k_stride, kw + t * D, D);
         convert_row(vbase + (t0 + t) * v_stride, vw + t * D, D);
@@ -302,8 +310,15 @@ void decode_kernel(const T* q, int64_t q_sb, int64_t q_sh, const T* kc, const in
   const int64_t unit_floats = G * (D + 2);
   std::vector<float> partials(splits > 1 ? tasks * splits * unit_floats : 0);
   at::parallel_for(0, tasks * splits, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(G * D), row(D), scores(G * kBlock), own(splits > 1 ? 0 : unit_floats);
-    std::vector<float> wide(std::is_same_v<T, float> || G == 1 ? 0 : 2 * kBlock * D);  // attend_tiled's
+    // This thread's scratch (kept between calls, never zero-filled): q rows as fp32 [G, D], one widened
+    // row [D], scores [G, kBlock], an unsplit unit's sums [unit_floats] and attend_tiled's widened
+    // K/V block [2, kWideBlock, D].
+    const int64_t wide_floats = std::is_same_v<T, float> || G == 1 ? 0 : 2 * kWideBlock * D;
+    float* qf = thread_scratch(kAttentionSlot, G * D + D + G * kBlock + unit_floats + wide_floats);
+    float* row = qf + G * D;
+    float* scores = row + D;
+    float* own = scores + G * kBlock;
+    float* wide = own + unit_floats;
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t task = unit / splits, part = unit % splits;
       const int64_t b = task / Hkv, hk = task % Hkv;
@@ -311,20 +326,18 @@ void decode_kernel(const T* q, int64_t q_sb, int64_t q_sh, const T* kc, const in
       // ranges as even as kSplitKeyMultiple allows (see the header: whole kBlocks split 545 keys 384 + 161)
       const int64_t chunk = round_up((L + splits - 1) / splits, kSplitKeyMultiple);
       const int64_t t_begin = std::min(L, part * chunk), t_end = std::min(L, t_begin + chunk);
-      float* acc = splits > 1 ? partials.data() + unit * unit_floats : own.data();
+      float* acc = splits > 1 ? partials.data() + unit * unit_floats : own;
       float* mx = acc + G * D;
       float* den = mx + G;
       std::fill(acc, acc + G * D, 0.f);
       std::fill(mx, mx + G, -std::numeric_limits<float>::infinity());
       std::fill(den, den + G, 0.f);
       if (t_begin == t_end) continue;  // a short sequence's empty range: den = 0, merged as nothing
-      for (int64_t g = 0; g < G; ++g) convert_row(q + b * q_sb + (hk * G + g) * q_sh, qf.data() + g * D, D);
+      for (int64_t g = 0; g < G; ++g) convert_row(q + b * q_sb + (hk * G + g) * q_sh, qf + g * D, D);
       const T* kb = kc + b * ks[0] + hk * ks[1];
       const T* vb = vc + b * vs[0] + hk * vs[1];
-      if (!attend_tiled(qf.data(), kb, ks[2], vb, vs[2], t_begin, t_end, G, D, scale, wide.data(), scores.data(),
-                        acc, mx, den)) {
-        attend_keys(qf.data(), kb, ks[2], vb, vs[2], t_begin, t_end, G, D, scale, row.data(), scores.data(), acc,
-                    mx, den);
+      if (!attend_tiled(qf, kb, ks[2], vb, vs[2], t_begin, t_end, G, D, scale, wide, scores, acc, mx, den)) {
+        attend_keys(qf, kb, ks[2], vb, vs[2], t_begin, t_end, G, D, scale, row, scores, acc, mx, den);
       }
       if (splits > 1) continue;
       for (int64_t g = 0; g < G; ++g) normalise_into(acc + g * D, den[g], out + (b * H + hk * G + g) * D, D);
