@@ -278,3 +278,35 @@ def test_dynamic_rope_runs_eagerly_and_matches_transformers():
 def test_text_prompts_need_a_tokenizer():
     with pytest.raises(ValueError, match="tokenizer"):
         gen(model_for("helium_gqa"), "hello", max_new_tokens=2)
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+@pytest.mark.parametrize("variant", ["arcee_gqa_bias_yarn", "stablelm_hd80_qknorm_parallel", "persimmon_qknorm",
+                                     "helium_gqa"])
+def test_bound_step_matches_module_step(variant, quantize, monkeypatch):
+    """The eager step's pieces bound once per call (ModelRunner.bind) emit exactly the tokens of the module path
+    (the compiled step's), each projection, norm and epilogue read from its module at every step; and a call
+    binds again, so a weight changed between calls is used by the next one."""
+    from fastlm.engine.runner import ModelRunner
+
+    def tokens(model, ids, bound: bool):
+        if not bound:
+            monkeypatch.setattr(ModelRunner, "bind", lambda self, rows, eager: self.unbind())
+        out = fastlm.generate(model, ids, max_new_tokens=12, ignore_eos=True, backend="cpp")
+        monkeypatch.undo()
+        return out
+
+    model = fastlm.patch(build_model(variant, dtype=torch.bfloat16), "cpp", quantize=quantize)
+    ids = random_ids(2, 7, seed=5)
+    first = tokens(model, ids, bound=True)
+    assert first == tokens(model, ids, bound=False)
+    with torch.no_grad():
+        for layer in model.base_model.layers:
+            up = getattr(layer.mlp, layer.mlp.fused_spec().up_name)
+            if quantize is None:  # a new Parameter: other storage, which only a new binding sees
+                up.weight = torch.nn.Parameter(up.weight * -1.5)
+            else:  # in place: the same storage, other values
+                up.scales.mul_(-1.5)
+    second = tokens(model, ids, bound=True)
+    assert second == tokens(model, ids, bound=False)
+    assert second != first

@@ -172,3 +172,9 @@ def _entry_point(op: str):
 for _op in KERNELS:
     if _op not in globals():
         globals()[_op] = _entry_point(_op)
+
+# The eager calls themselves where an entry point only chooses between them and the OpOverload (every op but
+# the norms and the in-place activations, whose entry points adapt the result): for fastlm.ops._registry's
+# dispatch_eager, which the engine's eager decode step binds once per call.
+EAGER_KERNELS = {op: getattr(_C, f"call_{op}") for op in KERNELS
+                 if op not in ("add_rms_norm", "add_layer_norm", "swiglu_", "relu2_")}

@@ -188,6 +188,10 @@ class Engine:
         refresh_fused_weights(self.model)  # re-fuse where an HF Parameter was replaced since the last call
         limit = min(limit, runner.max_len)
         mode = self._mode(slot)
+        if mode == "compiled":
+            runner.unbind()
+        else:  # eager steps and CUDA-graph captures run the pieces bound to this call's weights (refreshed above)
+            runner.bind(rows, eager=True)
         check_every = self.check_every if check_every is None else max(1, int(check_every))
         result.mode, result.backend = mode, runner.backend
         device = runner.device

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 import torch
 
 from fastlm import ops
-from fastlm.ops._registry import dispatch
+from fastlm.ops._registry import dispatch, dispatch_eager
 from fastlm.engine.cache import StaticKVCache
 from fastlm.engine.rope import RopeTables
 from fastlm.engine.sampling import SamplingConfig, sample
-from fastlm.modules._linear import project_linear
+from fastlm.modules._linear import bind_linear, project_linear
 from fastlm.modules.decoder import layer_body
 from fastlm.patching import patch_record
 
@@ -70,6 +70,30 @@ class _LayerView:
         self.fused_parallel_residual = layer.fused_parallel_residual
 
 
+class _BoundNorm:
+    __slots__ = ("add_forward",)
+
+    def __init__(self, add_forward):
+        self.add_forward = add_forward
+
+
+class _BoundLayer:
+    """One layer's decode step bound for one call (:meth:`ModelRunner.bind`): what layer_body reads, as
+    closures over the weights and kernels looked up once, and the attention block's pieces: the QKV
+    projection, its epilogue into this call's cache rows, the rows themselves and the output projection."""
+
+    __slots__ = ("input_layernorm", "post_attention_layernorm", "mlp", "fused_parallel_residual", "project_qkv",
+                 "epilogue", "k_cache", "v_cache", "scale", "project_out")
+
+
+def _bind_epilogue(kernel, norms: tuple, k_cache, v_cache, static: tuple):
+    """qkv_rope_cache's call with everything but the step's tensors bound: (qkv, cos, sin, positions) -> q."""
+    qw, qb, kw, kb = norms
+    heads, kv_heads, head_dim, rotary_dim, interleaved, head_major, eps = static
+    return lambda qkv, cos, sin, positions: kernel(qkv, cos, sin, qw, qb, kw, kb, k_cache, v_cache, positions, heads,
+                                                   kv_heads, head_dim, rotary_dim, interleaved, head_major, eps)
+
+
 class ModelRunner:
     """Holds a patched model's pieces, its static KV cache, RoPE tables and decode state."""
 
@@ -100,6 +124,40 @@ class ModelRunner:
                                    self.dtype, self.device)
         self.rope = RopeTables(base.rotary_emb, max_len, self.dtype, self.device)
         self.state = DecodeState.allocate(batch, self.device)
+        self._bound: tuple | None = None  # (rows, layers, decode_attention, logits) of the call bind() set up
+
+    def bind(self, rows: int, eager: bool) -> None:
+        """Set up the decode step of a call on rows [0, rows): each layer's weights, kernels and cache views looked
+        up once, not at every step (a few hundred microseconds a token on CPU: ``nn.Module`` attribute lookups,
+        dispatch and the fused-weight checks). The caller refreshes the fused weights first and binds again at
+        each call, so a weight changed between calls is seen (fastlm.modules._fused_storage). ``eager``: the step
+        is never traced by torch.compile (a compiled step runs :meth:`unbind`'s module path, which dynamo guards)."""
+        device, backend = self.device, self.backend
+        pick = dispatch_eager if eager else dispatch
+        layers = []
+        for i, layer in enumerate(self.layers):
+            attn, bound = self.attn[i], _BoundLayer()
+            bound.input_layernorm = _BoundNorm(layer.input_layernorm.bound_add_forward(device, self.dtype))
+            post = layer.post_attention_layernorm  # None with a parallel residual (StableLM)
+            bound.post_attention_layernorm = post and _BoundNorm(post.bound_add_forward(device, self.dtype))
+            bound.mlp = layer.mlp.bound_forward(device, eager)
+            bound.fused_parallel_residual = layer.fused_parallel_residual
+            bound.project_qkv = attn.bound_project_qkv(device, eager)
+            bound.k_cache, bound.v_cache = self.cache.layer(i, rows)
+            epilogue_backend, norms, static = attn.epilogue()
+            bound.epilogue = _bind_epilogue(pick("qkv_rope_cache", epilogue_backend, device), norms, bound.k_cache,
+                                            bound.v_cache, static)
+            bound.scale = self.scaling[i]
+            bound.project_out = bind_linear(self.out_proj[i], backend, device, eager)
+            layers.append(bound)
+        final_norm = self.final_norm.bound_add_forward(device, self.dtype)
+        lm_head = bind_linear(self.lm_head, backend, device, eager)
+        self._bound = (rows, layers, pick("decode_attention", backend, device),
+                       lambda x: lm_head(final_norm(x, None)[0]))
+
+    def unbind(self) -> None:
+        """Back to the module path: every step reads the weights from the modules (a compiled step)."""
+        self._bound = None
 
     def _epilogue(self, i, qkv, cos, sin, k_cache, v_cache, cache_pos):
         """Layer i's QKV epilogue into the cache: the backend's implementation called directly (dispatch),
@@ -166,16 +224,27 @@ class ModelRunner:
         cos, sin = self.rope.decode(pos)
         cache_pos = pos.unsqueeze(1)
 
-        def attend(i, qkv):
-            k_cache, v_cache = self.cache.layer(i, batch)
-            q = self._epilogue(i, qkv, cos, sin, k_cache, v_cache, cache_pos)
-            o = self._decode_attention(q.squeeze(2), k_cache, v_cache, lengths, self.scaling[i])
-            return o.reshape(batch, 1, -1)
-
         x = self.embed(tokens.unsqueeze(1))
-        for i in range(len(self.layers)):
-            x = self._layer(i, x, attend)
-        logits = self._logits(x[:, 0])
+        bound = self._bound
+        if bound is not None and bound[0] == batch:  # this call's pieces (bind)
+            _, layers, decode_attention, logits_of = bound
+            for layer in layers:
+                def block(h, p=layer):  # the attention block, output projection included
+                    q = p.epilogue(p.project_qkv(h), cos, sin, cache_pos)  # k/v -> the cache
+                    o = decode_attention(q.squeeze(2), p.k_cache, p.v_cache, lengths, p.scale)
+                    return p.project_out(o.reshape(batch, 1, -1))
+                x = layer_body(layer, x, block)
+            logits = logits_of(x[:, 0])
+        else:
+            def attend(i, qkv):
+                k_cache, v_cache = self.cache.layer(i, batch)
+                q = self._epilogue(i, qkv, cos, sin, k_cache, v_cache, cache_pos)
+                o = self._decode_attention(q.squeeze(2), k_cache, v_cache, lengths, self.scaling[i])
+                return o.reshape(batch, 1, -1)
+
+            for i in range(len(self.layers)):
+                x = self._layer(i, x, attend)
+            logits = self._logits(x[:, 0])
         nxt = sample(logits, config, st.seed, st.counter, st.temperature, st.top_p)  # [B], never NO_TOKEN
         active = done.logical_not()
         is_stop = torch.isin(nxt, st.stop_ids).logical_and_(active)  # stop_ids' NO_TOKEN padding never matches

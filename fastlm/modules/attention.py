@@ -25,7 +25,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from fastlm.modules._fused_storage import (_is_compiling, data_ptrs, fuse_linears, fuse_parameters, unfuse_linears,
                                            unfuse_parameters)
-from fastlm.modules._linear import project_fused, project_linear
+from fastlm.modules._linear import bind_fused, project_fused, project_linear
 from fastlm.modules._quantized import compute_dtype, weight_tensors
 from fastlm.modules._swap import swap_in
 from fastlm.ops._registry import dispatch
@@ -139,6 +139,10 @@ class FusedAttention:
     def project_qkv(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """The fused QKV GEMM: [B, S, hidden] -> [B, S, (H + 2*Hkv) * D]."""
         return project_fused(hidden_states, self.__dict__["_fastlm_qkv_fused"], self._fastlm_backend)
+
+    def bound_project_qkv(self, device: torch.device, eager: bool = False):
+        """:meth:`project_qkv` with its weights and kernel looked up now (see fastlm.modules._linear.bind_fused)."""
+        return bind_fused(self.__dict__["_fastlm_qkv_fused"], self._fastlm_backend, device, eager)
 
     def forward(self, hidden_states, *args, **kwargs):
         if torch.is_grad_enabled():

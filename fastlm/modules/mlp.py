@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-from fastlm.ops._registry import dispatch
+from fastlm.ops._registry import dispatch, dispatch_eager
 from fastlm.modules._fused_storage import _is_compiling, data_ptrs, fuse_linears, unfuse_linears
-from fastlm.modules._linear import project_fused, project_linear
+from fastlm.modules._linear import bind_fused, bind_linear, project_fused, project_linear
 from fastlm.modules._quantized import weight_tensors
 from fastlm.modules._swap import swap_in
 
@@ -92,6 +92,31 @@ class FusedMLP:
         if spec.activation == "relu2":
             return dispatch("relu2_", self._fastlm_backend, h.device)(h)
         return self.act_fn(h)
+
+    def bound_forward(self, device: torch.device, eager: bool = False):
+        """:meth:`forward` without autograd, its weights and kernels looked up now (and no refresh: see
+        fastlm.modules._linear.bind_fused): ``f(x, residual=None)``."""
+        spec, backend = self._fastlm_spec, self._fastlm_backend
+        down = bind_linear(getattr(self, spec.down_name), backend, device, eager)
+        if spec.gated and spec.activation == "silu":
+            gate_up = bind_fused(self.__dict__["_fastlm_gate_up_fused"], backend, device, eager)
+            swiglu = (dispatch_eager if eager else dispatch)("swiglu", backend, device)
+            swiglu_inplace = dispatch("swiglu_", backend, device)
+
+            def forward(x, residual=None):
+                h = gate_up(x)
+                rows = h.numel() // max(h.shape[-1], 1)
+                return down((swiglu_inplace if rows >= INPLACE_SWIGLU_MIN_ROWS else swiglu)(h), residual)
+        elif not spec.gated and spec.activation == "relu2":
+            up, relu2 = bind_linear(getattr(self, spec.up_name), backend, device, eager), dispatch("relu2_", backend,
+                                                                                                    device)
+
+            def forward(x, residual=None):
+                return down(relu2(up(x)), residual)
+        else:  # HF's act_fn, unfused
+            def forward(x, residual=None):
+                return down(self.activate(x), residual)
+        return forward
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if torch.is_grad_enabled():

@@ -21,16 +21,27 @@ class FusedNorm:
 
     # The fused modules call the backend implementation directly: their inputs are the model's own
     # tensors, so the public ops' argument checks (a few us per call, felt in CPU decode) are skipped.
-    def add_forward(self, x: torch.Tensor, residual: torch.Tensor | None):
+    def _kernel(self, device: torch.device, dtype: torch.dtype) -> tuple:
+        """(kernel, its arguments after x and residual) for inputs on ``device`` in ``dtype``."""
         weight = self.weight
         if self._fastlm_kind == "rms":
-            return dispatch("add_rms_norm", self._fastlm_backend, x.device)(
-                x, residual, weight, self.variance_epsilon, self._fastlm_weight_in_fp32)
+            return (dispatch("add_rms_norm", self._fastlm_backend, device),
+                    (weight, self.variance_epsilon, self._fastlm_weight_in_fp32))
         # A LayerNorm kept in fp32 beside a 16-bit model (keep_in_fp32_modules, some checkpoints): HF
         # normalises in fp32 with the fp32 weights and rounds once; the kernels take the model dtype
         # only, so the reference (F.layer_norm, exactly HF's call) runs it.
-        backend = self._fastlm_backend if weight is None or weight.dtype == x.dtype else "torch"
-        return dispatch("add_layer_norm", backend, x.device)(x, residual, weight, self.bias, self.eps)
+        backend = self._fastlm_backend if weight is None or weight.dtype == dtype else "torch"
+        return dispatch("add_layer_norm", backend, device), (weight, self.bias, self.eps)
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor | None):
+        kernel, args = self._kernel(x.device, x.dtype)
+        return kernel(x, residual, *args)
+
+    def bound_add_forward(self, device: torch.device, dtype: torch.dtype):
+        """:meth:`add_forward` for inputs on ``device`` in ``dtype``, its weights and kernel looked up now (see
+        fastlm.modules._linear.bind_fused)."""
+        kernel, args = self._kernel(device, dtype)
+        return lambda x, residual: kernel(x, residual, *args)
 
     @property
     def fused_weight_in_fp32(self) -> bool:

@@ -8,7 +8,9 @@ Kernel backends are plugins under fastlm/backends (``cpp``: fastlm._C's C++ CPU 
 * ``status(device_type) -> (available, reason)``;
 * ``KERNELS``: op name -> the device types it has a kernel for (data: "cpp implements decode attention
   on CPU only"), each served by the module's function of the op's name with the reference's signature;
-* ``LIBRARY_OPS``: op name -> the ``torch.library`` op its kernel goes through, which gets the op's fake.
+* ``LIBRARY_OPS``: op name -> the ``torch.library`` op its kernel goes through, which gets the op's fake;
+* optionally ``EAGER_KERNELS``: op name -> a faster callable of the same signature and result for code that is
+  never traced by torch.compile (the engine's eager decode step, :func:`dispatch_eager`).
 
 The registry loads a backend the first time it is asked for (so ``import fastlm`` never pays for, or
 fails on, an optional backend) and falls back to the reference wherever a backend has no kernel.
@@ -156,6 +158,16 @@ def impl(op: str, backend: str, device_type: str) -> Callable:
     if has_impl(op, backend, device_type) and backend != "torch":
         return getattr(_MODULES[backend], op)
     return OPS[op].ref
+
+
+def dispatch_eager(op: str, backend: str, device: torch.device) -> Callable:
+    """:func:`dispatch` for calls that torch.compile never traces: the backend's ``EAGER_KERNELS`` entry where
+    it has one (the cpp backend's unboxed call without the per-call ``is_compiling`` test), else dispatch's."""
+    fn = dispatch(op, backend, device)
+    for module in _MODULES.values():
+        if module is not None and getattr(module, op, None) is fn:
+            return getattr(module, "EAGER_KERNELS", {}).get(op, fn)
+    return fn
 
 
 def dispatch(op: str, backend: str, device: torch.device) -> Callable:
