@@ -121,3 +121,23 @@ def test_info_command_lists_every_backend():
     for word in ("fastlm", "torch", "transformers", "device", "triton", "cpp"):
         assert word in out
     assert "available" in out
+
+
+def test_dispatch_eager_gives_the_same_results_without_the_compile_check():
+    """dispatch_eager: the cpp backend's unboxed call where its entry point only picks between that call and the
+    OpOverload; dispatch's entry point for the ops whose entry point adapts the result (the norms' h, the in-place
+    activations' view); the reference for the torch backend. Each returns what dispatch's returns."""
+    ok, why = _backend.backend_status("cpp", "cpu")
+    if not ok:
+        pytest.skip(f"needs the cpp backend: {why}")
+    import fastlm._C as C
+
+    cpu = torch.device("cpu")
+    assert _backend.dispatch_eager("linear", "cpp", cpu) is C.call_linear
+    assert _backend.dispatch_eager("decode_attention", "cpp", cpu) is C.call_decode_attention
+    for op in ("add_rms_norm", "add_layer_norm", "swiglu_", "relu2_"):
+        assert _backend.dispatch_eager(op, "cpp", cpu) is _backend.dispatch(op, "cpp", cpu)
+    assert _backend.dispatch_eager("linear", "torch", cpu) is _backend.OPS["linear"].ref
+    x, w, b = torch.randn(3, 40), torch.randn(24, 40), torch.randn(24)
+    torch.testing.assert_close(_backend.dispatch_eager("linear", "cpp", cpu)(x, w, b, None),
+                               _backend.dispatch("linear", "cpp", cpu)(x, w, b, None), rtol=0, atol=0)

@@ -9,6 +9,11 @@ runs too) with the engine's attention block:
 The decode step (``decode_step``) has static shapes and keeps all of its state in device tensors that
 it updates in place (``DecodeState``), so one call is one replay of a CUDA graph and compiles with
 ``torch.compile(fullgraph=True)``: no Python ints that change between steps, no host syncs.
+
+At the start of each call the engine binds the eager step (:meth:`ModelRunner.bind`): every layer's norms,
+projections, epilogue and cache views become closures over the tensors and kernels looked up once, so a step
+is the kernels' calls and little else (on CPU, the per-step ``nn.Module`` lookups, dispatch and fused-weight
+checks cost about as much as a small model's attention). A compiled step runs the modules' own path instead.
 """
 from __future__ import annotations
 
