@@ -310,3 +310,19 @@ def test_bound_step_matches_module_step(variant, quantize, monkeypatch):
     second = tokens(model, ids, bound=True)
     assert second == tokens(model, ids, bound=False)
     assert second != first
+
+
+def test_finished_call_keeps_no_bound_weights():
+    """A call's bound step (ModelRunner.bind) is dropped when the call ends, so an idle slot never keeps a
+    replaced weight's memory alive; an early-closed stream drops it too."""
+    model = fastlm.patch(build_model("helium_gqa"), "cpp")
+    ids = random_ids(1, 5, seed=3)
+    fastlm.generate(model, ids, max_new_tokens=4, ignore_eos=True, backend="cpp")
+    engine = engine_for(model, cuda_graph=True, compile=False)
+    assert engine.runner is not None and engine.runner._bound is None
+    stream = engine.run([ids[0].tolist()], config=SamplingConfig(), max_new_tokens=6, stop_ids=[], seed=0,
+                        limit=64, result=fastlm.engine.engine.GenerationResult([], [], []))
+    next(stream)
+    next(stream)
+    stream.close()
+    assert engine.runner._bound is None

@@ -98,6 +98,7 @@ class Engine:
             return _Slot(ModelRunner(self.model, rows, length))
 
     def _release(self, slot: _Slot) -> None:
+        slot.runner.unbind()  # an idle slot holds no references to this call's weights
         with self._lock:
             self._idle.append(slot)
             del self._idle[:-self.MAX_IDLE]
@@ -171,6 +172,7 @@ class Engine:
                 yield out
         finally:
             steps.close()  # an early close: finish the inner generator before recording
+            slot.runner.unbind()
             session.record(prompts[0], emitted, fed_last[0])
 
     def _run(self, slot: _Slot, prompts, rows: int, start: int, *, config, max_new_tokens, stop_ids,
