@@ -118,8 +118,8 @@ class ModelRunner:
         weight = self.embed.weight
         self.dtype, self.device = weight.dtype, weight.device
         self.batch, self.max_len = batch, max_len
-        # Per-layer pieces looked up once are modules and static ints only: the weights are read from the
-        # modules at each use, so a re-fuse (fastlm.modules._fused_storage) is seen by the next step.
+        # Per-layer pieces looked up here are modules and static ints only: prefill and the module path read the
+        # weights from the modules at each use, and bind() (each call's eager step) looks them up per call.
         self._decode_attention = dispatch("decode_attention", self.backend, self.device)
         self.attn = [layer.self_attn for layer in self.layers]
         self.bodies = [_LayerView(layer) for layer in self.layers]
