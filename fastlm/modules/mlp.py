@@ -27,6 +27,11 @@ from fastlm.modules._swap import swap_in
 INPLACE_SWIGLU_MIN_ROWS = 17  # beyond the decode-sized row counts (linear's streaming kernel: <= 16)
 
 
+def _swiglu_in_place(gate_up: torch.Tensor) -> bool:
+    """Whether SwiGLU runs in place on this gate/up output (``swiglu_``, an [..., I] view) or out of place."""
+    return gate_up.numel() // max(gate_up.shape[-1], 1) >= INPLACE_SWIGLU_MIN_ROWS
+
+
 @dataclass
 class MLPSpec:
     gated: bool            # SwiGLU-style gate/up/down, else up/down
@@ -83,8 +88,7 @@ class FusedMLP:
         if spec.gated:
             gate_up = project_fused(x, self.__dict__["_fastlm_gate_up_fused"], self._fastlm_backend)
             if spec.activation == "silu":
-                rows = gate_up.numel() // max(gate_up.shape[-1], 1)
-                op = "swiglu_" if rows >= INPLACE_SWIGLU_MIN_ROWS else "swiglu"  # swiglu_: an [..., I] view
+                op = "swiglu_" if _swiglu_in_place(gate_up) else "swiglu"
                 return dispatch(op, self._fastlm_backend, gate_up.device)(gate_up)
             gate, up = gate_up.chunk(2, dim=-1)
             return self.act_fn(gate) * up
@@ -105,8 +109,7 @@ class FusedMLP:
 
             def forward(x, residual=None):
                 h = gate_up(x)
-                rows = h.numel() // max(h.shape[-1], 1)
-                return down((swiglu_inplace if rows >= INPLACE_SWIGLU_MIN_ROWS else swiglu)(h), residual)
+                return down((swiglu_inplace if _swiglu_in_place(h) else swiglu)(h), residual)
         elif not spec.gated and spec.activation == "relu2":
             up, relu2 = bind_linear(getattr(self, spec.up_name), backend, device, eager), dispatch("relu2_", backend,
                                                                                                     device)

@@ -164,10 +164,11 @@ def dispatch_eager(op: str, backend: str, device: torch.device) -> Callable:
     """:func:`dispatch` for calls that torch.compile never traces: the backend's ``EAGER_KERNELS`` entry where
     it has one (the cpp backend's unboxed call without the per-call ``is_compiling`` test), else dispatch's."""
     fn = dispatch(op, backend, device)
-    for module in _MODULES.values():
-        if module is not None and getattr(module, op, None) is fn:
-            return getattr(module, "EAGER_KERNELS", {}).get(op, fn)
-    return fn
+    device_type = torch.device(device).type
+    chosen = resolve(backend, device_type)
+    if chosen == "torch" or not has_impl(op, chosen, device_type):  # the reference: no eager form
+        return fn
+    return getattr(_MODULES[chosen], "EAGER_KERNELS", {}).get(op, fn)
 
 
 def dispatch(op: str, backend: str, device: torch.device) -> Callable:
