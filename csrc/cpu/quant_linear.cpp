@@ -72,6 +72,15 @@ constexpr int64_t kBlockRows = 8;     // W rows per block (read in order; re-rea
 constexpr int kMaxXRows = 4;          // rows of x per register tile
 constexpr int64_t kQBlock = 32;       // weights per widening step (and the int4 packing block)
 
+// The bit pattern of the fp32 value of a small integer q (the widening tables' entries; exact for |q| < 2^24,
+// and its high 16 bits are q's bf16 for |q| < 256).
+inline uint32_t f32_bits_of_int(int q) {
+  const float f = static_cast<float>(q);
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  return bits;
+}
+
 // The SIMD width of this build: kL floats a register, kVecs registers a block of 32 weights. The default
 // (no SIMD) build runs the same code on plain floats.
 #if defined(CPU_CAPABILITY_AVX512)
@@ -401,12 +410,7 @@ void pair_order_x(const at::BFloat16* x, int64_t K, at::BFloat16* xp) {
 inline __m512i int4_bf16_table() {
   alignas(64) static const std::array<uint16_t, 32> table = [] {
     std::array<uint16_t, 32> t{};
-    for (int i = 0; i < 32; ++i) {
-      const float f = static_cast<float>((i & 15) - 8);
-      uint32_t bits;
-      std::memcpy(&bits, &f, 4);
-      t[i] = static_cast<uint16_t>(bits >> 16);  // small integers are exact in bf16
-    }
+    for (int i = 0; i < 32; ++i) t[i] = static_cast<uint16_t>(f32_bits_of_int((i & 15) - 8) >> 16);  // exact in bf16
     return t;
   }();
   return _mm512_load_si512(table.data());
@@ -480,12 +484,7 @@ void gemv_int4_bf16(const at::BFloat16* x, int64_t xs, const QWeight& qw, const 
 constexpr int64_t kPanelN = 32;  // output channels per packed panel: two zmm of fp32 lanes
 constexpr int kTileM = 6;        // rows of x per register tile
 
-inline uint32_t bf16_bits_of_int(int q) {  // exact for |q| < 256
-  const float f = static_cast<float>(q);
-  uint32_t bits;
-  std::memcpy(&bits, &f, 4);
-  return bits >> 16;
-}
+inline uint32_t bf16_bits_of_int(int q) { return f32_bits_of_int(q) >> 16; }  // exact for |q| < 256
 
 // Rows [n0, n0 + nr) of q into bp [K / 2][kPanelN] (word (kp, j): q[n0 + j][2 kp] in its low half, q[n0 + j]
 // [2 kp + 1] in its high half) and their scales into sp [groups][kPanelN]; rows past nr zeros. q_row: [K]
@@ -629,12 +628,7 @@ void pair_order_x_f32(const float* x, int64_t groups, float* xp) {
 // Byte b (2: bits 16-23, 3: bits 24-31) of the fp32 (i & 15) - 8, in both 128-bit halves.
 inline __m256i int4_f32_byte_table(int b) {
   alignas(32) uint8_t t[32];
-  for (int i = 0; i < 32; ++i) {
-    const float f = static_cast<float>((i & 15) - 8);
-    uint32_t bits;
-    std::memcpy(&bits, &f, 4);
-    t[i] = static_cast<uint8_t>(bits >> (8 * b));
-  }
+  for (int i = 0; i < 32; ++i) t[i] = static_cast<uint8_t>(f32_bits_of_int((i & 15) - 8) >> (8 * b));
   return _mm256_load_si256(reinterpret_cast<const __m256i*>(t));
 }
 
