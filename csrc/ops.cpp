@@ -92,6 +92,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "cpu_gemm32_library", [] { return std::string(fastlm::cpu::gemm32_uses_onednn() ? "onednn" : "aten"); },
       "the library linear's fp32 GEMMs run on under the current mode: 'onednn' or 'aten'");
+  m.def("set_cpu_panel_gemm", &fastlm::cpu::set_panel_gemm_mode,
+        "set which GEMM multiplies the widened weight panels on CPU: 'auto' or 'packed' (fastlm's own AVX2 + "
+        "FMA kernel where the build has it) or 'library' (the fp32 GEMM library); returns the previous mode "
+        "(initially FASTLM_CPU_PANEL_GEMM)");
+  m.def(
+      "cpu_panel_gemm", [] {
+        return std::string(fastlm::cpu::panel_gemm_packed() ? "packed"
+                           : fastlm::cpu::gemm32_uses_onednn() ? "onednn" : "aten");
+      },
+      "the GEMM the widened panels run on under the current modes: 'packed', 'onednn' or 'aten'");
   m.def("parallel_threads_used", &parallel_threads_used,
         "threads that one at::parallel_for over `tasks` tasks ran on (1 means the build lost OpenMP)");
   // Dispatcher calls without torch.ops' Python layer (see DispatchCall), for fastlm.ops' eager path:

@@ -18,7 +18,7 @@ import torch
 
 from fastlm.ops._registry import backend_status, has_impl, impl
 from fastlm.ops.projection import linear_ref
-from fastlm.ops.quantized import quant_linear_ref, quantize_weight
+from fastlm.ops.quantized import dequantize_weight, quant_linear_ref, quantize_weight
 from _tolerance import assert_close_to_ref, atol_for
 
 _OK, _WHY = backend_status("cpp", "cpu")
@@ -136,15 +136,69 @@ def test_linear32_layouts(gemm32_mode, mode):
             _check_linear32(x, w, bias, res, f"linear fp32 {mode} {label} weight")
 
 
-@pytest.mark.parametrize("mode", GEMM32_MODES)
+@pytest.fixture
+def panel_gemm():
+    """``panel_gemm(mode)`` sets the widened panels' GEMM for one test."""
+    yield from _restoring(_C.set_cpu_panel_gemm)
+
+
+# the widened panels' GEMM `auto` takes here (csrc/cpu/cpu_features.h): the packed AVX2 + FMA kernel on
+# AVX2 builds (csrc/cpu/packed_gemm.h), else the fp32 library; `packed` has the kernel on AVX-512 builds too
+AUTO_PANELS = "packed" if _C.cpu_isa() == "avx2" else AUTO_GEMM32
+HAS_PACKED = _C.cpu_isa() in ("avx2", "avx512")
+# (panel mode, fp32 library): the packed kernel, and each library when the panels go to it
+PANEL_MODES = [("packed", "onednn"), ("library", "onednn"), ("library", "aten")]
+# panels of one and several 16-row blocks with a tail (N 1043 = 65 blocks + 3 rows; 5 rows: one partial
+# block), K one k block with a tail of the 8-column transpose (129), K split into k blocks (3000: 6 of 500),
+# x with a tail of the 6-row micro-kernel (100 = 16 * 6 + 4) and more than one 192-row chunk (513)
+PANEL_SHAPES = ((100, (1043, 129)), (513, (5, 3000)), (9, (40, 1000)), (200, (33, 2051)))
+
+
+@pytest.mark.parametrize("mode,library", PANEL_MODES)
 @pytest.mark.parametrize("dtype", DTYPES16)
-def test_widened_panels_on_either_library(gemm16_mode, gemm32_mode, mode, dtype):
-    # the widened 16-bit GEMM multiplies its fp32 panels with the same library as fp32 linear
+def test_widened_panels_on_each_gemm(gemm16_mode, gemm32_mode, panel_gemm, mode, library, dtype):
+    # the widened 16-bit GEMM multiplies its fp32 panels on the packed kernel or on the same library as
+    # fp32 linear; both agree with the fp64 reference
     gemm16_mode("widen")
-    gemm32_mode(mode)
-    for M, (N, K) in ((100, (1043, 129)), (513, (5, 3000))):
+    gemm32_mode(library)
+    panel_gemm(mode)
+    for M, (N, K) in PANEL_SHAPES:
         x, w, b, r = _operands(M, N, K, dtype, 7)
-        _check_linear(x, w, b, r, f"widened linear {dtype} on {mode} M={M} N={N} K={K}")
+        for bias, res in ((None, None), (b, r)):
+            _check_linear(x, w, bias, res, f"widened linear {dtype} on {mode}/{library} M={M} N={N} K={K}")
+
+
+@pytest.mark.parametrize("mode,library", PANEL_MODES)
+@pytest.mark.parametrize("bits,group", [(8, 32), (4, 64)])
+def test_quantized_panels_on_each_gemm(gemm32_mode, panel_gemm, mode, library, bits, group):
+    # quant_linear beyond decode sizes widens its panels (q * scale) into the same GEMMs: against the
+    # dequantize-then-fp64 composition, within the low-precision rule of the fp32-dequantized reference
+    gemm32_mode(library)
+    panel_gemm(mode)
+    quant = impl("quant_linear", "cpp", "cpu")
+    for M, (N, K) in ((100, (1043, 128)), (37, (40, 3008))):
+        x, w, b, r = _operands(M, N, K, torch.float32, 11)
+        qw, s = quantize_weight(w, bits, group)
+        for dtype in (torch.float32, torch.bfloat16):
+            args = (x.to(dtype), qw, s, b.to(dtype), r.to(dtype))
+            out = quant(*args, bits, group)
+            ref64 = args[0].double() @ dequantize_weight(qw, s, bits, group, torch.float64).t() + args[3].double() \
+                + args[4].double()
+            atol = atol_for("linear", torch.float32, ref64) if dtype == torch.float32 else ATOL[dtype] * K ** 0.5
+            assert_close_to_ref(out, ref64, quant_linear_ref(*args, bits=bits, group_size=group), atol,
+                                name=f"quant_linear int{bits} {dtype} {mode}/{library} M={M} N={N} K={K}")
+
+
+def test_panel_gemm_choice_and_bad_values(gemm32_mode, panel_gemm):
+    panel_gemm("auto")
+    assert _C.cpu_panel_gemm() == AUTO_PANELS
+    panel_gemm("library")
+    gemm32_mode("aten")
+    assert _C.cpu_panel_gemm() == "aten"
+    panel_gemm("packed")
+    assert _C.cpu_panel_gemm() == ("packed" if HAS_PACKED else "aten")
+    with pytest.raises(ValueError, match="widened panels' GEMM mode must be auto, packed or library, got 'blis'"):
+        _C.set_cpu_panel_gemm("blis")
 
 
 def test_gemm32_library_and_bad_values(gemm32_mode):

@@ -197,6 +197,32 @@ inline at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& w, const 
   return stack.back().toTensor();
 }
 
+// Which GEMM multiplies the widened weight panels (FASTLM_CPU_PANEL_GEMM, csrc/cpu/widened_gemm.h): packed:
+// fastlm's own AVX2 + FMA kernel (csrc/cpu/packed_gemm.h) where the build has it (x86-64 builds for AVX2 or
+// AVX-512), else the library; library: the fp32 GEMM library above; auto: packed on AVX2 builds, the library
+// on AVX-512 builds. Engine prefill of 512 tokens, 2-core Zen 4, interleaved in one process: capped to AVX2,
+// packed / oneDNN 1.00-1.11x (fp16) and 1.02-1.04x (int4); native AVX-512, 0.94-0.98x (fp16, int4) and
+// 1.01x (int8) against oneDNN's AVX-512 kernels.
+enum class PanelGemmMode : int { kAuto = 0, kPacked = 1, kLibrary = 2 };
+inline ModeSetting<3> panel_gemm_setting("FASTLM_CPU_PANEL_GEMM", "the widened panels' GEMM mode",
+                                         {"auto", "packed", "library"});
+inline std::string set_panel_gemm_mode(const std::string& mode) { return panel_gemm_setting.set(mode); }
+// Whether the widened panels run on the packed kernel under the current mode (packed without the kernel in
+// the build: the library, as auto).
+inline bool panel_gemm_packed() {
+  const auto m = static_cast<PanelGemmMode>(panel_gemm_setting.get());
+#if defined(__AVX2__) && defined(__FMA__)
+#if defined(CPU_CAPABILITY_AVX512)
+  return m == PanelGemmMode::kPacked;
+#else
+  return m != PanelGemmMode::kLibrary;
+#endif
+#else
+  (void)m;
+  return false;
+#endif
+}
+
 // Whether `linear` widens a 16-bit GEMM of dtype t to fp32 (else: ATen's 16-bit GEMM).
 inline bool widen_gemm16(c10::ScalarType t) {
   const Gemm16Mode m = gemm16_mode();

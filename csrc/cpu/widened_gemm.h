@@ -15,6 +15,9 @@
 // each a wake-up and a barrier of every thread, 3x slower than one fp32 GEMM at M = 512 on a loaded
 // 2-core machine, where a descheduled thread stalls a barrier.
 // Widening costs (M / mb + 1) * N * K conversions per call against 2 * M * N * K flops.
+// On AVX2 builds the panels' GEMM is fastlm's own (csrc/cpu/packed_gemm.h; FASTLM_CPU_PANEL_GEMM): the panel
+// is widened 16 rows at a time and packed for its micro-kernel, x is read in place rather than packed again
+// for every panel as oneDNN's op does.
 #pragma once
 
 #include <c10/core/InferenceMode.h>
@@ -23,6 +26,7 @@
 #include <vector>
 
 #include "cpu_features.h"
+#include "packed_gemm.h"
 #include "vec_util.h"
 
 namespace fastlm::cpu {
@@ -38,7 +42,7 @@ inline int64_t ceil_div(int64_t n, int64_t d) { return (n + d - 1) / d; }
 // This thread's scratch buffer `slot` of at least n floats. Kept (and grown) for the thread's lifetime, as a
 // caching allocator would keep it: fresh buffers of a few MB come from glibc as fresh mmaps whose every
 // page faults in zero-filled on first touch, as costly as the widening itself at prefill sizes.
-enum ScratchSlot : int { kPanelSlot = 0, kTileSlot = 1, kXSlot = 2, kAttentionSlot = 3, kScratchSlots = 4 };
+enum ScratchSlot : int { kPanelSlot = 0, kTileSlot = 1, kXSlot = 2, kAttentionSlot = 3, kRowsSlot = 4, kScratchSlots = 5 };
 inline float* thread_scratch(ScratchSlot slot, int64_t n) {
   thread_local std::vector<float> buffers[kScratchSlots];
   std::vector<float>& b = buffers[slot];
@@ -100,6 +104,7 @@ void gemm_widened(const T* x, int64_t xs, const WidenRows& widen_rows, const flo
   // InferenceMode" (the engine runs under torch.inference_mode).
   c10::InferenceMode no_autograd;
   constexpr bool kFp32 = std::is_same_v<T, float>;
+  const bool packed = panel_gemm_packed();    // fastlm's own panel GEMM (csrc/cpu/packed_gemm.h), else:
   const bool onednn = gemm32_uses_onednn();  // the panels' GEMM library, as linear's own fp32 GEMMs
   const int64_t threads = std::max(1, at::get_num_threads());
   // x slices as even as multiples of 16 rows allow (MKL ran a 341-row slice 1.7x slower per flop than
@@ -124,6 +129,26 @@ void gemm_widened(const T* x, int64_t xs, const WidenRows& widen_rows, const flo
     }
     at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
       c10::InferenceMode task_no_autograd;
+#if defined(FASTLM_PACKED_GEMM)
+      if (packed) {  // rows widened 16 at a time into rows16, packed into the panel; the tile [mr, 16 * blocks]
+        const int64_t max_blocks = ceil_div(nb, kPackRows);
+        float* panel = thread_scratch(kPanelSlot, max_blocks * kPackRows * K);
+        float* rows16 = thread_scratch(kRowsSlot, kPackRows * K);
+        float* tile = thread_scratch(kTileSlot, mr * max_blocks * kPackRows);
+        for (int64_t p = begin; p < end; ++p) {
+          const int64_t n0 = p * nb, nr = std::min(nb, N - n0), blocks = ceil_div(nr, kPackRows);
+          for (int64_t b = 0; b < blocks; ++b) {
+            const int64_t rows = std::min(kPackRows, nr - b * kPackRows);
+            widen_rows(n0 + b * kPackRows, rows, rows16);
+            pack_rows16(rows16, K, rows, K, panel + b * kPackRows * K);
+          }
+          gemm_packed(xf, xfs, mr, panel, blocks, K, tile, blocks * kPackRows);
+          widened_epilogue<T>(tile, blocks * kPackRows, bias ? bias + n0 : nullptr, res ? res + m0 * rs + n0 : nullptr,
+                              rs, y + m0 * ys + n0, ys, mr, nr);
+        }
+        return;
+      }
+#endif
       const at::TensorOptions f32 = at::TensorOptions().dtype(at::kFloat);
       const at::Tensor x2 = at::from_blob(const_cast<float*>(xf), {mr, K}, {xfs, 1}, f32);
       float* panel = thread_scratch(kPanelSlot, nb * K);

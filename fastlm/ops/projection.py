@@ -26,7 +26,11 @@ fp32 GEMMs beyond decode sizes on CPU (fp32 x, and the widened panels above) run
 (ATen's ``mkldnn::_linear_pointwise`` op, the weight as it is) where torch has it, on x86: at prefill
 shapes 1.2-1.7x faster than ``addmm``'s MKL on the 2-core Zen 4, whose two-thread scaling is poor there.
 ``FASTLM_CPU_GEMM32=auto|onednn|aten`` (read once) or ``fastlm._C.set_cpu_gemm32(mode)`` chooses;
-``fastlm._C.cpu_gemm32_library()`` says which one runs.
+``fastlm._C.cpu_gemm32_library()`` says which one runs. The widened panels' GEMM
+(``FASTLM_CPU_PANEL_GEMM=auto|packed|library`` or ``fastlm._C.set_cpu_panel_gemm(mode)``;
+``fastlm._C.cpu_panel_gemm()`` says which runs): on AVX2 builds fastlm's own packed AVX2 + FMA kernel
+(csrc/cpu/packed_gemm.h), which reads x in place instead of packing it again for every panel; on AVX-512
+builds that library.
 """
 from __future__ import annotations
 
