@@ -39,6 +39,9 @@ std::string cpu_isa() {
 #endif
 }
 
+// The library linear's fp32 GEMMs run on under the current mode.
+std::string gemm32_library() { return fastlm::cpu::gemm32_uses_onednn() ? "onednn" : "aten"; }
+
 // Distinct threads that ran the tasks of one at::parallel_for over `tasks` single-item tasks, as the
 // kernels call it. A build without OpenMP drops the `#pragma omp parallel` inside at::parallel_for and
 // silently runs every kernel on one thread: the test suite checks this against torch's thread count.
@@ -90,7 +93,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "set which library runs linear's fp32 GEMMs beyond decode sizes on CPU: 'auto' or 'onednn' (oneDNN "
         "where this torch has it) or 'aten' (ATen's addmm); returns the previous mode (initially FASTLM_CPU_GEMM32)");
   m.def(
-      "cpu_gemm32_library", [] { return std::string(fastlm::cpu::gemm32_uses_onednn() ? "onednn" : "aten"); },
+      "cpu_gemm32_library", [] { return gemm32_library(); },
       "the library linear's fp32 GEMMs run on under the current mode: 'onednn' or 'aten'");
   m.def("set_cpu_panel_gemm", &fastlm::cpu::set_panel_gemm_mode,
         "set which GEMM multiplies the widened weight panels on CPU: 'auto' or 'packed' (fastlm's own AVX2 + "
@@ -98,8 +101,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(initially FASTLM_CPU_PANEL_GEMM)");
   m.def(
       "cpu_panel_gemm", [] {
-        return std::string(fastlm::cpu::panel_gemm_packed() ? "packed"
-                           : fastlm::cpu::gemm32_uses_onednn() ? "onednn" : "aten");
+        return fastlm::cpu::panel_gemm_packed() ? std::string("packed") : gemm32_library();
       },
       "the GEMM the widened panels run on under the current modes: 'packed', 'onednn' or 'aten'");
   m.def("parallel_threads_used", &parallel_threads_used,

@@ -31,6 +31,8 @@
 #include <cpuid.h>
 #endif
 
+#include "packed_gemm.h"  // FASTLM_PACKED_GEMM: whether the build has the packed panel GEMM
+
 namespace fastlm::cpu {
 
 struct Native16 {
@@ -211,7 +213,7 @@ inline std::string set_panel_gemm_mode(const std::string& mode) { return panel_g
 // the build: the library, as auto).
 inline bool panel_gemm_packed() {
   const auto m = static_cast<PanelGemmMode>(panel_gemm_setting.get());
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(FASTLM_PACKED_GEMM)
 #if defined(CPU_CAPABILITY_AVX512)
   return m == PanelGemmMode::kPacked;
 #else

@@ -129,40 +129,36 @@ void gemm_widened(const T* x, int64_t xs, const WidenRows& widen_rows, const flo
     }
     at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
       c10::InferenceMode task_no_autograd;
+      const at::TensorOptions f32 = at::TensorOptions().dtype(at::kFloat);
+      const at::Tensor x2 = packed ? at::Tensor() : at::from_blob(const_cast<float*>(xf), {mr, K}, {xfs, 1}, f32);
+      // packed: the panel holds whole blocks of kPackRows rows, and so does the tile [mr, width]
+      const int64_t width = packed ? round_up(nb, kPackRows) : nb;
+      float* panel = thread_scratch(kPanelSlot, width * K);
+      float* tile = packed || !onednn ? thread_scratch(kTileSlot, mr * width) : nullptr;  // (oneDNN allocates)
+      float* rows16 = packed ? thread_scratch(kRowsSlot, kPackRows * K) : nullptr;
+      for (int64_t p = begin; p < end; ++p) {
+        const int64_t n0 = p * nb, nr = std::min(nb, N - n0);
+        at::Tensor out;  // [mr, nr] fp32: the tile, or oneDNN's output
+        if (packed) {  // rows widened 16 at a time into rows16 and packed into the panel
 #if defined(FASTLM_PACKED_GEMM)
-      if (packed) {  // rows widened 16 at a time into rows16, packed into the panel; the tile [mr, 16 * blocks]
-        const int64_t max_blocks = ceil_div(nb, kPackRows);
-        float* panel = thread_scratch(kPanelSlot, max_blocks * kPackRows * K);
-        float* rows16 = thread_scratch(kRowsSlot, kPackRows * K);
-        float* tile = thread_scratch(kTileSlot, mr * max_blocks * kPackRows);
-        for (int64_t p = begin; p < end; ++p) {
-          const int64_t n0 = p * nb, nr = std::min(nb, N - n0), blocks = ceil_div(nr, kPackRows);
+          const int64_t blocks = ceil_div(nr, kPackRows);
           for (int64_t b = 0; b < blocks; ++b) {
             const int64_t rows = std::min(kPackRows, nr - b * kPackRows);
             widen_rows(n0 + b * kPackRows, rows, rows16);
             pack_rows16(rows16, K, rows, K, panel + b * kPackRows * K);
           }
           gemm_packed(xf, xfs, mr, panel, blocks, K, tile, blocks * kPackRows);
-          widened_epilogue<T>(tile, blocks * kPackRows, bias ? bias + n0 : nullptr, res ? res + m0 * rs + n0 : nullptr,
-                              rs, y + m0 * ys + n0, ys, mr, nr);
-        }
-        return;
-      }
+          out = at::from_blob(tile, {mr, nr}, {blocks * kPackRows, 1}, f32);
 #endif
-      const at::TensorOptions f32 = at::TensorOptions().dtype(at::kFloat);
-      const at::Tensor x2 = at::from_blob(const_cast<float*>(xf), {mr, K}, {xfs, 1}, f32);
-      float* panel = thread_scratch(kPanelSlot, nb * K);
-      float* tile = onednn ? nullptr : thread_scratch(kTileSlot, mr * nb);  // (oneDNN's op allocates its output)
-      for (int64_t p = begin; p < end; ++p) {
-        const int64_t n0 = p * nb, nr = std::min(nb, N - n0);
-        widen_rows(n0, nr, panel);
-        const at::Tensor w = at::from_blob(panel, {nr, K}, f32);
-        at::Tensor out;  // [mr, nr]; the GEMMs run single-threaded inside this parallel region
-        if (onednn) {
-          out = onednn_linear(x2, w, std::nullopt, std::nullopt);
-        } else {
-          out = at::from_blob(tile, {mr, nr}, f32);
-          at::mm_out(out, x2, w.t());  // panel^T: [K, nr]
+        } else {  // the GEMMs run single-threaded inside this parallel region
+          widen_rows(n0, nr, panel);
+          const at::Tensor w = at::from_blob(panel, {nr, K}, f32);
+          if (onednn) {
+            out = onednn_linear(x2, w, std::nullopt, std::nullopt);
+          } else {
+            out = at::from_blob(tile, {mr, nr}, f32);
+            at::mm_out(out, x2, w.t());  // panel^T: [K, nr]
+          }
         }
         widened_epilogue<T>(out.const_data_ptr<float>(), out.stride(0), bias ? bias + n0 : nullptr,
                             res ? res + m0 * rs + n0 : nullptr, rs, y + m0 * ys + n0, ys, mr, nr);
