@@ -199,9 +199,14 @@ def test_suite_times_llama_cpp_interleaved(fake_llama_cpp, family, monkeypatch):
     order = []
     real_generate = e2e.time_generate
 
+    timed = {}
+
     def spy(generate, n, device, warmup, reps, between=None):
         wrapped = None if between is None else (lambda: (order.append("llama"), between()))
-        return real_generate(lambda k: (order.append("fastlm"), generate(k)), n, device, warmup, reps, wrapped)
+        t1, tn = real_generate(lambda k: (order.append("fastlm"), generate(k)), n, device, warmup, reps, wrapped)
+        if between is not None:
+            timed["t1"], timed["tn"] = t1, tn
+        return t1, tn
 
     monkeypatch.setattr(e2e, "time_generate", spy)
     rows = suite.rows(_ctx("quick"), case, torch.float32)
@@ -218,6 +223,16 @@ def test_suite_times_llama_cpp_interleaved(fake_llama_cpp, family, monkeypatch):
     # test-sized decode timings can be swamped by noise (then marked failed, saying so)
     assert paired["decode"].status == "ok" or "noise" in paired["decode"].note
     assert "fastlm,fastlm,llama," * 3 in ",".join(order) + ","
+    # each round's ratio: the fake llama-bench takes 2 ms a token (8 for the prompt, 1 a step), so fastlm's tokens/s
+    # over its in one round is its time over fastlm's; the summary's paired column is their median and range
+    ratios = {"prefill": sorted(8 * 2e-3 / t for t in timed["t1"]),
+              "decode": sorted(2e-3 / ((b - a) / 3) for a, b in zip(timed["t1"], timed["tn"]) if b > a)}
+    for row in llama:
+        if ratios[row.suite]:
+            got = ratios[row.suite]
+            assert (row.paired_ratio, row.paired_min, row.paired_max) == pytest.approx(
+                (got[len(got) // 2] if len(got) % 2 else (got[len(got) // 2 - 1] + got[len(got) // 2]) / 2,
+                 got[0], got[-1]))
     converted = json.loads(next(cache.glob("*/model-f32.gguf")).read_text())
     assert converted["outtype"] == "f32" and converted["set_vocab_replaced"] == "placeholder_vocab"
     assert converted["architectures"] == ["LlamaForCausalLM" if family == "helium" else "ArceeForCausalLM"]
@@ -259,10 +274,11 @@ def test_summary_puts_equal_precisions_side_by_side(tmp_path):
     paired = head_to_head("cpu")
     rows = [Row("decode", "arcee/B1-P32-N64", p, "bfloat16", "cpu", tokens_per_s=tps)
             for p, tps in ((paired, 90.0), (LLAMA, 100.0))]
+    rows[1].paired_ratio, rows[1].paired_min, rows[1].paired_max = 1.01, 0.87, 1.12
     rows += [Row("prefill", "arcee/B1-P32", p, "int8", "cpu", tokens_per_s=tps, status=st, note=n)
              for p, tps, st, n in ((paired, float("nan"), "skipped", "no quantize"), (LLAMA, 500.0, "ok", "Q8_0"))]
     text = "\n".join(llama_cpp_section(rows, dict(build_commit="0c1e570", source="test", threads=2, cpu_info="x")))
-    assert "| decode arcee/B1-P32-N64 | bf16 / bf16 | " in text and "**LOSS 0.90x**" in text
+    assert "| decode arcee/B1-P32-N64 | bf16 / bf16 | " in text and "**LOSS 0.90x** | 1.01x (0.87–1.12) |" in text
     assert "int8 / Q8_0" in text and "skipped: no quantize" in text
     assert "not timed: nope" in "\n".join(llama_cpp_section(rows, dict(reason="nope")))
 

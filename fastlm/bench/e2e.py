@@ -15,6 +15,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import statistics
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -140,6 +141,9 @@ class EndToEnd(Suite):
         self._model = None      # (family, device, dtype, sizes, model): shared by one family's cases
         self._static: dict = {}  # (family, dtype, device, scale) -> the worker's results
         self._quantizing: str | None = None  # the weight quantization rows() is running (build reads it)
+        # the head-to-head provider's samples of the case rows() is running (t1, tn) and how many llama.cpp
+        # rounds ran between its timed pairs: what _llama_rows pairs llama.cpp's samples with
+        self._interleaved: tuple[list[float], list[float], int] | None = None
 
     def cases(self, scale, device):
         device_type = torch.device(device).type
@@ -264,6 +268,7 @@ class EndToEnd(Suite):
         import fastlm
 
         self._quantizing = quantize
+        self._interleaved = None
         try:
             sizes, model = self.model(case, ctx.device, torch.float32 if quantize else dtype)
         except Exception as exc:
@@ -299,6 +304,8 @@ class EndToEnd(Suite):
                         t1, tn = time_generate(built.generate, case.new_tokens, ctx.device,
                                                *repetitions(ctx.scale, ctx.rounds), between=between)
                         out += self._timed_rows(ctx, case, provider, dtype, t1, tn, built.note)
+                        if between is not None:
+                            self._interleaved = (t1, tn, len(llama.prefill_s))
                 except Exception as exc:
                     out += self._rows(ctx, case, provider, dtype, status="failed", note=error_text(exc))
                 finally:
@@ -364,7 +371,24 @@ class EndToEnd(Suite):
                 self._fill(row, llama.decode_step_s, 1)
                 if llama.gguf_type in llamacpp.CONVERTED:
                     self._bandwidth(ctx, case, row, llamacpp.TYPE_BYTES[llama.gguf_type], llama.kv_bytes())
+            if row.ok and self._interleaved is not None:
+                self._pair(row, case, llama)
         return rows
+
+    def _pair(self, row: Row, case, llama) -> None:
+        """row.paired_*: per interleaved round, fastlm's tokens/s over llama.cpp's (both batch 1, the same
+        tokens a round: the ratio of llama.cpp's time to fastlm's), over the rounds where both timings are
+        positive."""
+        t1, tn, rounds = self._interleaved
+        rounds = min(rounds, len(t1))
+        if row.suite == "prefill":
+            pairs = zip(llama.prefill_s[:rounds], t1[:rounds])
+        else:
+            steps = [(b - a) / max(case.new_tokens - 1, 1) for a, b in zip(t1[:rounds], tn[:rounds])]
+            pairs = zip(llama.decode_step_s[:rounds], steps)
+        ratios = sorted(theirs / ours for theirs, ours in pairs if theirs > 0 and ours > 0)
+        if ratios:
+            row.paired_ratio, row.paired_min, row.paired_max = statistics.median(ratios), ratios[0], ratios[-1]
 
     def _static_compile_rows(self, ctx, case, dtype) -> list[Row]:
         key = (case.family, dtype, str(ctx.device), ctx.scale)

@@ -188,10 +188,12 @@ def llama_cpp_section(rows: list[Row], info: dict) -> list[str]:
     L.append(f"llama.cpp build {info.get('build_commit', '?')} ({info.get('source', '?')}), "
              f"{info.get('threads', '?')} threads, CPU {info.get('cpu_info', '?')}; its rounds ran between the "
              "fastlm provider's, in the same run. Prefill: llama-bench's prompt time against fastlm's "
-             "t(generate 1); decode: tokens after a context of the case's prompt length on both.")
+             "t(generate 1); decode: tokens after a context of the case's prompt length on both. fastlm / llama.cpp: "
+             "the ratio of the two medians; paired: the median (and range) of the ratios within each round, "
+             "where a drift of the machine's speed between rounds cancels.")
     L += ["", "| case | precision (fastlm / llama.cpp) | fastlm provider | fastlm tok/s | llama.cpp tok/s | "
-              "fastlm / llama.cpp | % of read BW (fastlm / llama.cpp) | llama.cpp note |",
-          "|---|---|---|---:|---:|---:|---:|---|"]
+              "fastlm / llama.cpp | paired (min–max) | % of read BW (fastlm / llama.cpp) | llama.cpp note |",
+          "|---|---|---|---:|---:|---:|---:|---:|---|"]
     order = {name: i for i, (name, _) in enumerate(PRECISIONS)}
     labels = dict(PRECISIONS)
     paired = head_to_head(e2e[0].device.split(":")[0])
@@ -204,14 +206,21 @@ def llama_cpp_section(rows: list[Row], info: dict) -> list[str]:
         l_tps = lr.tokens_per_s if lr.ok else math.nan
         ratio = f_tps / l_tps if f_tps == f_tps and l_tps == l_tps and l_tps > 0 else math.nan
         why = "" if fr is None or fr.ok else f" ({fr.status}: {fr.note})"
-        ratio_text = _f(ratio, "{:.2f}x")
-        if ratio == ratio and ratio < 0.995:
-            ratio_text = f"**LOSS {ratio_text}**"
+        ratio_text, paired_text = _ratio_text(ratio), _ratio_text(lr.paired_ratio)
+        if lr.paired_ratio == lr.paired_ratio:
+            paired_text += f" ({lr.paired_min:.2f}–{lr.paired_max:.2f})"
         pct = lambda r: _f(r.read_bw_frac * 100 if r is not None else math.nan, "{:.0f}%")  # noqa: E731
         bw = f"{pct(fr)} / {pct(lr)}" if suite == "decode" else ""
         L.append(f"| {suite} {case} | {labels.get(dtype, dtype)} | {paired}{_esc(why)} | {_f(f_tps)} | "
-                 f"{_f(l_tps) if lr.ok else lr.status} | {ratio_text} | {bw} | {_esc(lr.note)} |")
+                 f"{_f(l_tps) if lr.ok else lr.status} | {ratio_text} | {paired_text} | {bw} | "
+                 f"{_esc(lr.note)} |")
     return L
+
+
+def _ratio_text(ratio: float) -> str:
+    """fastlm / llama.cpp as '1.02x', a loss (below 0.995) in bold as '**LOSS 0.90x**', '–' for NaN."""
+    text = _f(ratio, "{:.2f}x")
+    return f"**LOSS {text}**" if ratio == ratio and ratio < 0.995 else text
 
 
 def plotting_unavailable() -> str | None:

@@ -27,6 +27,12 @@ class Row:
     tokens_per_s: float = math.nan
     ops_per_layer: float = math.nan
     speedup: float = math.nan     # baseline time / this time (opcount: baseline ops / these ops)
+    # llama.cpp rows: fastlm's tokens/s over llama.cpp's within each round (fastlm's timed pair, then llama.cpp's
+    # round right after it), the median and the extremes over the interleaved rounds; a drift of the machine's
+    # speed between rounds cancels in each round's ratio, not in the ratio of the two medians
+    paired_ratio: float = math.nan
+    paired_min: float = math.nan
+    paired_max: float = math.nan
     baseline: str = ""
     group: str = ""               # op[variant] / family / layout, for tables and plots
     shape: str = ""
