@@ -10,7 +10,7 @@ import torch
 import fastlm
 from fastlm.engine.engine import engine_for
 from fastlm.engine.runner import CACHE_FULL, RUNNING
-from fastlm.engine.sampling import SamplingConfig, sample, uniform
+from fastlm.engine.sampling import SamplingConfig, first_argmax, sample, uniform
 from fastlm.ops import backend_status
 from _models import VARIANTS, build_model, left_padded_batch, make_config, random_ids
 
@@ -234,6 +234,29 @@ def test_sampler_distribution():
     assert set(kept.tolist()) == {1, 2}
     u = uniform(torch.tensor([1]), torch.tensor([2]), (64, 1000), "cpu")
     assert 0 < u.min() and u.max() < 1 and abs(u.mean().item() - 0.5) < 0.01
+
+
+@pytest.mark.parametrize("V", [32000, 256, 300, 32001, 7])
+def test_first_argmax_is_torch_argmax(V):
+    """The chunked argmax of greedy and Gumbel sampling gives torch.argmax's index: the first maximum on ties, the
+    first NaN where there is one, index 0 for an all -inf row; vocabularies with a partial last chunk too."""
+    g = torch.Generator().manual_seed(V)
+    for trial in range(60):
+        x = torch.randn(3, V, generator=g)
+        if trial % 3 == 0:  # ties of the maximum, in different chunks
+            x[:, torch.randint(0, V, (4,), generator=g)] = x.max() + 1
+        if trial % 4 == 0:  # a row of equal values
+            x[0] = 0.5
+        if trial % 5 == 0:
+            x[1, torch.randint(0, V, (2,), generator=g)] = float("nan")
+        if trial % 7 == 0:
+            x[2] = float("-inf")
+        if trial % 11 == 0:
+            x[2, -1] = float("inf")
+        assert torch.equal(first_argmax(x), x.argmax(-1)), trial
+    wide = torch.randn(4, 2 * V, generator=g)[:, ::2]  # a strided view, as the sampler's inputs can be
+    assert torch.equal(first_argmax(wide), wide.argmax(-1))
+    assert first_argmax(torch.zeros(0, V)).shape == (0,)
 
 
 def test_stream_matches_generate():
