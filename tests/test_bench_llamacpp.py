@@ -9,6 +9,7 @@
 * Helium converted as a Llama is the same model (logits equal in transformers).
 """
 import json
+import statistics
 import stat
 import sys
 from pathlib import Path
@@ -231,8 +232,7 @@ def test_suite_times_llama_cpp_interleaved(fake_llama_cpp, family, monkeypatch):
         if ratios[row.suite]:
             got = ratios[row.suite]
             assert (row.paired_ratio, row.paired_min, row.paired_max) == pytest.approx(
-                (got[len(got) // 2] if len(got) % 2 else (got[len(got) // 2 - 1] + got[len(got) // 2]) / 2,
-                 got[0], got[-1]))
+                (statistics.median(got), got[0], got[-1]))
     converted = json.loads(next(cache.glob("*/model-f32.gguf")).read_text())
     assert converted["outtype"] == "f32" and converted["set_vocab_replaced"] == "placeholder_vocab"
     assert converted["architectures"] == ["LlamaForCausalLM" if family == "helium" else "ArceeForCausalLM"]

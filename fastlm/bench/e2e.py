@@ -92,6 +92,11 @@ def time_generate(generate: Callable[[int], object], n_new: int, device, warmup:
     return t1, tn
 
 
+def _decode_steps(case, t1: list[float], tn: list[float]) -> list[float]:
+    """Seconds per decode step of each round: t(generate new_tokens) - t(generate 1) over the steps between."""
+    return [(b - a) / max(case.new_tokens - 1, 1) for a, b in zip(t1, tn)]
+
+
 def head_to_head(device_type: str) -> str | None:
     """The fastlm engine provider llama.cpp's rounds interleave with: the first timed backend that is not
     the plain-PyTorch reference (else the reference)."""
@@ -243,7 +248,7 @@ class EndToEnd(Suite):
             row.note = (note + "; " if note else "") + "t(generate N) <= t(generate 1): noise exceeds decode time"
 
     def _timed_rows(self, ctx, case, provider, dtype, t1, tn, note="") -> list[Row]:
-        samples = {"prefill": t1, "decode": [(b - a) / max(case.new_tokens - 1, 1) for a, b in zip(t1, tn)]}
+        samples = {"prefill": t1, "decode": _decode_steps(case, t1, tn)}
         tokens = {"prefill": case.batch * case.prompt, "decode": case.batch}
         rows = self._rows(ctx, case, provider, dtype, note=note)
         for row in rows:
@@ -384,8 +389,7 @@ class EndToEnd(Suite):
         if row.suite == "prefill":
             pairs = zip(llama.prefill_s[:rounds], t1[:rounds])
         else:
-            steps = [(b - a) / max(case.new_tokens - 1, 1) for a, b in zip(t1[:rounds], tn[:rounds])]
-            pairs = zip(llama.decode_step_s[:rounds], steps)
+            pairs = zip(llama.decode_step_s[:rounds], _decode_steps(case, t1[:rounds], tn[:rounds]))
         ratios = sorted(theirs / ours for theirs, ours in pairs if theirs > 0 and ours > 0)
         if ratios:
             row.paired_ratio, row.paired_min, row.paired_max = statistics.median(ratios), ratios[0], ratios[-1]
