@@ -59,9 +59,26 @@ def _exit_at_once(signum, frame) -> None:
     os._exit(EXIT_INTERRUPTED)
 
 
+_interrupts_taken = 0  # SIGINTs that _first_interrupt turned into a KeyboardInterrupt
+
+
 def _first_interrupt(signum, frame) -> None:
+    global _interrupts_taken
+    _interrupts_taken += 1
     signal.signal(signal.SIGINT, _exit_at_once)
     raise KeyboardInterrupt
+
+
+def import_torch():
+    """``import torch``, for a command's first use of it. torch's C++ start-up imports numpy and takes any error
+    there, a KeyboardInterrupt included, for "numpy is absent": a Ctrl-C in that moment was lost and the
+    command went on to the end (exit 0). The interrupt is raised again here, once the import returns."""
+    taken = _interrupts_taken
+    import torch
+
+    if _interrupts_taken != taken:
+        raise KeyboardInterrupt
+    return torch
 
 
 def _unraisable(previous):

@@ -5,7 +5,9 @@ import platform
 
 
 def info_lines() -> list[str]:
-    import torch
+    from fastlm.cli import import_torch
+
+    torch = import_torch()
     import transformers
 
     import fastlm

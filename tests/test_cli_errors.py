@@ -31,6 +31,13 @@ def child_env(**extra) -> dict:
     return {**env, "OMP_NUM_THREADS": "1", **extra}
 
 
+def default_sigint() -> None:
+    """preexec_fn of the children that a test interrupts: a suite run as a background job (`pytest tests &`)
+    ignores SIGINT, its children inherit that, and the CLI keeps an ignored SIGINT ignored (as a background
+    job's command should)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_main(capsys, *argv):
     """fastlm.cli.main(argv) in this process -> (exit status, stdout, stderr)."""
     try:
@@ -298,7 +305,7 @@ def assert_interrupted(proc: subprocess.Popen, stdout_before: bytes = b"") -> by
 
 def test_ctrl_c_during_start_up_imports(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", ENTRY, "generate", "--prompt", "hi"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=child_env(), cwd=tmp_path)
+                            stderr=subprocess.PIPE, env=child_env(), cwd=tmp_path, preexec_fn=default_sigint)
     if Path(f"/proc/{proc.pid}/maps").exists():
         deadline = time.monotonic() + 120
         # wait until torch's import is under way (its shared library is mapped), then interrupt it
@@ -309,6 +316,28 @@ def test_ctrl_c_during_start_up_imports(tmp_path):
     assert proc.poll() is None, "the command ended before it could be interrupted"
     proc.send_signal(signal.SIGINT)
     assert assert_interrupted(proc) == b""
+
+
+def test_ctrl_c_swallowed_inside_the_torch_import_is_raised_again(tmp_path):
+    """torch's C++ start-up takes a KeyboardInterrupt in its numpy import for "numpy is absent" (the test above
+    flaked so under load: the command ran to the end). A stand-in torch that swallows one shows the CLI's
+    import raises it again once the import returns, and passes a clean import through."""
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "__init__.py").write_text(
+        "import os, signal, time\n"
+        "try:\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    time.sleep(5)\n"
+        "except KeyboardInterrupt:\n"
+        "    pass  # as torch/csrc/utils/tensor_numpy.cpp does with any error in `import numpy`\n")
+    code = ("import signal, sys\nsys.path.insert(0, sys.argv[1])\nimport fastlm.cli as cli\n"
+            "signal.signal(signal.SIGINT, cli._first_interrupt)\n"
+            "try:\n    cli.import_torch()\nexcept KeyboardInterrupt:\n    print('raised again')\n"
+            "print(cli.import_torch().__file__)\n")
+    res = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=60,
+                         env=child_env(), preexec_fn=default_sigint)
+    assert res.returncode == 0 and res.stdout.splitlines() == [
+        "raised again", str(tmp_path / "torch" / "__init__.py")], res.stdout + res.stderr
 
 
 @pytest.fixture(scope="module")
@@ -344,7 +373,8 @@ def test_ctrl_c_during_generation(long_context_demo, tmp_path, presses):
     prompt = "The list"
     proc = subprocess.Popen([sys.executable, "-m", "fastlm", "generate", "--model", str(long_context_demo),
                              "--prompt", prompt, "--max-new-tokens", "16000", "--ignore-eos", "--device", "cpu"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=child_env(), cwd=tmp_path)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=child_env(), cwd=tmp_path,
+                            preexec_fn=default_sigint)
     streamed = read_some(proc, len(prompt) + 1, timeout=120)  # the prompt's echo and generated text
     assert streamed.startswith(prompt.encode())
     for _ in range(presses):  # a second Ctrl-C lands while the command winds down

@@ -140,19 +140,54 @@ def test_compile_fullgraph():
         assert torch.equal(a, b)
 
 
-def test_top_level_kernels_import_defines_nothing():
-    """From the source tree's root, `import kernels` (transformers probes for a package of that name)
-    finds this backend's folder: it must not load a second copy that registers the ops again."""
-    code = _LOADER + r'''
-import sys
-sys.path.insert(0, sys.argv[1])
-import kernels
-assert kernels.__file__ and not hasattr(kernels, "activations"), dir(kernels)
-assert not [m for m in sys.modules if m.startswith("kernels.")]
-from transformers.utils.import_utils import is_kernels_available
-assert not is_kernels_available()
-print("OK")
-'''
-    res = subprocess.run([sys.executable, "-c", code, str(HERE.parent)], capture_output=True, text=True, timeout=300,
+def _run_from_source_root(code: str, *extra_path: str) -> None:
+    """Runs `code` with the source tree's root first on sys.path (then `extra_path`), as `python` run in a clone."""
+    res = subprocess.run([sys.executable, "-c", _LOADER + "import sys\nsys.path[0:0] = sys.argv[1:]\n" + code,
+                          str(HERE.parent), *extra_path], capture_output=True, text=True, timeout=300,
                          cwd=tempfile.gettempdir())
     assert res.returncode == 0 and "OK" in res.stdout, res.stdout + res.stderr
+
+
+def test_top_level_kernels_import_defines_nothing():
+    """From the source tree's root, `import kernels` finds this backend's folder. It must not load a second copy
+    that registers the ops again; it loads Hugging Face's `kernels` where one is installed (transformers >= 5.25
+    requires it and imports it while it loads), and otherwise defines nothing, so transformers sees none."""
+    _run_from_source_root(r'''
+import importlib.machinery, os
+others = [p for p in sys.path[1:] if os.path.abspath(p or os.getcwd()) != os.path.abspath(sys.argv[1])]
+installed = importlib.machinery.PathFinder.find_spec("kernels", others)
+import kernels
+from transformers.utils.import_utils import is_kernels_available
+if installed is None:
+    assert os.path.dirname(kernels.__file__) == os.path.join(os.path.abspath(sys.argv[1]), "kernels")
+    assert not hasattr(kernels, "activations") and not hasattr(kernels, "_spec"), dir(kernels)
+    assert not [m for m in sys.modules if m.startswith("kernels.")]
+    assert not is_kernels_available()
+else:
+    assert kernels.__file__ == installed.origin, (kernels.__file__, installed.origin)
+    ours = os.path.join(os.path.abspath(sys.argv[1]), "kernels") + os.sep
+    assert not [n for n, m in list(sys.modules.items())
+                if n.startswith("kernels.") and (getattr(m, "__file__", None) or "").startswith(ours)]
+from transformers import ArceeForCausalLM, AutoModelForCausalLM, HeliumForCausalLM  # loads hub_kernels
+print("OK")
+''')
+
+
+def test_top_level_kernels_import_loads_the_next_kernels_package(tmp_path):
+    """The same, with a stand-in for Hugging Face's package after the root on sys.path: `import kernels` and its
+    submodules come from the stand-in (a `from kernels import ...` as transformers does succeeds), and this
+    package's kernels are not loaded a second time."""
+    (tmp_path / "kernels" / "layer").mkdir(parents=True)
+    (tmp_path / "kernels" / "__init__.py").write_text("LayerRepository = 'stand-in'\n")
+    (tmp_path / "kernels" / "layer" / "__init__.py").write_text("")
+    (tmp_path / "kernels" / "layer" / "mode.py").write_text("Mode = 'mode'\n")
+    _run_from_source_root(r'''
+import os
+from kernels import LayerRepository
+from kernels.layer.mode import Mode
+import kernels
+assert (LayerRepository, Mode) == ("stand-in", "mode")
+assert kernels.__file__ == os.path.join(sys.argv[2], "kernels", "__init__.py"), kernels.__file__
+assert sorted(m for m in sys.modules if m.startswith("kernels")) == ["kernels", "kernels.layer", "kernels.layer.mode"]
+print("OK")
+''', str(tmp_path))

@@ -44,6 +44,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from fastlm.bench import SUITES
     from fastlm.bench.alloc import set_allocator_defaults
+    from fastlm.cli import import_torch
 
     set_allocator_defaults()  # before anything imports torch
 
@@ -52,7 +53,7 @@ def main(argv=None) -> int:
         print(f"fastlm bench: unknown suite(s) {bad}; choose from {', '.join(SUITES)}", file=sys.stderr)
         return 2
     if args.list:
-        import torch
+        torch = import_torch()
 
         from fastlm.bench import suites as S
         from fastlm.bench.driver import make_filter, parse_dtypes, parse_quantize
@@ -77,6 +78,7 @@ def main(argv=None) -> int:
         print(f"fastlm bench: merged {len(rows)} rows from {', '.join(args.merge)} -> {args.out}/summary.md")
         _say_if_no_plots(args)
         return 0
+    import_torch()
     from fastlm.bench.driver import run_benchmarks
 
     try:

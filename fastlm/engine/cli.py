@@ -28,7 +28,7 @@ import time
 import warnings
 from pathlib import Path
 
-from fastlm.cli import EXIT_USAGE, ArgumentParser, debugging
+from fastlm.cli import EXIT_USAGE, ArgumentParser, debugging, import_torch
 
 DEMO_DIR = Path(__file__).resolve().parent.parent / "demo"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -157,7 +157,7 @@ def resolve_model_dir(arg: str | None) -> str:
 
 
 def _dtype(name: str, device: str):
-    import torch
+    torch = import_torch()
 
     return "auto" if name == "auto" else getattr(torch, name)
 
@@ -320,7 +320,7 @@ def _prompts(args) -> list[str]:
 
 
 def _device(name: str) -> str:
-    import torch
+    torch = import_torch()
 
     if name == "cuda" and not torch.cuda.is_available():
         raise CLIError("--device cuda was asked for, but no CUDA GPU is available")
