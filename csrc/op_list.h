@@ -47,7 +47,9 @@
   /* decode attention over a static cache */                                                                        \
   X(decode_attention, "(Tensor q, Tensor k_cache, Tensor v_cache, Tensor lengths, float scale) -> Tensor")          \
   /* prefill attention without a mask (causal or not; fastlm/ops/attention.py sends masked calls to SDPA) */       \
-  X(prefill_attention, "(Tensor q, Tensor k, Tensor v, bool is_causal, float scale) -> Tensor")
+  X(prefill_attention, "(Tensor q, Tensor k, Tensor v, bool is_causal, float scale) -> Tensor")                    \
+  /* the sampler's counter-based uniforms (fastlm/ops/random.py) */                                                 \
+  X(counter_uniform, "(Tensor seed, Tensor counter, int rows, int cols) -> Tensor")
 
 #define FASTLM_ALL_OPS(X) FASTLM_DEVICE_OPS(X) FASTLM_CPU_OPS(X)
 
@@ -90,5 +92,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
 // (csrc/cpu/prefill_attention.cpp); the result is [B, H, S, Dv] over [B, S, H, Dv] memory.
 at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool is_causal,
                              double scale);
+
+// fp32 uniforms [rows, cols] in (0, 1) for (seed [1], counter [1]) int64 (csrc/cpu/random.cpp).
+at::Tensor counter_uniform(const at::Tensor& seed, const at::Tensor& counter, int64_t rows, int64_t cols);
 
 }  // namespace fastlm::cpu

@@ -12,11 +12,11 @@ import tempfile
 import pytest
 import torch
 
-from _api import (OPS, add_layer_norm, add_rms_norm, add_rms_norm_ref, backend_status, dispatch, impl, linear_ref,
-                  registered_op, registered_ops, relu2)
+from _api import (OPS, add_layer_norm, add_rms_norm, add_rms_norm_ref, backend_status, counter_uniform_ref, dispatch,
+                  impl, linear_ref, registered_op, registered_ops, relu2)
 from _inputs import randn, targets
 
-REFERENCES = {"linear": linear_ref}  # the ops without a Triton kernel: the reference runs
+REFERENCES = {"linear": linear_ref, "counter_uniform": counter_uniform_ref}  # no Triton kernel: the reference runs
 
 
 @pytest.mark.parametrize("target", targets(kernels=True))

@@ -221,7 +221,7 @@ class Engine:
             stops[: len(stop_ids)] = torch.as_tensor(stop_ids, dtype=torch.int64)
             st.stop_ids.copy_(stops.to(device, non_blocking=True))
             logits = runner.prefill(ids, lengths, start)
-            first = sample(logits, config, st.seed, st.counter, st.temperature, st.top_p)
+            first = sample(logits, config, st.seed, st.counter, st.temperature, st.top_p, backend=runner.backend)
             is_stop = (first.unsqueeze(1) == st.stop_ids.unsqueeze(0)).any(dim=1)
             # Rows past B (bucket padding) are finished dummies: they decode at slot 0 and emit nothing.
             st.tokens.zero_()

@@ -250,7 +250,7 @@ class ModelRunner:
             for i in range(len(self.layers)):
                 x = self._layer(i, x, attend)
             logits = self._logits(x[:, 0])
-        nxt = sample(logits, config, st.seed, st.counter, st.temperature, st.top_p)  # [B], never NO_TOKEN
+        nxt = sample(logits, config, st.seed, st.counter, st.temperature, st.top_p, backend=self.backend)  # [B]
         active = done.logical_not()
         is_stop = torch.isin(nxt, st.stop_ids).logical_and_(active)  # stop_ids' NO_TOKEN padding never matches
         out.copy_(nxt).masked_fill_(done, NO_TOKEN)

@@ -1,10 +1,11 @@
 """Token sampling inside the decode step: no host sync, no torch.Generator, capturable.
 
-Randomness comes from a counter-based hash (``uniform``): the uniform for (sequence b, candidate j) at
-step ``counter`` under ``seed`` is a pure function of those four integers, computed with int64 tensor
-ops. So it compiles under ``torch.compile(fullgraph=True)``, replays inside a CUDA graph (seed and
-counter are device tensors, advanced by the step itself), and the same seed gives the same tokens on
-every run, whatever the step is run through (eager, compiled, graph).
+Randomness comes from a counter-based hash (``uniform``; fastlm/ops/random.py's counter_uniform): the
+uniform for (sequence b, candidate j) at step ``counter`` under ``seed`` is a pure function of those four
+integers, computed with int64 tensor ops (a C++ kernel on CPU, bit for bit the same). So it compiles under
+``torch.compile(fullgraph=True)``, replays inside a CUDA graph (seed and counter are device tensors, advanced
+by the step itself), and the same seed gives the same tokens on every run, whatever the step is run through
+(eager, compiled, graph).
 
 Sampling follows ``transformers``' order: temperature, then top-k, then top-p (nucleus), then a draw.
 The draw is Gumbel-max: ``argmax(logits / T + g)``, ``g = -log(-log(u))``, which samples from
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-_M32 = 0xFFFFFFFF
+from fastlm.ops.random import counter_uniform
 
 
 @dataclass(frozen=True)
@@ -54,28 +55,12 @@ class SamplingConfig:
         return SamplingConfig(1.0, self.top_k, 0.5 if self.top_p is not None and self.top_p < 1.0 else None)
 
 
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """(x * c) mod 2**32 for x in [0, 2**32), without int64 overflow (16-bit split of c)."""
-    lo = x * (c & 0xFFFF)
-    hi = ((x * (c >> 16)) & 0xFFFF) << 16
-    return (lo + hi) & _M32
-
-
-def _hash32(x: torch.Tensor) -> torch.Tensor:
-    """lowbias32 (Wellons): a good 32-bit integer mixer, on int64 tensors holding values < 2**32."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
-
-
-def uniform(seed: torch.Tensor, counter: torch.Tensor, shape: tuple[int, int], device) -> torch.Tensor:
-    """fp32 uniforms in (0, 1) of ``shape`` [B, N] for (seed [1] int64, counter [1] int64)."""
-    key = _hash32((seed & _M32) ^ _hash32(_mul32(counter & _M32, 0x9E3779B1)))  # [1]
-    idx = torch.arange(shape[0] * shape[1], device=device, dtype=torch.int64).view(shape)
-    x = _hash32(_hash32((idx + key) & _M32) ^ key)
-    return ((x >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+def uniform(seed: torch.Tensor, counter: torch.Tensor, shape: tuple[int, int], device, backend: str = "auto"
+            ) -> torch.Tensor:
+    """fp32 uniforms in (0, 1) of ``shape`` [B, N] for (seed [1] int64, counter [1] int64) on ``device``
+    (fastlm/ops/random.py's counter_uniform: the C++ kernel on CPU, bit for bit its reference elsewhere)."""
+    del device  # seed's own
+    return counter_uniform(seed, counter, shape[0], shape[1], backend=backend)
 
 
 _ARGMAX_CHUNK = 128  # candidates a chunk in first_argmax
@@ -99,8 +84,8 @@ def first_argmax(scores: torch.Tensor) -> torch.Tensor:
     return best * _ARGMAX_CHUNK + within
 
 
-def _gumbel_argmax(scores: torch.Tensor, seed, counter) -> torch.Tensor:
-    u = uniform(seed, counter, tuple(scores.shape), scores.device)
+def _gumbel_argmax(scores: torch.Tensor, seed, counter, backend: str) -> torch.Tensor:
+    u = uniform(seed, counter, tuple(scores.shape), scores.device, backend)
     return first_argmax(scores - torch.log(-torch.log(u)))
 
 
@@ -112,10 +97,12 @@ def _top_p_mask(sorted_scores: torch.Tensor, top_p) -> torch.Tensor:
 
 
 def sample(logits: torch.Tensor, config: SamplingConfig, seed: torch.Tensor, counter: torch.Tensor,
-           temperature: torch.Tensor | None = None, top_p: torch.Tensor | None = None) -> torch.Tensor:
+           temperature: torch.Tensor | None = None, top_p: torch.Tensor | None = None, *, backend: str = "auto"
+           ) -> torch.Tensor:
     """logits [B, V] (any float dtype) -> next tokens [B] int64, entirely on the device. ``temperature``
     and ``top_p`` ([1] fp32 device tensors) override ``config``'s values (whose structure still decides
-    the ops: see :meth:`SamplingConfig.structure`)."""
+    the ops: see :meth:`SamplingConfig.structure`). ``backend`` runs the noise's op (the same numbers on
+    every backend)."""
     if config.greedy:
         # widening is exact (same maximum, same first index on ties)
         return first_argmax(logits.float())
@@ -129,9 +116,9 @@ def sample(logits: torch.Tensor, config: SamplingConfig, seed: torch.Tensor, cou
         values, indices = torch.topk(scores, config.top_k, dim=-1)  # sorted descending
         if config.top_p is not None and config.top_p < 1.0:
             values = _top_p_mask(values, p)
-        return indices.gather(-1, _gumbel_argmax(values, seed, counter).unsqueeze(-1)).squeeze(-1)
+        return indices.gather(-1, _gumbel_argmax(values, seed, counter, backend).unsqueeze(-1)).squeeze(-1)
     if config.top_p is not None and config.top_p < 1.0:
         values, indices = torch.sort(scores, dim=-1, descending=True)
         values = _top_p_mask(values, p)
-        return indices.gather(-1, _gumbel_argmax(values, seed, counter).unsqueeze(-1)).squeeze(-1)
-    return _gumbel_argmax(scores, seed, counter)
+        return indices.gather(-1, _gumbel_argmax(values, seed, counter, backend).unsqueeze(-1)).squeeze(-1)
+    return _gumbel_argmax(scores, seed, counter, backend)

@@ -15,10 +15,11 @@ from fastlm.errors import BackendUnavailableError  # noqa: F401
 # fp16 prefill attention on CPU: fp32 SDPA where the CPU has no native fp16 dot products (fastlm.ops.attention)
 from fastlm.ops.attention import _cpu_fp16_widens as cpu_fp16_sdpa_widens  # noqa: F401,E402
 from fastlm.ops import (BACKENDS, OPS, add_layer_norm, add_layer_norm_ref, add_rms_norm, add_rms_norm_ref,  # noqa: F401
-                        backend_status, decode_attention, decode_attention_ref, dequantize_weight, dispatch, impl,
-                        linear, linear_ref, prefill_attention, prefill_attention_ref, qkv_rope, qkv_rope_cache,
-                        qkv_rope_cache_ref, qkv_rope_ref, quant_linear, quant_linear_ref, quantize_weight, relu2,
-                        relu2_, relu2_inplace_ref, relu2_ref, swiglu, swiglu_, swiglu_inplace_ref, swiglu_ref)
+                        backend_status, counter_uniform, counter_uniform_ref, decode_attention, decode_attention_ref,
+                        dequantize_weight, dispatch, impl, linear, linear_ref, prefill_attention,
+                        prefill_attention_ref, qkv_rope, qkv_rope_cache, qkv_rope_cache_ref, qkv_rope_ref,
+                        quant_linear, quant_linear_ref, quantize_weight, relu2, relu2_, relu2_inplace_ref, relu2_ref,
+                        swiglu, swiglu_, swiglu_inplace_ref, swiglu_ref)
 from fastlm.ops._registry import backend_module
 from fastlm.ops.quantized import DEFAULT_GROUP_SIZE, resolve_group_size  # noqa: F401
 
@@ -46,7 +47,7 @@ def qkv_rope_cache_reference(qkv, cos, sin, k_cache, v_cache, cache_positions, *
 # Triton kernels under the interpreter), each through a torch.library op that opcheck runs on
 KERNEL_OPS = {
     "cpp": ("add_rms_norm", "add_layer_norm", "qkv_rope", "qkv_rope_cache", "swiglu", "relu2", "swiglu_", "relu2_",
-            "decode_attention", "linear", "quant_linear", "prefill_attention"),
+            "decode_attention", "linear", "quant_linear", "prefill_attention", "counter_uniform"),
     "triton": ("add_rms_norm", "add_layer_norm", "qkv_rope", "qkv_rope_cache", "swiglu", "relu2", "swiglu_",
                "relu2_", "decode_attention", "quant_linear"),
 }

@@ -630,6 +630,9 @@ def opcheck_args(op: str, device) -> list[tuple]:
         return [(q, k, v, True, 0.2),
                 (randn(2, 2, 3, 16, device=device, seed=9).to(bf), randn(2, 2, 6, 16, device=device, seed=10).to(bf),
                  randn(2, 2, 6, 24, device=device, seed=11).to(bf), False, 0.25)]
+    if op == "counter_uniform":
+        key = (torch.tensor([5], device=device), torch.tensor([2], device=device))
+        return [(*key, 2, 33), (*key, 0, 4)]
     raise ValueError(f"no opcheck arguments for {op!r}")
 
 
