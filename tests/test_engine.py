@@ -236,6 +236,53 @@ def test_sampler_distribution():
     assert 0 < u.min() and u.max() < 1 and abs(u.mean().item() - 0.5) < 0.01
 
 
+def _top_p_case(kind: str, B: int, V: int, g: torch.Generator) -> torch.Tensor:
+    """Scores as sample() makes them (max 0, divided by T) of a kind: peaked (the nucleus in the first hundred),
+    bf16-widened (ties everywhere, the k-th score's included), flat (the nucleus past 1,024), with -inf masks."""
+    x = torch.randn(B, V, generator=g) * (6.0 if kind != "flat" else 0.5)
+    if kind == "bf16":
+        x = x.bfloat16().float()
+    if kind == "masked":
+        x[:, torch.randint(0, V, (V // 3,), generator=g)] = float("-inf")
+    if kind == "tied-top":  # the best scores tied across the vocabulary
+        x[:, torch.randint(0, V, (40,), generator=g)] = x.max() + 1
+    return (x - x.amax(dim=-1, keepdim=True)) / 0.8
+
+
+@pytest.mark.parametrize("kind,taken", [("peaked", True), ("bf16", True), ("masked", True), ("tied-top", True),
+                                        ("flat", False)])
+def test_top_p_from_the_best_candidates_is_the_full_sort(kind, taken):
+    """CPU top-p first tries the 1,024 best candidates (topk) rather than sorting the vocabulary: where it answers
+    it gives the full sort's tokens, bit for bit (same order of ties, probabilities, running sums and noise), over
+    many seeds and both nucleus sizes; where the nucleus reaches past them it declines."""
+    from fastlm.engine import sampling as S
+    g = torch.Generator().manual_seed(len(kind))
+    answered = 0
+    for trial in range(12):
+        B = 1 + trial % 3
+        scores = _top_p_case(kind, B, 32000 + trial, g)
+        probs = scores.softmax(dim=-1)
+        for top_p in (0.5, 0.9, 0.999):
+            seed, counter = torch.tensor([trial]), torch.tensor([int(top_p * 1000)])
+            noise = S._gumbel_noise(seed, counter, tuple(scores.shape), "cpu", "auto")
+            fast = S._top_p_in_prefix(scores, probs, noise, torch.tensor([top_p]))
+            if fast is not None:
+                answered += 1
+                assert torch.equal(fast, S._top_p_sorted(scores, probs, noise, torch.tensor([top_p]))), (trial, top_p)
+    assert (answered > 20) if taken else answered == 0, answered
+
+
+def test_top_p_declines_rows_led_by_nan_or_inf():
+    from fastlm.engine import sampling as S
+    scores = torch.randn(2, 5000) * 6
+    noise = S._gumbel_noise(torch.tensor([1]), torch.tensor([2]), (2, 5000), "cpu", "auto")
+    for bad in (float("nan"), float("inf")):
+        s = scores.clone()
+        s[1, 17] = bad
+        assert S._top_p_in_prefix(s, s.softmax(-1), noise, 0.9, k=1024) is None
+    assert S._top_p_in_prefix(scores, scores.softmax(-1), noise, 0.9, k=1024) is not None
+
+
 @pytest.mark.parametrize("V", [32000, 256, 300, 32001, 7])
 def test_first_argmax_is_torch_argmax(V):
     """The chunked argmax of greedy and Gumbel sampling gives torch.argmax's index: the first maximum on ties, the

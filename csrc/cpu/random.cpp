@@ -5,7 +5,7 @@
 // 2-core Zen 4. Here the key is 2 scalar hashes and every element one pass in uint32 registers: 4 B written
 // an element, ~20 integer ops that the compiler vectorises (vpmulld), then the exact int -> fp32 conversion.
 // Bit for bit the reference: mod-2**32 arithmetic is what the reference computes with its masks and 16-bit
-// split products, and (x >> 8) + 0.5 scaled by 2**-24 is exact in fp32.
+// split products, and (x >> 9) + 0.5 scaled by 2**-23 is exact in fp32.
 #include "../checks.h"
 #include "../op_list.h"
 
@@ -46,7 +46,7 @@ at::Tensor counter_uniform(const at::Tensor& seed, const at::Tensor& counter, in
     for (int64_t i = begin; i < end; ++i) {
       // (i + key) mod 2**32: the reference's (idx + key) & M32 for the int64 index i
       const uint32_t x = lowbias32(lowbias32(static_cast<uint32_t>(i) + key) ^ key);
-      out[i] = (static_cast<float>(x >> 8) + 0.5f) * (1.0f / 16777216.0f);
+      out[i] = (static_cast<float>(x >> 9) + 0.5f) * (1.0f / 8388608.0f);  // in (0, 1): 24 bits, exact
     }
   });
   return u;

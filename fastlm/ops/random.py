@@ -3,12 +3,14 @@ that are a pure function of (seed, counter, row-major index): no torch.Generator
 the same numbers on every device and through every path (eager, compiled, graph). fastlm/engine/sampling.py
 draws its Gumbel noise from it.
 
-The hash is lowbias32 (Wellons), a good 32-bit integer mixer: key = h(seed ^ h(counter * 0x9E3779B1)) for the
-step, then u[i] = (h(h(i + key) ^ key) >> 8 + 0.5) / 2**24 for the i-th element (all mod 2**32; the low 32 bits
-of seed and counter). The reference spells it in int64 tensor ops (no int64 overflow: 32-bit products by 16-bit
-halves), ~40 elementwise passes over the [rows, cols] indices: over a 32,000-token vocabulary 0.66 ms a draw
-on CPU, as much as a sixth of a small model's token. The C++ kernel computes it in uint32 registers in one pass,
-bit for bit the same (every step is exact integer arithmetic, and the conversion to fp32 is exact).
+The hash is lowbias32 (Wellons), a good 32-bit integer mixer: key = h(seed ^ h(counter * 0x9E3779B1)) for the step,
+then u[i] = (h(h(i + key) ^ key) >> 9 + 0.5) / 2**23 for the i-th element (all mod 2**32; the low 32 bits of seed
+and counter): in [2**-24, 1 - 2**-24], never 0 or 1. (With 24 bits, 2**24 - 1 + 0.5 rounded to 2**24 in fp32: u = 1,
+a Gumbel noise of +inf, and the draw took that candidate whatever its score, masked or not, about once in 500 tokens
+of a 32,000-token vocabulary.) The reference spells it in int64 tensor ops (no int64 overflow: 32-bit products by
+16-bit halves), ~40 elementwise passes over the [rows, cols] indices: over a 32,000-token vocabulary 0.6 ms a draw
+on CPU, as much as a sixth of a small model's token. The C++ kernel computes it in uint32 registers in one pass, bit
+for bit the same (every step is exact integer arithmetic, and the conversion to fp32 is exact).
 """
 from __future__ import annotations
 
@@ -44,7 +46,7 @@ def counter_uniform_ref(seed, counter, rows: int, cols: int):
     key = _hash32((seed & _M32) ^ _hash32(_mul32(counter & _M32, 0x9E3779B1)))  # [1]
     idx = torch.arange(rows * cols, device=seed.device, dtype=torch.int64).view(rows, cols)
     x = _hash32(_hash32((idx + key) & _M32) ^ key)
-    return ((x >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+    return ((x >> 9).to(torch.float32) + 0.5) * (1.0 / (1 << 23))  # 23 bits + 0.5: exact in fp32
 
 
 def _counter_uniform_fake(seed, counter, rows: int, cols: int):

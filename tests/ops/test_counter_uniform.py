@@ -62,3 +62,15 @@ def test_the_cpu_kernel_checks_its_own_arguments():
         torch.ops.fastlm.counter_uniform(torch.tensor([1, 2]), torch.tensor([0]), 1, 4)
     with pytest.raises(ValueError, match="rows and cols must be >= 0"):
         torch.ops.fastlm.counter_uniform(torch.tensor([1]), torch.tensor([0]), 1, -4)
+
+
+@pytest.mark.parametrize("target", targets("counter_uniform"))
+def test_the_largest_value_stays_below_one(target):
+    """(seed 11, counter 1) holds the largest value the conversion makes, 1 - 2**-24 (the hash's top 23 bits all
+    set): below 1, so the sampler's Gumbel noise log(-log(u)) stays finite. (The conversion took 24 bits before,
+    and its largest value rounded to exactly 1 in fp32: noise of -inf, and the draw took that candidate.)"""
+    s, c = key(11, 1, target.device)
+    u = counter_uniform(s, c, 32, 32000, backend=target.backend)
+    assert u[12, 16461].item() == u.max().item() == 1 - 2 ** -24
+    assert u.min().item() >= 2 ** -24
+    assert torch.isfinite(torch.log(-torch.log(u))).all()
