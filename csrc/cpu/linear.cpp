@@ -10,7 +10,8 @@
 // of 8 and reads each row in full, in memory order (a block is contiguous, so the thread makes one
 // sequential pass over its share of W), accumulating up to 4 rows of x at once in fp32 registers
 // (two accumulators each). More rows of x re-read the block from L1/L2, so W comes from memory
-// exactly once. The epilogue adds bias and residual in fp32 and rounds once, as ATen's addmm does.
+// exactly once; 16-bit rows are software-prefetched a few lines ahead (prefetch_stream, vec_util.h). The
+// epilogue adds bias and residual in fp32 and rounds once, as ATen's addmm does.
 // Larger M is a GEMM with reuse that ATen (oneDNN / MKL) already does well: it goes there, except for
 // 16-bit types on CPUs without native 16-bit dot products (cpu_features.h, read at run time), where
 // ATen's 16-bit GEMM is several times slower than its fp32 one: there the fp32 GEMM runs on weight
@@ -63,6 +64,7 @@ inline void gemv_tile(const T* const w_rows[kRowsPerStep], const XT* xt, int64_t
     }
     int64_t k = 0;
     for (; k + C * kF <= K; k += C * kF) {
+      if constexpr (sizeof(T) == 2) prefetch_stream<C * kF * sizeof(T)>(wr + k);
       for (int c = 0; c < C; c += 2) {
         fVec wa, wb;
         IO<T>::load(wr + k + c * kF, wa, wb);
@@ -107,6 +109,7 @@ inline void gemv_tile_bf16(const at::BFloat16* const w_rows[kRowsPerStep], const
     for (int i = 0; i < MR; ++i) acc0[i] = acc1[i] = _mm512_setzero_ps();
     int64_t k = 0;
     for (; k + 64 <= K; k += 64) {
+      prefetch_stream<128>(wr + k);
       const __m512bh w0 = (__m512bh)_mm512_loadu_si512(wr + k), w1 = (__m512bh)_mm512_loadu_si512(wr + k + 32);
       for (int i = 0; i < MR; ++i) {
         acc0[i] = _mm512_dpbf16_ps(acc0[i], w0, (__m512bh)_mm512_loadu_si512(xb + i * xk + k));
