@@ -38,7 +38,8 @@
 // packed to bf16, x multiplied as it is: Arcee's up / down shapes 1.3-1.4x from cache and 1.1-1.3x from DRAM
 // at 2 threads against widening x as well, the engine's decode 1.05x (Arcee) and 1.12x (StableLM), interleaved
 // in one process, 2-core Zen 4. Both reduce eight rows' partial sums at a time (gemv_rows_lanes): int4 at
-// K = 640 1.5x from cache, 1.2x from DRAM.
+// K = 640 1.5x from cache, 1.2x from DRAM; so does the AVX2 int4 kernel (gemv_int4_pairs, hsum_lanes' 8-row
+// transpose in vec_util.h): 1.2-1.25x from cache, 1.03-1.12x from DRAM at K = 640 (AVX2 build, 2-core Zen 4).
 //
 // Prefill (M > kMaxGemvRows): a GEMM, where the weight is reused M times and its bytes no longer matter.
 //  * bf16 x on CPUs with AVX512-BF16 (K and G even): a GEMM on the bare q in bf16 with vdpbf16ps, each
@@ -382,11 +383,11 @@ void gemv_rows(int64_t row_bytes, const T* bias, const T* res, int64_t rs, T* y,
   });
 }
 
-#if defined(FASTLM_AVX512_BF16)
 // gemv_rows for dots that leave each row's products unreduced: dot(n, m0, mr, part, r) sets part[i][r] to a
 // register whose lanes sum to W[n] . x[m0 + i]. A block's kBlockRows registers a row of x are summed by one
 // transpose-and-add (hsum_lanes) rather than a horizontal sum each: at K = 640 (Arcee's up projection, int4 in
 // groups of 32, 2 threads from cache) the horizontal sums and the per-row epilogue were ~30% of the time.
+// (Where hsum_lanes has no transpose for kBlockRows, it sums each register: the same as gemv_rows.)
 template <typename T, typename Dot>
 void gemv_rows_lanes(int64_t row_bytes, const T* bias, const T* res, int64_t rs, T* y, int64_t ys, int64_t M,
                      int64_t N, const Dot& dot) {
@@ -416,6 +417,7 @@ void gemv_rows_lanes(int64_t row_bytes, const T* bias, const T* res, int64_t rs,
   });
 }
 
+#if defined(FASTLM_AVX512_BF16)
 // int8 with bf16 x, on CPUs with AVX512-BF16, any group size: the weights are widened to fp32 (exact) and
 // packed to bf16 (exact for |q| <= 256: 8 significant bits), and x is multiplied as it is, by vdpbf16ps.
 // A group's sum x . q times its scale into the row's sum; per channel (one group) the sum times the scale
@@ -758,7 +760,7 @@ inline __m256i int4_f32_byte_table(int b) {
 
 template <int MR>
 inline void row_dot_int4_pairs(const uint8_t* w, const float* s, int64_t groups, const float* xp, int64_t xpk,
-                               float* out) {
+                               fVec (*part)[kBlockRows], int r) {
   constexpr int kParts = MR <= 2 ? 2 : 1;  // partial sums a row of x (the FMA latency; registers beyond 2 rows)
   const __m256i t_hi = int4_f32_byte_table(3), t_lo = int4_f32_byte_table(2);
   const __m256i nibble = _mm256_set1_epi8(0x0F), high_word = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
@@ -805,7 +807,7 @@ inline void row_dot_int4_pairs(const uint8_t* w, const float* s, int64_t groups,
   for (int i = 0; i < MR; ++i) {
     VF sum = acc[i][0];
     for (int p = 1; p < kParts; ++p) sum = vadd(sum, acc[i][p]);
-    out[i] = vsum(sum);
+    part[i][r] = fVec(sum);
   }
 }
 
@@ -818,16 +820,17 @@ void gemv_int4_pairs(const T* x, int64_t xs, const QWeight& qw, const T* bias, c
     convert_row(x + i * xs, xf.data(), K);
     pair_order_x_f32(xf.data(), groups, xp.data() + i * xpk);
   }
-  gemv_rows<T>(K / 2, bias, res, rs, y, ys, M, N, [&](int64_t n, int64_t m0, int64_t mr, float* out) {
+  gemv_rows_lanes<T>(K / 2, bias, res, rs, y, ys, M, N,
+                     [&](int64_t n, int64_t m0, int64_t mr, fVec (*part)[kBlockRows], int r) {
     const uint8_t* w = qw.data + n * qw.row_stride;
     const float* s = qw.scales + n * qw.groups;
     const float* xm = xp.data() + m0 * xpk;
     static_assert(kMaxXRows == 4, "one instantiation per row count below");
     switch (mr) {
-      case 1: row_dot_int4_pairs<1>(w, s, groups, xm, xpk, out); break;
-      case 2: row_dot_int4_pairs<2>(w, s, groups, xm, xpk, out); break;
-      case 3: row_dot_int4_pairs<3>(w, s, groups, xm, xpk, out); break;
-      default: row_dot_int4_pairs<4>(w, s, groups, xm, xpk, out); break;
+      case 1: row_dot_int4_pairs<1>(w, s, groups, xm, xpk, part, r); break;
+      case 2: row_dot_int4_pairs<2>(w, s, groups, xm, xpk, part, r); break;
+      case 3: row_dot_int4_pairs<3>(w, s, groups, xm, xpk, part, r); break;
+      default: row_dot_int4_pairs<4>(w, s, groups, xm, xpk, part, r); break;
     }
   });
 }
