@@ -204,54 +204,45 @@ void attend_keys_tiled(const float* qf, const at::BFloat16* q16, int64_t q16_str
     const VR* vblk = vbase + t0 * v_stride;
     for (int64_t g = 0; g < G; ++g) {  // scores = q . k * scale
       float* sc = scores + g * kBlock;
+      // kS keys at a time: key_dot(row) -> the row's products with q_g as one unreduced register
+      auto scores_by = [&](auto&& key_dot) __attribute__((always_inline)) {
+        for (int64_t t = 0; t < tb; t += kS) {
+          const int n = static_cast<int>(std::min<int64_t>(kS, tb - t));
+          fVec part[kS];
+          for (int s = 0; s < kS; ++s) part[s] = s < n ? key_dot(kblk + (t + s) * k_stride) : fVec(0.f);
+          (hsum_lanes<kS>(part) * fVec(scale)).store(sc + t, n);
+        }
+      };
 #if defined(FASTLM_AVX512_BF16)
       if constexpr (kBf16Scores) {
         constexpr int kW = DV / 2;  // bf16 registers a row
         __m512bh q[kW];
         for (int j = 0; j < kW; ++j) q[j] = (__m512bh)_mm512_loadu_si512(q16 + g * q16_stride + j * 32);
-        for (int64_t t = 0; t < tb; t += kS) {
-          const int n = static_cast<int>(std::min<int64_t>(kS, tb - t));
-          fVec part[kS];
-          for (int s = 0; s < kS; ++s) {
-            if (s >= n) {
-              part[s] = fVec(0.f);
-              continue;
-            }
-            const at::BFloat16* kr = kblk + (t + s) * k_stride;
-            __m512 a0 = _mm512_dpbf16_ps(_mm512_setzero_ps(), q[0], (__m512bh)_mm512_loadu_si512(kr)), a1 = _mm512_setzero_ps();
-            for (int j = 1; j < kW; ++j) {
-              const __m512bh k = (__m512bh)_mm512_loadu_si512(kr + j * 32);
-              if (j % 2) a1 = _mm512_dpbf16_ps(a1, q[j], k);
-              else a0 = _mm512_dpbf16_ps(a0, q[j], k);
-            }
-            part[s] = fVec(_mm512_add_ps(a0, a1));
+        scores_by([&](const at::BFloat16* kr) __attribute__((always_inline)) {
+          __m512 a0 = _mm512_dpbf16_ps(_mm512_setzero_ps(), q[0], (__m512bh)_mm512_loadu_si512(kr));
+          __m512 a1 = _mm512_setzero_ps();
+          for (int j = 1; j < kW; ++j) {
+            const __m512bh k = (__m512bh)_mm512_loadu_si512(kr + j * 32);
+            if (j % 2) a1 = _mm512_dpbf16_ps(a1, q[j], k);
+            else a0 = _mm512_dpbf16_ps(a0, q[j], k);
           }
-          (hsum_lanes<kS>(part) * fVec(scale)).store(sc + t, n);
-        }
+          return fVec(_mm512_add_ps(a0, a1));
+        });
         continue;
       }
 #endif
       fVec q[DV];
       for (int j = 0; j < DV; ++j) q[j] = fVec::loadu(qf + g * D + j * kF);
-      for (int64_t t = 0; t < tb; t += kS) {
-        const int n = static_cast<int>(std::min<int64_t>(kS, tb - t));
-        fVec part[kS];
-        for (int s = 0; s < kS; ++s) {
-          if (s >= n) {
-            part[s] = fVec(0.f);
-            continue;
-          }
-          fVec r[DV];
-          load_row<KR, DV>(kblk + (t + s) * k_stride, r);
-          fVec a0 = q[0] * r[0], a1(0.f);
-          for (int j = 1; j < DV; ++j) {
-            if (j % 2) a1 = at::vec::fmadd(q[j], r[j], a1);
-            else a0 = at::vec::fmadd(q[j], r[j], a0);
-          }
-          part[s] = a0 + a1;
+      scores_by([&](const KR* kr) __attribute__((always_inline)) {
+        fVec r[DV];
+        load_row<KR, DV>(kr, r);
+        fVec a0 = q[0] * r[0], a1(0.f);
+        for (int j = 1; j < DV; ++j) {
+          if (j % 2) a1 = at::vec::fmadd(q[j], r[j], a1);
+          else a0 = at::vec::fmadd(q[j], r[j], a0);
         }
-        (hsum_lanes<kS>(part) * fVec(scale)).store(sc + t, n);
-      }
+        return a0 + a1;
+      });
     }
     for (int64_t g = 0; g < G; ++g) {  // online softmax: rescale the running sums to the new max
       float* sc = scores + g * kBlock;

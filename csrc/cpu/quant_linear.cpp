@@ -356,13 +356,25 @@ std::array<RowDot<XT>, kMaxXRows> pick_row_dots(int bits, bool grouped) {
 
 // The decode loop: each thread takes a contiguous range of W's rows in blocks of kBlockRows, and for each
 // row and tile of up to kMaxXRows rows of x calls dot(n, m0, mr, out) (out[i] = W[n] . x[m0 + i]); bias
-// and residual are added in fp32 and the result rounded once.
+// and residual are added in fp32 and the result rounded once (store_output).
+template <typename T>
+inline void store_output(float sum, const T* bias, const T* res, int64_t rs, T* y, int64_t ys, int64_t row,
+                         int64_t n) {
+  float v = sum + (bias ? IO<T>::to_float(bias[n]) : 0.f);
+  if (res) v += IO<T>::to_float(res[row * rs + n]);
+  y[row * ys + n] = static_cast<T>(v);
+}
+
+// Blocks of kBlockRows weight rows a task: >= 64 KB of W each.
+inline int64_t gemv_grain(int64_t row_bytes) {
+  return std::max<int64_t>(1, 65536 / std::max<int64_t>(1, kBlockRows * row_bytes));
+}
+
 template <typename T, typename Dot>
 void gemv_rows(int64_t row_bytes, const T* bias, const T* res, int64_t rs, T* y, int64_t ys, int64_t M, int64_t N,
                const Dot& dot) {
   const int64_t blocks = (N + kBlockRows - 1) / kBlockRows;
-  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, kBlockRows * row_bytes));  // >= 64 KB
-  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, blocks, gemv_grain(row_bytes), [&](int64_t begin, int64_t end) {
     float out[kMaxXRows];
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t n0 = blk * kBlockRows, n1 = std::min(N, n0 + kBlockRows);
@@ -370,13 +382,7 @@ void gemv_rows(int64_t row_bytes, const T* bias, const T* res, int64_t rs, T* y,
         const int64_t mr = std::min<int64_t>(kMaxXRows, M - m0);
         for (int64_t n = n0; n < n1; ++n) {
           dot(n, m0, mr, out);
-          const float b = bias ? IO<T>::to_float(bias[n]) : 0.f;
-          for (int64_t i = 0; i < mr; ++i) {
-            const int64_t row = m0 + i;
-            float v = out[i] + b;
-            if (res) v += IO<T>::to_float(res[row * rs + n]);
-            y[row * ys + n] = static_cast<T>(v);
-          }
+          for (int64_t i = 0; i < mr; ++i) store_output(out[i], bias, res, rs, y, ys, m0 + i, n);
         }
       }
     }
@@ -393,8 +399,7 @@ void gemv_rows_lanes(int64_t row_bytes, const T* bias, const T* res, int64_t rs,
                      int64_t N, const Dot& dot) {
   static_assert(kBlockRows % 4 == 0 && kBlockRows <= 16, "hsum_lanes: rows in groups of four, one a lane");
   const int64_t blocks = (N + kBlockRows - 1) / kBlockRows;
-  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, kBlockRows * row_bytes));  // >= 64 KB
-  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, blocks, gemv_grain(row_bytes), [&](int64_t begin, int64_t end) {
     fVec part[kMaxXRows][kBlockRows];
     alignas(64) float sums[16];
     for (int64_t blk = begin; blk < end; ++blk) {
@@ -405,12 +410,7 @@ void gemv_rows_lanes(int64_t row_bytes, const T* bias, const T* res, int64_t rs,
         for (int64_t i = 0; i < mr; ++i) {
           for (int64_t r = n1 - n0; r < kBlockRows; ++r) part[i][r] = fVec(0.f);
           hsum_lanes<kBlockRows>(part[i]).store(sums);
-          const int64_t row = m0 + i;
-          for (int64_t n = n0; n < n1; ++n) {
-            float v = sums[n - n0] + (bias ? IO<T>::to_float(bias[n]) : 0.f);
-            if (res) v += IO<T>::to_float(res[row * rs + n]);
-            y[row * ys + n] = static_cast<T>(v);
-          }
+          for (int64_t n = n0; n < n1; ++n) store_output(sums[n - n0], bias, res, rs, y, ys, m0 + i, n);
         }
       }
     }
@@ -437,28 +437,24 @@ inline void row_dot_int8_bf16(const int8_t* w, const float* s, int64_t G, int64_
     const at::BFloat16* xg = xb + g * G;
     __m512 t0[MR], t1[MR], t2[MR], t3[MR];  // four chains a row of x (the dot product's latency)
     for (int i = 0; i < MR; ++i) t0[i] = t1[i] = t2[i] = t3[i] = _mm512_setzero_ps();
+    // 64 weights from k into the chains ta, tb
+    auto step = [&](int64_t k, __m512 (&ta)[MR], __m512 (&tb)[MR]) __attribute__((always_inline)) {
+      const __m512bh w0 = _mm512_cvtne2ps_pbh(widen16(wg + k + 16), widen16(wg + k));
+      const __m512bh w1 = _mm512_cvtne2ps_pbh(widen16(wg + k + 48), widen16(wg + k + 32));
+      for (int i = 0; i < MR; ++i) {
+        const at::BFloat16* xi = xg + i * xk + k;
+        ta[i] = _mm512_dpbf16_ps(ta[i], w0, (__m512bh)_mm512_loadu_si512(xi));
+        tb[i] = _mm512_dpbf16_ps(tb[i], w1, (__m512bh)_mm512_loadu_si512(xi + 32));
+      }
+    };
     int64_t k = 0;
     for (; k + 128 <= G; k += 128) {
-      const __m512bh w0 = _mm512_cvtne2ps_pbh(widen16(wg + k + 16), widen16(wg + k));
-      const __m512bh w1 = _mm512_cvtne2ps_pbh(widen16(wg + k + 48), widen16(wg + k + 32));
-      const __m512bh w2 = _mm512_cvtne2ps_pbh(widen16(wg + k + 80), widen16(wg + k + 64));
-      const __m512bh w3 = _mm512_cvtne2ps_pbh(widen16(wg + k + 112), widen16(wg + k + 96));
-      for (int i = 0; i < MR; ++i) {
-        const at::BFloat16* xi = xg + i * xk + k;
-        t0[i] = _mm512_dpbf16_ps(t0[i], w0, (__m512bh)_mm512_loadu_si512(xi));
-        t1[i] = _mm512_dpbf16_ps(t1[i], w1, (__m512bh)_mm512_loadu_si512(xi + 32));
-        t2[i] = _mm512_dpbf16_ps(t2[i], w2, (__m512bh)_mm512_loadu_si512(xi + 64));
-        t3[i] = _mm512_dpbf16_ps(t3[i], w3, (__m512bh)_mm512_loadu_si512(xi + 96));
-      }
+      step(k, t0, t1);
+      step(k + 64, t2, t3);
     }
-    for (; k + 64 <= G; k += 64) {
-      const __m512bh w0 = _mm512_cvtne2ps_pbh(widen16(wg + k + 16), widen16(wg + k));
-      const __m512bh w1 = _mm512_cvtne2ps_pbh(widen16(wg + k + 48), widen16(wg + k + 32));
-      for (int i = 0; i < MR; ++i) {
-        const at::BFloat16* xi = xg + i * xk + k;
-        t0[i] = _mm512_dpbf16_ps(t0[i], w0, (__m512bh)_mm512_loadu_si512(xi));
-        t1[i] = _mm512_dpbf16_ps(t1[i], w1, (__m512bh)_mm512_loadu_si512(xi + 32));
-      }
+    if (k + 64 <= G) {
+      step(k, t0, t1);
+      k += 64;
     }
     for (; k < G; k += 32) {  // the group's last 32 or fewer, masked (x past them may be the next group's)
       const int64_t n = std::min<int64_t>(32, G - k);
@@ -479,17 +475,15 @@ inline void row_dot_int8_bf16(const int8_t* w, const float* s, int64_t G, int64_
   for (int i = 0; i < MR; ++i) part[i][r] = fVec(acc[i]);
 }
 
-void gemv_int8_bf16(const at::BFloat16* x, int64_t xs, const QWeight& qw, const at::BFloat16* bias,
+// xb: gemv's scratch [M, xk] of x (bf16 as DecodeX keeps it on AVX-512), rows zero-padded.
+void gemv_int8_bf16(const at::BFloat16* xb, int64_t xk, const QWeight& qw, const at::BFloat16* bias,
                     const at::BFloat16* res, int64_t rs, at::BFloat16* y, int64_t ys, int64_t M, int64_t N, int64_t K) {
-  const int64_t xk = round_up(K, kQBlock);
-  std::vector<at::BFloat16> xb(M * xk, at::BFloat16(0.f));
-  for (int64_t i = 0; i < M; ++i) std::copy(x + i * xs, x + i * xs + K, xb.data() + i * xk);
   const int64_t G = qw.group_size, groups = qw.groups;
   gemv_rows_lanes<at::BFloat16>(K, bias, res, rs, y, ys, M, N,
                                 [&](int64_t n, int64_t m0, int64_t mr, fVec (*part)[kBlockRows], int r) {
     const int8_t* w = reinterpret_cast<const int8_t*>(qw.data + n * qw.row_stride);
     const float* s = qw.scales + n * groups;
-    const at::BFloat16* xm = xb.data() + m0 * xk;
+    const at::BFloat16* xm = xb + m0 * xk;
     static_assert(kMaxXRows == 4, "one instantiation per row count below");
     switch (mr) {
       case 1: row_dot_int8_bf16<1>(w, s, G, groups, xm, xk, part, r); break;
@@ -842,7 +836,6 @@ void gemv(const T* x, int64_t xs, const QWeight& qw, int bits, const T* bias, co
 #if defined(FASTLM_AVX512_BF16)
   if constexpr (std::is_same_v<T, at::BFloat16>) {
     if (bits == 4 && qw.group_size == kQBlock) return gemv_int4_bf16(x, xs, qw, bias, res, rs, y, ys, M, N, K);
-    if (bits == 8) return gemv_int8_bf16(x, xs, qw, bias, res, rs, y, ys, M, N, K);
   }
 #endif
 #if defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
@@ -852,6 +845,12 @@ void gemv(const T* x, int64_t xs, const QWeight& qw, int bits, const T* bias, co
   using XT = DecodeX<T>;
   std::vector<XT> xf(M * xk, XT(0.f));
   for (int64_t i = 0; i < M; ++i) convert_row(x + i * xs, xf.data() + i * xk, K);
+#if defined(FASTLM_AVX512_BF16)
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    static_assert(std::is_same_v<XT, at::BFloat16>, "AVX512-BF16 builds are AVX-512 builds: x stays bf16");
+    if (bits == 8) return gemv_int8_bf16(xf.data(), xk, qw, bias, res, rs, y, ys, M, N, K);
+  }
+#endif
   const auto dots = pick_row_dots<XT>(bits, qw.groups > 1);
   gemv_rows<T>(K * bits / 8, bias, res, rs, y, ys, M, N, [&](int64_t n, int64_t m0, int64_t mr, float* out) {
     dots[mr - 1](qw.data + n * qw.row_stride, qw.scales + n * qw.groups, qw.group_size, qw.groups,

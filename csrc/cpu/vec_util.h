@@ -295,17 +295,15 @@ __attribute__((always_inline)) inline fVec hsum_lanes(const fVec* v) {
                          _mm512_shuffle_f32x4(x, y, _MM_SHUFFLE(3, 1, 3, 1)));
   };
   return fVec(fold(fold(quads[0], quads[1]), fold(quads[2], quads[3])));
-#elif defined(CPU_CAPABILITY_AVX2)
+#else
+#if defined(CPU_CAPABILITY_AVX2)
   if constexpr (kRows == 8) {  // two levels of pairwise adds leave [rows 0-3 | rows 4-7] per 128-bit half
     const __m256 r01 = _mm256_hadd_ps(v[0], v[1]), r23 = _mm256_hadd_ps(v[2], v[3]);
     const __m256 r45 = _mm256_hadd_ps(v[4], v[5]), r67 = _mm256_hadd_ps(v[6], v[7]);
     const __m256 lo = _mm256_hadd_ps(r01, r23), hi = _mm256_hadd_ps(r45, r67);  // [r0..r3 low, r0..r3 high]
     return fVec(_mm256_add_ps(_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31)));
   }
-  alignas(32) float out[kF] = {};
-  for (int t = 0; t < kRows; ++t) out[t] = hsum(v[t]);
-  return fVec::loadu(out);
-#else
+#endif
   alignas(64) float out[kF] = {};
   for (int t = 0; t < kRows; ++t) out[t] = hsum(v[t]);
   return fVec::loadu(out);
